@@ -1,0 +1,186 @@
+"""A batch of trees flattened into arrays: the form every predictor computes on.
+
+Nodes of tree ``t`` occupy rows ``offsets[t]:offsets[t+1]`` in pre-order (a parent before
+its children), so a per-tree view is a slice and aggregation runs one depth level at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from irene.tree import FEATURE_FIELDS, Tree, iter_nodes, iter_nodes_with_parent
+
+NODE_TYPE_CODES = {"model": 0, "module": 1, "ml": 2}
+# Every feature a predictor may use: the tree's shape (input_size, batch_size, seq_len) and
+# the node's own fields. "always" features of the paper come first.
+ALL_FEATURES = ("num_parameters", "input_size", "batch_size", "seq_len") + tuple(
+    f for f in FEATURE_FIELDS if f != "num_parameters"
+)
+FEATURE_SETS = {
+    "model_specs": ("batch_size", "seq_len", "flops", "mem_bytes"),
+    "resource_utilization": (
+        "cpu", "mem", "gpu", "gpu_mem", "gpu_clk", "gpu_mem_clk", "times_mean", "gpu_energy_mean",
+    ),
+}
+ALWAYS_FEATURES = ("num_parameters", "input_size")
+
+
+def feature_list(feature_sets: Sequence[str]) -> list[str]:
+    """Expand feature-set names to feature names, the always-on features first.
+
+    >>> feature_list(["model_specs"])
+    ['num_parameters', 'input_size', 'batch_size', 'seq_len', 'flops', 'mem_bytes']
+    """
+    unknown = [name for name in feature_sets if name not in FEATURE_SETS]
+    if unknown or not feature_sets:
+        raise ValueError(f"unknown feature sets {unknown}; choose from {sorted(FEATURE_SETS)}")
+    names = list(ALWAYS_FEATURES)
+    for name in ("model_specs", "resource_utilization"):  # fixed order, whatever was given
+        if name in feature_sets:
+            names.extend(FEATURE_SETS[name])
+    return names
+
+
+@dataclass
+class Forest:
+    """Trees as arrays. N nodes, T trees, F = len(ALL_FEATURES).
+
+    Attributes:
+        features: N×F raw features (NaN where a node lacks one), columns as ALL_FEATURES.
+        gold_j: N measured energies in joules (NaN where not measured).
+        parent: N global index of each node's parent (-1 for roots).
+        depth: N depth in its tree (root 0).
+        node_type: N codes of NODE_TYPE_CODES.
+        op_type: N lower-cased instance types ("" for model/module nodes is never used).
+        instance_type: N instance types as written in the trees.
+        tree_index: N index of the node's tree.
+        offsets: T+1 row offsets of each tree.
+        ids: N node ids; model_names, batch_sizes, seq_lens: per tree.
+    """
+
+    features: np.ndarray
+    gold_j: np.ndarray
+    parent: np.ndarray
+    depth: np.ndarray
+    node_type: np.ndarray
+    op_type: np.ndarray
+    instance_type: np.ndarray
+    tree_index: np.ndarray
+    offsets: np.ndarray
+    ids: list[str]
+    model_names: list[str]
+    batch_sizes: np.ndarray
+    seq_lens: np.ndarray
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.ids)
+
+    @property
+    def num_trees(self) -> int:
+        return len(self.model_names)
+
+    @property
+    def is_leaf(self) -> np.ndarray:
+        return self.node_type == NODE_TYPE_CODES["ml"]
+
+    def node_model_names(self) -> np.ndarray:
+        return np.asarray(self.model_names, dtype=object)[self.tree_index]
+
+    def matrix(self, names: Sequence[str], rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """Feature columns ``names`` for ``rows``; a missing value is a clear error."""
+        columns = [ALL_FEATURES.index(name) for name in names]
+        values = self.features[rows][:, columns]
+        if np.isnan(values).any():
+            row, col = np.argwhere(np.isnan(values))[0]
+            node = np.arange(self.num_nodes)[rows][row]
+            raise ValueError(f"node {self.ids[node]!r} lacks feature {names[col]!r}")
+        return values
+
+    def subset(self, tree_mask: np.ndarray) -> Forest:
+        """The forest of the trees where ``tree_mask`` is true."""
+        keep_trees = np.flatnonzero(tree_mask)
+        node_mask = np.isin(self.tree_index, keep_trees)
+        new_index = np.full(self.num_nodes, -1)
+        new_index[node_mask] = np.arange(node_mask.sum())
+        parent = self.parent[node_mask]
+        parent = np.where(parent >= 0, new_index[np.maximum(parent, 0)], -1)
+        tree_remap = np.full(self.num_trees, -1)
+        tree_remap[keep_trees] = np.arange(len(keep_trees))
+        sizes = np.diff(self.offsets)[keep_trees]
+        return Forest(
+            features=self.features[node_mask],
+            gold_j=self.gold_j[node_mask],
+            parent=parent,
+            depth=self.depth[node_mask],
+            node_type=self.node_type[node_mask],
+            op_type=self.op_type[node_mask],
+            instance_type=self.instance_type[node_mask],
+            tree_index=tree_remap[self.tree_index[node_mask]],
+            offsets=np.concatenate([[0], np.cumsum(sizes)]),
+            ids=[i for i, keep in zip(self.ids, node_mask, strict=True) if keep],
+            model_names=[self.model_names[t] for t in keep_trees],
+            batch_sizes=self.batch_sizes[keep_trees],
+            seq_lens=self.seq_lens[keep_trees],
+        )
+
+
+def build_forest(trees: Sequence[Tree]) -> Forest:
+    """Flatten trees (one pass over the nodes; everything after works on arrays)."""
+    rows: list[list[float]] = []
+    gold, parent, depth, node_type, instance_type, tree_index, ids = [], [], [], [], [], [], []
+    offsets = [0]
+    node_fields = ALL_FEATURES[4:]
+    for t, tree in enumerate(trees):
+        batch_size, seq_len = int(tree["batch_size"]), int(tree["seq_len"])
+        shape = [batch_size * seq_len, batch_size, seq_len]
+        base = offsets[-1]
+        count = 0
+        for node, parent_pos, node_depth in iter_nodes_with_parent(tree["frontend_tree"]):
+            num_parameters = node.get("num_parameters")
+            rows.append([np.nan if num_parameters is None else num_parameters, *shape,
+                         *(np.nan if node.get(f) is None else node[f] for f in node_fields)])
+            energy = node.get("ground_truth_energy")
+            gold.append(np.nan if energy is None else energy)
+            parent.append(-1 if parent_pos < 0 else base + parent_pos)
+            depth.append(node_depth)
+            node_type.append(NODE_TYPE_CODES[node["type"]])
+            instance_type.append(node["instance_type"])
+            tree_index.append(t)
+            ids.append(node["id"])
+            count += 1
+        offsets.append(base + count)
+    instance_type_arr = np.asarray(instance_type, dtype=object)
+    return Forest(
+        features=np.asarray(rows, dtype=np.float64).reshape(len(ids), len(ALL_FEATURES)),
+        gold_j=np.asarray(gold, dtype=np.float64),
+        parent=np.asarray(parent, dtype=np.int64),
+        depth=np.asarray(depth, dtype=np.int64),
+        node_type=np.asarray(node_type, dtype=np.int64),
+        op_type=np.char.lower(instance_type_arr.astype(str)).astype(object),
+        instance_type=instance_type_arr,
+        tree_index=np.asarray(tree_index, dtype=np.int64),
+        offsets=np.asarray(offsets, dtype=np.int64),
+        ids=ids,
+        model_names=[tree["model_name"] for tree in trees],
+        batch_sizes=np.asarray([int(tree["batch_size"]) for tree in trees]),
+        seq_lens=np.asarray([int(tree["seq_len"]) for tree in trees]),
+    )
+
+
+def fill_predictions(trees: Sequence[Tree], forest: Forest, predicted_j: np.ndarray) -> list[Tree]:
+    """Copies of ``trees`` with ``predicted_energy`` set on every node (same pre-order)."""
+    import copy
+
+    if len(predicted_j) != forest.num_nodes:
+        raise ValueError("one prediction per node is needed")
+    out = copy.deepcopy(list(trees))
+    position = 0
+    for tree in out:
+        for node in iter_nodes(tree["frontend_tree"]):
+            node["predicted_energy"] = float(predicted_j[position])
+            position += 1
+    return out

@@ -1,0 +1,47 @@
+"""Atomic file output: a reader never sees a half-written file, and no input is overwritten."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_text(path: str | Path, text: str, *, protect: Iterable[str | Path] = ()) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``.
+
+    Args:
+        path: destination file; parent folders are created.
+        text: the whole content.
+        protect: input files that must never be overwritten by this write.
+
+    Returns:
+        The destination path.
+
+    Raises:
+        ValueError: if ``path`` is one of the ``protect`` files.
+    """
+    path = Path(path)
+    for other in protect:
+        if Path(other).exists() and path.exists() and path.resolve() == Path(other).resolve():
+            raise ValueError(f"refusing to overwrite input file {path}: choose another output path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | Path, obj: Any, **kwargs: Any) -> Path:
+    """Write one JSON document atomically (indented, keys in insertion order)."""
+    return atomic_write_text(path, json.dumps(obj, indent=2) + "\n", **kwargs)

@@ -1,0 +1,47 @@
+"""Mean absolute percentage error of predicted energies, per node type and finer groups."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from irene.forest import NODE_TYPE_CODES, Forest
+
+NODE_TYPES = ("ml", "module", "model")  # the reference report's column order
+
+
+def percentage_errors(gold_j: np.ndarray, predicted_j: np.ndarray) -> np.ndarray:
+    """100·|gold − predicted| / gold per node (gold must be positive)."""
+    return 100.0 * np.abs(gold_j - predicted_j) / gold_j
+
+
+def node_errors(forest: Forest, predicted_j: np.ndarray) -> pd.DataFrame:
+    """One row per measured node: model, node type, primitive type, % error."""
+    measured = ~np.isnan(forest.gold_j)
+    names = {code: name for name, code in NODE_TYPE_CODES.items()}
+    return pd.DataFrame({
+        "model_name": forest.node_model_names()[measured],
+        "node_type": [names[c] for c in forest.node_type[measured]],
+        "instance_type": forest.instance_type[measured],
+        "error_pct": percentage_errors(forest.gold_j[measured], predicted_j[measured]),
+    })
+
+
+def errors_by_node_type(forest: Forest, predicted_j: np.ndarray) -> dict[str, float]:
+    """Mean % error of ml, module and model nodes (the reference evaluator's numbers)."""
+    frame = node_errors(forest, predicted_j)
+    means = frame.groupby("node_type")["error_pct"].mean()
+    return {t: float(means[t]) for t in NODE_TYPES if t in means}
+
+
+def error_tables(forest: Forest, predicted_j: np.ndarray) -> dict[str, pd.DataFrame]:
+    """Tables of mean % error: by node type, by model × node type, by primitive type."""
+    frame = node_errors(forest, predicted_j)
+    by_type = frame.groupby("node_type")["error_pct"].agg(["mean", "count"]).reindex(
+        [t for t in NODE_TYPES if t in set(frame["node_type"])])
+    by_model = frame.pivot_table(index="model_name", columns="node_type", values="error_pct",
+                                 aggfunc="mean", sort=False)
+    by_model = by_model[[t for t in NODE_TYPES if t in by_model.columns]]
+    leaves = frame[frame["node_type"] == "ml"]
+    by_op = leaves.groupby("instance_type")["error_pct"].agg(["mean", "count"])
+    return {"by_node_type": by_type, "by_model": by_model, "by_primitive": by_op}

@@ -1,0 +1,191 @@
+"""The public IrEne tree format: read with validation, write atomically, walk.
+
+One JSON object per line, one line per (model_name, batch_size, seq_len)::
+
+    {"model_name": str, "batch_size": int, "seq_len": int, "frontend_tree": <node>}
+
+A node carries ``id``, ``scope``, ``parent_name``, ``level``, ``instance_type``, ``type``
+(``model`` | ``module`` | ``ml``), the features (:data:`FEATURE_FIELDS`),
+``ground_truth_energy`` in joules when measured, ``predicted_energy`` once predicted, and its
+children in ``child_nodes_obj`` (their scopes in ``child_nodes``). Trees stay plain dicts so
+that files written here are readable by the public IrEne evaluator and vice versa.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from irene.io import atomic_write_text
+
+NODE_TYPES = ("model", "module", "ml")
+REQUIRED_TREE_FIELDS = ("model_name", "batch_size", "seq_len", "frontend_tree")
+REQUIRED_NODE_FIELDS = ("id", "scope", "level", "instance_type", "type", "child_nodes_obj")
+# Features a node may carry, in the column order of the published data.
+FEATURE_FIELDS = (
+    "num_parameters",
+    "flops",
+    "mem_bytes",
+    "cpu",
+    "mem",
+    "gpu",
+    "gpu_mem",
+    "gpu_clk",
+    "gpu_mem_clk",
+    "times_mean",
+    "gpu_energy_mean",
+)
+
+Tree = dict[str, Any]
+Node = dict[str, Any]
+
+
+class TreeFormatError(ValueError):
+    """Bad input, reported in one line as ``file:line: node 'scope': field 'name': problem``."""
+
+
+def iter_nodes(node: Node) -> Iterator[Node]:
+    """Yield ``node`` and its descendants in pre-order (parent before children)."""
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        yield current
+        stack.extend(reversed(current.get("child_nodes_obj") or []))
+
+
+def iter_nodes_with_parent(root: Node) -> Iterator[tuple[Node, int, int]]:
+    """Yield ``(node, parent_position, depth)`` in pre-order; the root's parent is -1."""
+    stack: list[tuple[Node, int, int]] = [(root, -1, 0)]
+    position = 0
+    while stack:
+        node, parent, depth = stack.pop()
+        yield node, parent, depth
+        for child in reversed(node.get("child_nodes_obj") or []):
+            stack.append((child, position, depth + 1))
+        position += 1
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_tree(
+    tree: Any,
+    where: str,
+    *,
+    require_energy: bool = False,
+    seen_ids: set[str] | None = None,
+) -> None:
+    """Check one tree; raise :class:`TreeFormatError` naming ``where``, node and field.
+
+    Args:
+        tree: the decoded JSON object of one line.
+        where: ``"file:line"`` used as the message prefix.
+        require_energy: every node must carry a finite positive ``ground_truth_energy``.
+        seen_ids: ids already used in the same file (updated in place), to catch duplicates.
+    """
+
+    def fail(field: str, problem: str, node: Node | None = None) -> None:
+        at = f" node {node.get('scope', node.get('id'))!r}:" if isinstance(node, dict) else ""
+        raise TreeFormatError(f"{where}:{at} field {field!r}: {problem}")
+
+    if not isinstance(tree, dict):
+        raise TreeFormatError(f"{where}: expected a JSON object, got {type(tree).__name__}")
+    for field in REQUIRED_TREE_FIELDS:
+        if field not in tree:
+            fail(field, "missing")
+    if not isinstance(tree["model_name"], str) or not tree["model_name"]:
+        fail("model_name", f"must be a non-empty string, got {tree['model_name']!r}")
+    for field in ("batch_size", "seq_len"):
+        value = tree[field]
+        if not _is_finite_number(value) or value <= 0 or int(value) != value:
+            fail(field, f"must be a positive integer, got {value!r}")
+    root = tree["frontend_tree"]
+    if not isinstance(root, dict):
+        fail("frontend_tree", "must be a JSON object")
+    if root.get("type") != "model":
+        fail("type", f"the root must be of type 'model', got {root.get('type')!r}", root)
+
+    seen_ids = set() if seen_ids is None else seen_ids
+    for node in iter_nodes(root):
+        if not isinstance(node, dict):
+            fail("child_nodes_obj", "every child must be a JSON object")
+        for field in REQUIRED_NODE_FIELDS:
+            if field not in node:
+                fail(field, "missing", node)
+        if node["type"] not in NODE_TYPES:
+            fail("type", f"must be one of {list(NODE_TYPES)}, got {node['type']!r}", node)
+        if not isinstance(node["child_nodes_obj"], list):
+            fail("child_nodes_obj", "must be a list", node)
+        if not node["child_nodes_obj"] and node["type"] != "ml":
+            fail("type", f"a leaf must be an 'ml' node, got {node['type']!r}", node)
+        if node["type"] == "ml" and node["child_nodes_obj"]:
+            fail("child_nodes_obj", "an 'ml' node must be a leaf", node)
+        node_id = node["id"]
+        if not isinstance(node_id, str) or not node_id:
+            fail("id", f"must be a non-empty string, got {node_id!r}", node)
+        if node_id in seen_ids:
+            fail("id", f"duplicate node id {node_id!r}", node)
+        seen_ids.add(node_id)
+        for field in FEATURE_FIELDS:
+            if field in node and node[field] is not None and not _is_finite_number(node[field]):
+                fail(field, f"must be a finite number, got {node[field]!r}", node)
+        energy = node.get("ground_truth_energy")
+        if energy is None:
+            if require_energy:
+                fail("ground_truth_energy", "missing (a measured energy is required here)", node)
+        elif not _is_finite_number(energy) or energy <= 0:
+            fail("ground_truth_energy", f"must be a finite positive number, got {energy!r}", node)
+        predicted = node.get("predicted_energy")
+        if predicted is not None and not _is_finite_number(predicted):
+            fail("predicted_energy", f"must be a finite number, got {predicted!r}", node)
+
+
+def read_trees(path: str | Path, *, require_energy: bool = False) -> list[Tree]:
+    """Read and validate a trees jsonl file.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        TreeFormatError: the first problem found, as ``file:line: ... field 'x': ...``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"trees file not found: {path}")
+    trees: list[Tree] = []
+    seen_ids: set[str] = set()
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                tree = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise TreeFormatError(
+                    f"{where}: invalid JSON ({error.msg} at column {error.colno}); "
+                    "is the file truncated?"
+                ) from None
+            validate_tree(tree, where, require_energy=require_energy, seen_ids=seen_ids)
+            trees.append(tree)
+    if not trees:
+        raise TreeFormatError(f"{path}: no trees in file")
+    return trees
+
+
+def dumps_trees(trees: Iterable[Tree]) -> str:
+    """Serialise trees to jsonl text (one compact line per tree)."""
+    return "".join(json.dumps(tree, separators=(", ", ": ")) + "\n" for tree in trees)
+
+
+def write_trees(path: str | Path, trees: Iterable[Tree], *, protect: Iterable[str | Path] = ()
+                ) -> Path:
+    """Write trees atomically; refuse to overwrite any file in ``protect`` (the inputs)."""
+    return atomic_write_text(path, dumps_trees(trees), protect=protect)
+
+
+def tree_key(tree: Tree) -> tuple[str, int, int]:
+    """``(model_name, batch_size, seq_len)`` of a tree."""
+    return tree["model_name"], int(tree["batch_size"]), int(tree["seq_len"])

@@ -1,0 +1,124 @@
+"""Loss and gradient of the IrEne weighting model on one tree, by hand, in NumPy.
+
+Autograd costs about half a millisecond of bookkeeping per tree step, more than the arithmetic
+of a 150-node tree; the explicit reverse pass below does the same work in a few dozen array
+operations. ``IreneModel(engine="torch")`` keeps the autograd version, and the tests check that
+both give the same loss and gradient.
+
+Notation for one tree: x (n×P) transformed features, θ = (weights, bias), z = x·θ, w(z) the
+child weights, v the node values (energies), g the measured energies. With
+``normalize`` the loss is Σ_inner ((v − g)/g)², else Σ_inner (v − g)².
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from irene.forest import NODE_TYPE_CODES, Forest
+
+
+@dataclass
+class TreeIndex:
+    """Local index arrays of one tree (rows ``start:stop`` of a forest)."""
+
+    start: int
+    stop: int
+    parent: np.ndarray  # local parent of every node, -1 for the root
+    levels: list[tuple[np.ndarray, np.ndarray]]  # (children, their parents), deepest first
+    edges: tuple[np.ndarray, np.ndarray]  # every (child, parent) pair
+    inner: np.ndarray  # inner nodes with a measured energy: the loss targets
+    is_leaf: np.ndarray
+
+
+def tree_indices(forest: Forest) -> list[TreeIndex]:
+    """Index arrays of every tree of a forest (computed once per fit)."""
+    out = []
+    measured = ~np.isnan(forest.gold_j)
+    for t in range(forest.num_trees):
+        a, b = int(forest.offsets[t]), int(forest.offsets[t + 1])
+        parent = np.where(forest.parent[a:b] >= 0, forest.parent[a:b] - a, -1)
+        depth = forest.depth[a:b]
+        levels = []
+        for d in range(int(depth.max()), 0, -1):
+            children = np.flatnonzero(depth == d)
+            levels.append((children, parent[children]))
+        nonroot = np.flatnonzero(parent >= 0)
+        is_leaf = forest.node_type[a:b] == NODE_TYPE_CODES["ml"]
+        out.append(TreeIndex(start=a, stop=b, parent=parent, levels=levels,
+                             edges=(nonroot, parent[nonroot]),
+                             inner=np.flatnonzero(~is_leaf & measured[a:b]), is_leaf=is_leaf))
+    return out
+
+
+def _weights(z: np.ndarray, weighting: str, tanh_scalar: float) -> tuple[np.ndarray, np.ndarray]:
+    """Child weights w(z) and dw/dz."""
+    if weighting == "close_to_one":
+        t = np.tanh(z)
+        return 1.0 + t / tanh_scalar, (1.0 - t * t) / tanh_scalar
+    if weighting == "free":
+        return z, np.ones_like(z)
+    return np.ones_like(z), np.zeros_like(z)
+
+
+def tree_loss_and_grad(theta: np.ndarray, x: np.ndarray, leaf_pred: np.ndarray, gold: np.ndarray,
+                       tree: TreeIndex, *, strategy: str, weighting: str, tanh_scalar: float,
+                       normalize: bool) -> tuple[float, np.ndarray]:
+    """Loss of one tree and its gradient with respect to ``theta`` (weights then bias)."""
+    n = len(x)
+    inner = tree.inner
+    if strategy == "unstructured":
+        z = x[inner] @ theta[:-1] + theta[-1]
+        w, dw = _weights(z, weighting, tanh_scalar)
+        residual = w - gold[inner]
+        scale = 1.0 / gold[inner] ** 2 if normalize else 1.0
+        dz = 2.0 * residual * scale * dw
+        return float(np.sum(residual**2 * scale)), np.append(x[inner].T @ dz, dz.sum())
+
+    z = x @ theta[:-1] + theta[-1]
+    w, dw = _weights(z, weighting, tanh_scalar)
+    children, parents = tree.edges
+    if strategy == "stepwise":
+        values = np.bincount(parents, weights=w[children] * gold[children], minlength=n)
+        inputs = gold  # what each weight multiplies
+    else:  # end2end: values flow up from the leaf predictions, one level at a time
+        values = np.where(tree.is_leaf, leaf_pred, 0.0)
+        for level_children, level_parents in tree.levels:
+            values += np.bincount(level_parents, weights=w[level_children] * values[level_children],
+                                  minlength=n)
+        inputs = values
+    residual = values[inner] - gold[inner]
+    scale = 1.0 / gold[inner] ** 2 if normalize else 1.0
+    loss = float(np.sum(residual**2 * scale))
+
+    grad_values = np.zeros(n)
+    grad_values[inner] = 2.0 * residual * scale
+    if strategy != "stepwise":
+        # reverse pass, top-down: a child's value feeds its parent with factor w(child)
+        for level_children, level_parents in reversed(tree.levels):
+            grad_values[level_children] += w[level_children] * grad_values[level_parents]
+    grad_w = np.zeros(n)
+    grad_w[children] = grad_values[parents] * inputs[children]
+    dz = grad_w * dw
+    return loss, np.append(x.T @ dz, dz.sum())
+
+
+class Adam:
+    """torch.optim.Adam's update (default betas and eps, no weight decay) on a flat array."""
+
+    def __init__(self, params: np.ndarray, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8):
+        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
+        self.m = np.zeros_like(params)
+        self.v = np.zeros_like(params)
+        self.t = 0
+
+    def step(self, grad: np.ndarray) -> None:
+        b1, b2 = self.betas
+        self.t += 1
+        self.m = b1 * self.m + (1 - b1) * grad
+        self.v = b2 * self.v + (1 - b2) * grad * grad
+        step_size = self.lr / (1 - b1**self.t)
+        denom = np.sqrt(self.v) / np.sqrt(1 - b2**self.t) + self.eps
+        self.params -= step_size * self.m / denom

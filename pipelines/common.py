@@ -1,0 +1,235 @@
+"""Glue shared by the stages: data loading (with a cache), run folders, MLflow tracking."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from irene.model import IreneConfig
+from irene.published import CSV_FILES, csv_name, import_device, resolve_device_dir, sha256_of
+from irene.tree import Tree, read_trees, write_trees
+
+log = logging.getLogger("irene")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+OUTPUTS = PROJECT_ROOT / "outputs"
+CACHE_VERSION = 1  # bump when the import's output changes
+
+
+# ------------------------------------------------------------------------------------ paths
+def run_dir(cfg: DictConfig) -> Path:
+    """The folder this stage writes into: ``cfg.run_dir``, else Hydra's run folder."""
+    explicit = cfg.get("run_dir")
+    if explicit:
+        path = Path(explicit)
+    else:
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            path = Path(HydraConfig.get().runtime.output_dir)
+        except ValueError:  # not under @hydra.main (e.g. a test): a fresh folder
+            path = OUTPUTS / "runs" / time.strftime("%Y-%m-%d") / f"{time.strftime('%H-%M-%S')}_{cfg.stage}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def setup(cfg: DictConfig) -> None:
+    """Logging format and thread count, once per stage."""
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s",
+                        datefmt="%H:%M:%S")
+    if cfg.get("threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg.threads))
+
+
+# ------------------------------------------------------------------------------------- data
+def _import_cache_path(folder: Path, models: list[str] | None) -> Path:
+    digest = hashlib.sha256(f"v{CACHE_VERSION}|{models}".encode())
+    for level in CSV_FILES:
+        digest.update(sha256_of(folder / csv_name(level)).encode())
+    return OUTPUTS / "cache" / f"trees-{digest.hexdigest()[:16]}.jsonl"
+
+
+def load_trees(cfg: DictConfig, *, require_energy: bool = True) -> tuple[list[Tree], Path]:
+    """The data set's trees and the file they came from.
+
+    ``data.trees`` is read as it is; otherwise the device's CSVs are imported once and the
+    trees cached under ``outputs/cache/`` (keyed by the CSVs' sha256 and the model list).
+    """
+    data = cfg.data
+    if data.trees:
+        path = Path(data.trees)
+        log.info("reading trees from %s", path)
+        return read_trees(path, require_energy=require_energy), path
+    folder = resolve_device_dir(data.path, data.name, download=data.download)
+    models = None if data.models is None else list(data.models)
+    cache = _import_cache_path(folder, models)
+    if cache.exists():
+        log.info("reading trees of %s from cache %s", folder, cache)
+        return read_trees(cache, require_energy=require_energy), cache
+    log.info("importing the published CSVs of %s (models: %s)", folder, models or "all")
+    trees = import_device(folder, models)
+    write_trees(cache, trees)
+    return trees, cache
+
+
+def irene_config(cfg: DictConfig) -> IreneConfig:
+    """The tree model's hyperparameters from the composed config's groups."""
+    p = cfg.predictor
+    return IreneConfig(
+        feature_sets=list(cfg.features.sets),
+        standardize_features=p.standardize_features,
+        polynomial_degree=p.polynomial_degree,
+        training_strategy=cfg.strategy.name,
+        weighting=cfg.weighting.name,
+        tanh_scalar=p.tanh_scalar,
+        normalize_loss_scale=p.normalize_loss_scale,
+        epochs=p.epochs,
+        lr=p.lr,
+        seed=p.seed,
+        unseen_op=p.unseen_op,
+        engine=p.engine,
+        show_progress=bool(cfg.get("show_progress", True)),
+    )
+
+
+def ablation_params(cfg: DictConfig) -> dict[str, Any]:
+    """The chosen option of every config group plus key hyperparameters (MLflow params)."""
+    p = cfg.predictor
+    return {
+        "data": cfg.data.name,
+        "features": cfg.features.name,
+        "strategy": cfg.strategy.name,
+        "weighting": cfg.weighting.name,
+        "predictor": p.name,
+        "tanh_scalar": p.tanh_scalar,
+        "polynomial_degree": p.polynomial_degree,
+        "standardize_features": p.standardize_features,
+        "normalize_loss_scale": p.normalize_loss_scale,
+        "epochs": p.epochs,
+        "lr": p.lr,
+        "seed": p.seed,
+    }
+
+
+# --------------------------------------------------------------------------------- tracking
+def tracking_uri(cfg: DictConfig) -> str:
+    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else sqlite under ``outputs/``."""
+    uri = cfg.tracking.get("uri") or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return str(uri)
+    OUTPUTS.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{OUTPUTS / 'mlflow.db'}"
+
+
+def ensure_experiment(cfg: DictConfig) -> str:
+    """Point MLflow at the store and return the experiment id (created once)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    name = cfg.tracking.experiment
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    root = cfg.tracking.get("artifact_root") or (OUTPUTS / "mlartifacts").as_uri()
+    try:
+        return mlflow.create_experiment(name, artifact_location=f"{str(root).rstrip('/')}/{name}")
+    except Exception:  # another job created it first
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def _flat_params(params: dict[str, Any]) -> dict[str, str]:
+    return {k: json.dumps(v) if isinstance(v, list | dict) else str(v) for k, v in params.items()}
+
+
+@contextlib.contextmanager
+def tracked_run(cfg: DictConfig, stage: str, params: dict[str, Any] | None = None, *,
+                run_name: str | None = None, nested: bool = False,
+                tags: dict[str, str] | None = None) -> Iterator[Any]:
+    """An MLflow run around a stage (or ``None`` when tracking is off).
+
+    The resolved config is logged as ``config.yaml``. An exception inside ends the run as
+    FAILED (MLflow's context manager does so) and propagates; the store stays usable.
+    """
+    if not cfg.tracking.enabled:
+        yield None
+        return
+    import mlflow
+
+    experiment_id = ensure_experiment(cfg)
+    all_tags = {"stage": stage, **_sweep_tags(), **(tags or {})}
+    parent = os.environ.get("IRENE_PARENT_RUN_ID")
+    if parent and not nested and mlflow.active_run() is None:
+        all_tags["mlflow.parentRunId"] = parent
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name or stage,
+                          nested=nested, tags=all_tags) as run:
+        if params:
+            mlflow.log_params(_flat_params(params))
+        if not nested:
+            mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        yield run
+
+
+def _sweep_tags() -> dict[str, str]:
+    """Tags that group the jobs of one Hydra multirun."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+    except (ValueError, ImportError):
+        return {}
+    if str(hc.mode) != "RunMode.MULTIRUN":
+        return {}
+    return {"sweep_dir": str(hc.sweep.dir), "job_num": str(hc.job.num),
+            "overrides": " ".join(hc.overrides.task)}
+
+
+def log_metrics(metrics: dict[str, float], prefix: str = "") -> None:
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in metrics.items()})
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        path = Path(path)
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path or path.name)
+        else:
+            mlflow.log_artifact(str(path), artifact_path)
+
+
+def write_table(frame, directory: Path, name: str, floatfmt: str = ".2f") -> list[Path]:
+    """A table as ``name.csv`` and ``name.md`` (written atomically)."""
+    from irene.io import atomic_write_text
+
+    csv_path = atomic_write_text(directory / f"{name}.csv", frame.to_csv(float_format="%.4f"))
+    md_path = atomic_write_text(directory / f"{name}.md", to_markdown(frame, floatfmt) + "\n")
+    return [csv_path, md_path]
+
+
+def to_markdown(frame, floatfmt: str = ".2f") -> str:
+    """A small markdown table without the tabulate dependency."""
+    index_name = frame.index.name or ""
+    header = [index_name, *map(str, frame.columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for idx, row in frame.iterrows():
+        cells = [format(v, floatfmt) if isinstance(v, float) else str(v) for v in row]
+        lines.append("| " + " | ".join([str(idx), *cells]) + " |")
+    return "\n".join(lines)

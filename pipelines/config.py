@@ -1,0 +1,87 @@
+"""Dataclass schemas of the Hydra config, registered in the ConfigStore.
+
+``conf/config.yaml`` puts ``schema`` first in its defaults list, so every option file and every
+command-line override is checked against these types: a typo in a key fails at start-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional  # noqa: UP035 - OmegaConf needs typing.Optional
+
+from hydra.core.config_store import ConfigStore
+
+from irene.published import PAPER_MODELS
+
+
+@dataclass
+class DataConfig:
+    name: str = "device_1"  # device name; also the download source in datasets/published.json
+    path: Optional[str] = None  # folder of the four CSVs (default: $IRENE_DATA_DIR, datasets/<name>)
+    trees: Optional[str] = None  # a trees jsonl to use instead of the CSVs
+    models: Optional[list[str]] = field(default_factory=lambda: list(PAPER_MODELS))  # None: all
+    download: bool = True  # fetch the CSVs from the public repository when not found
+
+
+@dataclass
+class FeaturesConfig:
+    name: str = "both"  # option name, logged as a param
+    sets: list[str] = field(default_factory=lambda: ["model_specs", "resource_utilization"])
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "end2end"  # end2end | stepwise | unstructured | none (see irene/model.py)
+
+
+@dataclass
+class WeightingConfig:
+    name: str = "close_to_one"  # exact_one | close_to_one | free
+
+
+@dataclass
+class PredictorConfig:
+    name: str = "irene"
+    standardize_features: bool = True  # z-score features before the polynomial expansion
+    polynomial_degree: int = 3  # degree of feature interactions of the weighting model (<=1: off)
+    tanh_scalar: float = 10.0  # τ of w = 1 + tanh(θ·x)/τ
+    normalize_loss_scale: bool = True  # divide each node's squared error by gold²
+    epochs: int = 8  # passes over the training trees
+    lr: float = 1e-3  # Adam learning rate
+    seed: int = 13370  # torch seed of the weighting model's initialisation
+    engine: str = "numpy"  # numpy (hand-written gradients, fast) | torch (autograd)
+    unseen_op: str = "error"  # primitive type never seen in training: error | <known type>
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True  # log to MLflow
+    uri: Optional[str] = None  # default: sqlite:///<project>/outputs/mlflow.db ($MLFLOW_TRACKING_URI wins)
+    experiment: str = "irene"  # MLflow experiment name
+    artifact_root: Optional[str] = None  # default: <project>/outputs/mlartifacts
+
+
+@dataclass
+class Config:
+    stage: str = "crossvalidate"  # featurize | train | predict | evaluate | crossvalidate | measure
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    measure: dict[str, Any] = field(default_factory=dict)  # the measure stage's protocol
+    model: str = "bert-base-uncased"  # measure: HuggingFace name or local config.json
+    batch_size: int = 8  # measure: input batch size
+    seq_len: int = 128  # measure: input sequence length
+    model_dir: Optional[str] = None  # train: output (default: run folder); predict: trained model
+    trees: Optional[str] = None  # predict/evaluate: input trees (default: the data set)
+    predictions: Optional[str] = None  # evaluate: predicted trees
+    output: Optional[str] = None  # predict: output file (default: run folder)
+    run_dir: Optional[str] = None  # where the stage writes (default: Hydra's run folder)
+    threads: int = 0  # torch threads (0: leave torch's default)
+    show_progress: bool = True  # progress bars
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="schema", node=Config)

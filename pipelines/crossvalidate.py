@@ -1,0 +1,74 @@
+"""``stage=crossvalidate``: leave-one-model-out cross-validation, one MLflow parent run and a
+child run per fold; writes ``crossvalidation.csv`` (columns left_out_model, ml, module, model)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig
+
+from irene.crossval import leave_one_model_out
+from irene.forest import build_forest, fill_predictions
+from irene.model import IreneModel
+from irene.tree import write_trees
+from pipelines.common import (
+    ablation_params,
+    irene_config,
+    load_trees,
+    log,
+    log_artifact,
+    log_metrics,
+    run_dir,
+    setup,
+    to_markdown,
+    tracked_run,
+    write_table,
+)
+
+
+@dataclass
+class CrossValidationReport:
+    table: pd.DataFrame  # rows: left-out models + "overall"; columns: ml, module, model (% error)
+    csv_path: Path
+    predictions_path: Path
+
+
+def run(cfg: DictConfig) -> CrossValidationReport:
+    setup(cfg)
+    out = run_dir(cfg)
+    trees, source = load_trees(cfg)
+    forest = build_forest(trees)
+    config = irene_config(cfg)
+    models = list(dict.fromkeys(forest.model_names))
+    log.info("leave-one-model-out over %d models, %d trees, %d nodes", len(models),
+             forest.num_trees, forest.num_nodes)
+    params = {**ablation_params(cfg), "models": models, "num_trees": forest.num_trees}
+    with tracked_run(cfg, "crossvalidate", params, run_name="crossvalidate"):
+
+        def on_fold(left_out: str, errors: dict[str, float], predictor: object) -> None:
+            log.info("left out %-24s ml %.2f  module %.2f  model %.2f", left_out,
+                     errors.get("ml", float("nan")), errors.get("module", float("nan")),
+                     errors.get("model", float("nan")))
+            with tracked_run(cfg, "crossvalidate-fold", {"left_out_model": left_out},
+                             run_name=f"leave-{left_out}", nested=True):
+                log_metrics(errors)
+
+        fold_config = replace(config, show_progress=False)  # one bar: the folds
+        result = leave_one_model_out(forest, lambda: IreneModel(fold_config),
+                                     show_progress=config.show_progress, on_fold=on_fold)
+        table = result.table
+        csv_path = out / "crossvalidation.csv"
+        write_table(table, out, "crossvalidation")
+        predictions = write_trees(out / "predictions.jsonl",
+                                  fill_predictions(trees, forest, result.predicted_j),
+                                  protect=[source])
+        log_metrics({f"overall_{k}": v for k, v in table.loc["overall"].items()})
+        log_artifact(csv_path, "report")
+        log_artifact(out / "crossvalidation.md", "report")
+        log_artifact(predictions, "predictions")
+    print("Percentage error - leave-one-model-out cross-validation")
+    print(to_markdown(table))
+    print(f"crossvalidation table: {csv_path}")
+    return CrossValidationReport(table=table, csv_path=csv_path, predictions_path=predictions)

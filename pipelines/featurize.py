@@ -1,0 +1,48 @@
+"""``stage=featurize``: import the published CSVs into trees and write the feature tables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig
+
+from irene.forest import ALL_FEATURES, build_forest
+from irene.io import atomic_write_text
+from irene.tree import write_trees
+from pipelines.common import load_trees, log, log_artifact, log_metrics, run_dir, setup, tracked_run
+
+
+@dataclass
+class FeaturizeResult:
+    trees_path: Path
+    features_path: Path
+    num_trees: int
+    num_nodes: int
+
+
+def run(cfg: DictConfig) -> FeaturizeResult:
+    setup(cfg)
+    out = run_dir(cfg)
+    with tracked_run(cfg, "featurize", {"data": cfg.data.name,
+                                        "models": list(cfg.data.models or [])}):
+        trees, source = load_trees(cfg)
+        trees_path = write_trees(out / "trees.jsonl", trees, protect=[source])
+        forest = build_forest(trees)
+        names = {0: "model", 1: "module", 2: "ml"}
+        table = pd.DataFrame(forest.features, columns=list(ALL_FEATURES))
+        table.insert(0, "id", forest.ids)
+        table.insert(1, "model_name", forest.node_model_names())
+        table.insert(2, "node_type", [names[c] for c in forest.node_type])
+        table.insert(3, "instance_type", forest.instance_type)
+        table["ground_truth_energy"] = forest.gold_j
+        features_path = atomic_write_text(out / "features.csv", table.to_csv(index=False))
+        counts = table.groupby(["model_name", "node_type"]).size().unstack(fill_value=0)
+        log.info("%d trees, %d nodes\n%s", forest.num_trees, forest.num_nodes, counts)
+        log_metrics({"num_trees": forest.num_trees, "num_nodes": forest.num_nodes})
+        log_artifact(trees_path, "data")
+        log_artifact(features_path, "data")
+    print(f"trees: {trees_path}")
+    print(f"features: {features_path}")
+    return FeaturizeResult(trees_path, features_path, forest.num_trees, forest.num_nodes)

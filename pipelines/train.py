@@ -1,0 +1,45 @@
+"""``stage=train``: fit the tree model on the whole data set and save it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from irene.forest import build_forest
+from irene.metrics import errors_by_node_type
+from irene.model import IreneModel
+from pipelines.common import (
+    ablation_params,
+    irene_config,
+    load_trees,
+    log,
+    log_artifact,
+    log_metrics,
+    run_dir,
+    setup,
+    tracked_run,
+)
+
+
+def run(cfg: DictConfig) -> Path:
+    """Returns the model folder (``model_dir``, default ``<run folder>/model``)."""
+    setup(cfg)
+    out = Path(cfg.model_dir) if cfg.model_dir else run_dir(cfg) / "model"
+    with tracked_run(cfg, "train", ablation_params(cfg)):
+        trees, _ = load_trees(cfg)
+        forest = build_forest(trees)
+        log.info("training on %d trees (%d nodes) of %s", forest.num_trees, forest.num_nodes,
+                 sorted(set(forest.model_names)))
+        model = IreneModel(irene_config(cfg)).fit(forest)
+        errors = errors_by_node_type(forest, model.predict(forest))
+        log.info("training error (in-sample): %s", {k: round(v, 2) for k, v in errors.items()})
+        log_metrics(errors, prefix="train_")
+        for epoch, loss in enumerate(model.history_):
+            import mlflow
+
+            mlflow.log_metric("train_loss", loss, step=epoch) if mlflow.active_run() else None
+        model.save(out)
+        log_artifact(out, "model")
+    print(f"model: {out}")
+    return out
