@@ -37,7 +37,8 @@ def run_dir(cfg: DictConfig) -> Path:
 
             path = Path(HydraConfig.get().runtime.output_dir)
         except ValueError:  # not under @hydra.main (e.g. a test): a fresh folder
-            path = OUTPUTS / "runs" / time.strftime("%Y-%m-%d") / f"{time.strftime('%H-%M-%S')}_{cfg.stage}"
+            stamp = time.strftime("%Y-%m-%d/%H-%M-%S")
+            path = OUTPUTS / "runs" / f"{stamp}_{cfg.stage}"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -86,7 +87,7 @@ def load_trees(cfg: DictConfig, *, require_energy: bool = True) -> tuple[list[Tr
 def irene_config(cfg: DictConfig) -> IreneConfig:
     """The tree model's hyperparameters from the composed config's groups."""
     p = cfg.predictor
-    return IreneConfig(
+    config = IreneConfig(
         feature_sets=list(cfg.features.sets),
         standardize_features=p.standardize_features,
         polynomial_degree=p.polynomial_degree,
@@ -101,6 +102,21 @@ def irene_config(cfg: DictConfig) -> IreneConfig:
         engine=p.engine,
         show_progress=bool(cfg.get("show_progress", True)),
     )
+    config.validate()  # a bad option fails before any work starts
+    return config
+
+
+def make_predictor(cfg: DictConfig, *, show_progress: bool | None = None):
+    """A fresh, unfitted predictor of ``cfg.predictor.name`` (see irene/predictors.py)."""
+    from dataclasses import replace
+
+    from irene import predictors
+
+    config = irene_config(cfg)
+    if show_progress is not None:
+        config = replace(config, show_progress=show_progress)
+    options = OmegaConf.to_container(cfg.predictor.get("options") or {}, resolve=True)
+    return predictors.build(cfg.predictor.name, config, options)
 
 
 def ablation_params(cfg: DictConfig) -> dict[str, Any]:
@@ -197,11 +213,12 @@ def _sweep_tags() -> dict[str, str]:
             "overrides": " ".join(hc.overrides.task)}
 
 
-def log_metrics(metrics: dict[str, float], prefix: str = "") -> None:
+def log_metrics(metrics: dict[str, float], prefix: str = "", step: int | None = None) -> None:
+    """Log metrics to the active run, if any (tracking may be off)."""
     import mlflow
 
     if mlflow.active_run() is not None:
-        mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in metrics.items()})
+        mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in metrics.items()}, step=step)
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:

@@ -7,7 +7,7 @@ command-line override is checked against these types: a typo in a key fails at s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional  # noqa: UP035 - OmegaConf needs typing.Optional
+from typing import Any  # noqa: UP035 - OmegaConf needs typing.Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -17,9 +17,9 @@ from irene.published import PAPER_MODELS
 @dataclass
 class DataConfig:
     name: str = "device_1"  # device name; also the download source in datasets/published.json
-    path: Optional[str] = None  # folder of the four CSVs (default: $IRENE_DATA_DIR, datasets/<name>)
-    trees: Optional[str] = None  # a trees jsonl to use instead of the CSVs
-    models: Optional[list[str]] = field(default_factory=lambda: list(PAPER_MODELS))  # None: all
+    path: str | None = None  # folder of the four CSVs (default: $IRENE_DATA_DIR, datasets/<name>)
+    trees: str | None = None  # a trees jsonl to use instead of the CSVs
+    models: list[str] | None = field(default_factory=lambda: list(PAPER_MODELS))  # None: all
     download: bool = True  # fetch the CSVs from the public repository when not found
 
 
@@ -51,14 +51,15 @@ class PredictorConfig:
     seed: int = 13370  # torch seed of the weighting model's initialisation
     engine: str = "numpy"  # numpy (hand-written gradients, fast) | torch (autograd)
     unseen_op: str = "error"  # primitive type never seen in training: error | <known type>
+    options: dict[str, Any] = field(default_factory=dict)  # the predictor's own settings
 
 
 @dataclass
 class TrackingConfig:
     enabled: bool = True  # log to MLflow
-    uri: Optional[str] = None  # default: sqlite:///<project>/outputs/mlflow.db ($MLFLOW_TRACKING_URI wins)
+    uri: str | None = None  # default: sqlite:///<project>/outputs/mlflow.db ($MLFLOW_TRACKING_URI wins)
     experiment: str = "irene"  # MLflow experiment name
-    artifact_root: Optional[str] = None  # default: <project>/outputs/mlartifacts
+    artifact_root: str | None = None  # default: <project>/outputs/mlartifacts
 
 
 @dataclass
@@ -74,11 +75,11 @@ class Config:
     model: str = "bert-base-uncased"  # measure: HuggingFace name or local config.json
     batch_size: int = 8  # measure: input batch size
     seq_len: int = 128  # measure: input sequence length
-    model_dir: Optional[str] = None  # train: output (default: run folder); predict: trained model
-    trees: Optional[str] = None  # predict/evaluate: input trees (default: the data set)
-    predictions: Optional[str] = None  # evaluate: predicted trees
-    output: Optional[str] = None  # predict: output file (default: run folder)
-    run_dir: Optional[str] = None  # where the stage writes (default: Hydra's run folder)
+    model_dir: str | None = None  # train: output (default: run folder); predict: trained model
+    trees: str | None = None  # predict/evaluate: input trees (default: the data set)
+    predictions: str | None = None  # evaluate: predicted trees
+    output: str | None = None  # predict: output file (default: run folder)
+    run_dir: str | None = None  # where the stage writes (default: Hydra's run folder)
     threads: int = 0  # torch threads (0: leave torch's default)
     show_progress: bool = True  # progress bars
 

@@ -3,7 +3,7 @@ child run per fold; writes ``crossvalidation.csv`` (columns left_out_model, ml, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -11,7 +11,6 @@ from omegaconf import DictConfig
 
 from irene.crossval import leave_one_model_out
 from irene.forest import build_forest, fill_predictions
-from irene.model import IreneModel
 from irene.tree import write_trees
 from pipelines.common import (
     ablation_params,
@@ -20,6 +19,7 @@ from pipelines.common import (
     log,
     log_artifact,
     log_metrics,
+    make_predictor,
     run_dir,
     setup,
     to_markdown,
@@ -55,8 +55,7 @@ def run(cfg: DictConfig) -> CrossValidationReport:
                              run_name=f"leave-{left_out}", nested=True):
                 log_metrics(errors)
 
-        fold_config = replace(config, show_progress=False)  # one bar: the folds
-        result = leave_one_model_out(forest, lambda: IreneModel(fold_config),
+        result = leave_one_model_out(forest, lambda: make_predictor(cfg, show_progress=False),
                                      show_progress=config.show_progress, on_fold=on_fold)
         table = result.table
         csv_path = out / "crossvalidation.csv"

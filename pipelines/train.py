@@ -8,14 +8,13 @@ from omegaconf import DictConfig
 
 from irene.forest import build_forest
 from irene.metrics import errors_by_node_type
-from irene.model import IreneModel
 from pipelines.common import (
     ablation_params,
-    irene_config,
     load_trees,
     log,
     log_artifact,
     log_metrics,
+    make_predictor,
     run_dir,
     setup,
     tracked_run,
@@ -31,14 +30,12 @@ def run(cfg: DictConfig) -> Path:
         forest = build_forest(trees)
         log.info("training on %d trees (%d nodes) of %s", forest.num_trees, forest.num_nodes,
                  sorted(set(forest.model_names)))
-        model = IreneModel(irene_config(cfg)).fit(forest)
+        model = make_predictor(cfg).fit(forest)
         errors = errors_by_node_type(forest, model.predict(forest))
         log.info("training error (in-sample): %s", {k: round(v, 2) for k, v in errors.items()})
         log_metrics(errors, prefix="train_")
-        for epoch, loss in enumerate(model.history_):
-            import mlflow
-
-            mlflow.log_metric("train_loss", loss, step=epoch) if mlflow.active_run() else None
+        for epoch, loss in enumerate(getattr(model, "history_", [])):
+            log_metrics({"train_loss": loss}, step=epoch)
         model.save(out)
         log_artifact(out, "model")
     print(f"model: {out}")
