@@ -41,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from irene import __version__
-from irene.forest import NODE_TYPE_CODES, Forest, feature_list
+from irene.forest import Forest, feature_list
 from irene.io import atomic_write_json
 from irene.transforms import LinearLeafRegressor, Standardizer, polynomial_expand
 from irene.treegrad import Adam, TreeIndex, tree_indices, tree_loss_and_grad

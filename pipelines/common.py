@@ -221,6 +221,14 @@ def log_metrics(metrics: dict[str, float], prefix: str = "", step: int | None = 
         mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in metrics.items()}, step=step)
 
 
+def log_params(params: dict[str, Any]) -> None:
+    """Log params to the active run, if any."""
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.log_params(_flat_params(params))
+
+
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
     import mlflow
 

@@ -14,11 +14,11 @@ from irene.forest import build_forest, fill_predictions
 from irene.tree import write_trees
 from pipelines.common import (
     ablation_params,
-    irene_config,
     load_trees,
     log,
     log_artifact,
     log_metrics,
+    log_params,
     make_predictor,
     run_dir,
     setup,
@@ -38,14 +38,13 @@ class CrossValidationReport:
 def run(cfg: DictConfig) -> CrossValidationReport:
     setup(cfg)
     out = run_dir(cfg)
-    trees, source = load_trees(cfg)
-    forest = build_forest(trees)
-    config = irene_config(cfg)
-    models = list(dict.fromkeys(forest.model_names))
-    log.info("leave-one-model-out over %d models, %d trees, %d nodes", len(models),
-             forest.num_trees, forest.num_nodes)
-    params = {**ablation_params(cfg), "models": models, "num_trees": forest.num_trees}
-    with tracked_run(cfg, "crossvalidate", params, run_name="crossvalidate"):
+    with tracked_run(cfg, "crossvalidate", ablation_params(cfg), run_name="crossvalidate"):
+        trees, source = load_trees(cfg)
+        forest = build_forest(trees)
+        models = list(dict.fromkeys(forest.model_names))
+        log.info("leave-one-model-out over %d models, %d trees, %d nodes", len(models),
+                 forest.num_trees, forest.num_nodes)
+        log_params({"models": models, "num_trees": forest.num_trees})
 
         def on_fold(left_out: str, errors: dict[str, float], predictor: object) -> None:
             log.info("left out %-24s ml %.2f  module %.2f  model %.2f", left_out,
@@ -56,7 +55,7 @@ def run(cfg: DictConfig) -> CrossValidationReport:
                 log_metrics(errors)
 
         result = leave_one_model_out(forest, lambda: make_predictor(cfg, show_progress=False),
-                                     show_progress=config.show_progress, on_fold=on_fold)
+                                     show_progress=cfg.show_progress, on_fold=on_fold)
         table = result.table
         csv_path = out / "crossvalidation.csv"
         write_table(table, out, "crossvalidation")

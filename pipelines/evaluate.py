@@ -39,12 +39,13 @@ def run(cfg: DictConfig) -> dict:
     setup(cfg)
     if not cfg.predictions:
         raise ValueError("stage=evaluate needs predictions=<predicted trees jsonl>")
-    gold_trees = read_trees(cfg.trees, require_energy=True) if cfg.trees else load_trees(cfg)[0]
-    predicted_trees = read_trees(cfg.predictions)
-    forest, predicted = gold_and_predicted(gold_trees, predicted_trees, cfg.predictions)
-    tables = error_tables(forest, predicted)
     out = run_dir(cfg)
     with tracked_run(cfg, "evaluate", {"predictions": str(cfg.predictions)}):
+        gold_trees = (read_trees(cfg.trees, require_energy=True) if cfg.trees
+                      else load_trees(cfg)[0])
+        predicted_trees = read_trees(cfg.predictions)
+        forest, predicted = gold_and_predicted(gold_trees, predicted_trees, cfg.predictions)
+        tables = error_tables(forest, predicted)
         for name, table in tables.items():
             for path in write_table(table, out, f"errors_{name}"):
                 log_artifact(path, "report")

@@ -60,24 +60,35 @@ def run(cfg: DictConfig) -> Path:
     if has_record(output, (model, batch_size, seq_len)):
         log.info("%s %dx%d already measured in %s: skipped", model, batch_size, seq_len, output)
         return output
-    meter = make_meter(str(mcfg.meter), gpu_index=int(mcfg.gpu_index),
-                       rapl_root=str(mcfg.rapl_root))
+    meter = make_meter(str(mcfg.meter), gpu_index=int(mcfg.gpu_index), rapl_root=str(mcfg.rapl_root))
     device = str(mcfg.device)
     if device == "cuda":
         device = f"cuda:{int(mcfg.gpu_index)}"
     settings = protocol_settings(mcfg)
     params = {
-        "model": model, "batch_size": batch_size, "seq_len": seq_len,
-        "attn_implementation": str(mcfg.attn_implementation), "measured": bool(mcfg.measure),
+        "model": model,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "attn_implementation": str(mcfg.attn_implementation),
+        "measured": bool(mcfg.measure),
         **{f"protocol.{k}": v for k, v in vars(settings).items()},
         **environment(device, meter),
     }
     try:
         with _tracking(cfg, params):
-            measure_into(output, model, batch_size, seq_len, meter=meter, settings=settings,
-                         device=device, attn_implementation=str(mcfg.attn_implementation),
-                         measure=bool(mcfg.measure), gpu_index=int(mcfg.gpu_index),
-                         seed=int(mcfg.seed))
+            measure_into(
+                output,
+                model,
+                batch_size,
+                seq_len,
+                meter=meter,
+                settings=settings,
+                device=device,
+                attn_implementation=str(mcfg.attn_implementation),
+                measure=bool(mcfg.measure),
+                gpu_index=int(mcfg.gpu_index),
+                seed=int(mcfg.seed),
+            )
             if mcfg.get("track", True):
                 _log_artifact(output)
     finally:

@@ -9,7 +9,15 @@ from omegaconf import DictConfig
 from irene import predictors
 from irene.forest import build_forest, fill_predictions
 from irene.tree import read_trees, write_trees
-from pipelines.common import load_trees, log, log_artifact, run_dir, setup, tracked_run
+from pipelines.common import (
+    load_trees,
+    log,
+    log_artifact,
+    log_params,
+    run_dir,
+    setup,
+    tracked_run,
+)
 
 
 def run(cfg: DictConfig) -> Path:
@@ -17,15 +25,15 @@ def run(cfg: DictConfig) -> Path:
     setup(cfg)
     if not cfg.model_dir:
         raise ValueError("stage=predict needs model_dir=<folder written by stage=train>")
-    model = predictors.load(cfg.model_dir)
-    if cfg.trees:
-        source = Path(cfg.trees)
-        trees = read_trees(source)
-    else:
-        trees, source = load_trees(cfg, require_energy=False)
     out = Path(cfg.output) if cfg.output else run_dir(cfg) / "predictions.jsonl"
-    with tracked_run(cfg, "predict", {"model_dir": str(cfg.model_dir), "trees": str(source),
-                                      "predictor": type(model).__name__}):
+    with tracked_run(cfg, "predict", {"model_dir": str(cfg.model_dir)}):
+        model = predictors.load(cfg.model_dir)
+        if cfg.trees:
+            source = Path(cfg.trees)
+            trees = read_trees(source)
+        else:
+            trees, source = load_trees(cfg, require_energy=False)
+        log_params({"trees": str(source), "predictor": type(model).__name__})
         forest = build_forest(trees)
         predicted, fallback = model.predict(forest, return_fallback=True)
         filled = fill_predictions(trees, forest, predicted)
