@@ -115,7 +115,8 @@ def make_predictor(cfg: DictConfig, *, show_progress: bool | None = None):
     config = irene_config(cfg)
     if show_progress is not None:
         config = replace(config, show_progress=show_progress)
-    options = OmegaConf.to_container(cfg.predictor.get("options") or {}, resolve=True)
+    options = cfg.predictor.get("options")
+    options = {} if options is None else OmegaConf.to_container(options, resolve=True)
     return predictors.build(cfg.predictor.name, config, options)
 
 
