@@ -1,0 +1,82 @@
+"""Shared fixtures: the published device-1 data (read from $IRENE_DATA_DIR or ../shared, never
+copied into the project), small synthetic trees, and one MLflow store per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DEVICE_1 = ROOT.parent / "shared" / "data" / "irene" / "device_1"
+
+
+def _device_dir() -> Path | None:
+    for candidate in (os.environ.get("IRENE_DATA_DIR"), SHARED_DEVICE_1):
+        if candidate and (Path(candidate) / "model_level_features.csv").is_file():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def device_dir() -> Path:
+    path = _device_dir()
+    if path is None:
+        pytest.fail("published data not found: set IRENE_DATA_DIR to a device folder")
+    return path
+
+
+@pytest.fixture(scope="session")
+def device_trees(device_dir):
+    from irene.published import import_device
+
+    return import_device(device_dir)
+
+
+@pytest.fixture(scope="session")
+def device_forest(device_trees):
+    from irene.forest import build_forest
+
+    return build_forest(device_trees)
+
+
+@pytest.fixture(scope="session")
+def small_trees(device_trees):
+    """Two (batch, seq) cells per model: enough for every code path, fast."""
+    keep = {(8, 32), (16, 128)}
+    return [t for t in device_trees if (t["batch_size"], t["seq_len"]) in keep]
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory) -> str:
+    """One sqlite store for the session, created once (schema creation is slow)."""
+    import mlflow
+
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    uri = f"sqlite:///{path}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.search_experiments()  # creates the schema
+    return uri
+
+
+def make_tree(model: str = "toy", batch_size: int = 2, seq_len: int = 4, scale: float = 1.0):
+    """A small valid tree: root -> (block -> linear, matmul), layernorm."""
+
+    def node(scope, parent, level, cls, kind, energy, children=(), **features):
+        base = {"num_parameters": 10, "flops": 1.0 * scale, "mem_bytes": 0.5, "cpu": 1.0,
+                "mem": 2.0, "gpu": 3.0, "gpu_mem": 4.0, "gpu_clk": 5.0, "gpu_mem_clk": 6.0,
+                "times_mean": 0.001 * scale, "gpu_energy_mean": 0.5 * energy}
+        base.update(features)
+        return {"id": f"{model}/{batch_size}x{seq_len}/{scope}", "scope": scope,
+                "parent_name": parent, "level": level, "instance_type": cls, "type": kind,
+                **base, "ground_truth_energy": energy, "child_nodes_obj": list(children),
+                "child_nodes": [c["scope"] for c in children]}
+
+    linear = node("root.block.linear", "root.block", 2, "Linear", "ml", 1.0 * scale)
+    matmul = node("root.block.matmul_0", "root.block", 2, "MatMul", "ml", 0.5 * scale)
+    block = node("root.block", "root", 1, "Block", "module", 2.0 * scale, [linear, matmul])
+    norm = node("root.norm", "root", 1, "LayerNorm", "ml", 0.25 * scale)
+    root = node("root", None, 0, "ToyModel", "model", 3.0 * scale, [block, norm])
+    return {"model_name": model, "batch_size": batch_size, "seq_len": seq_len,
+            "frontend_tree": root}

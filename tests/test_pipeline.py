@@ -1,0 +1,119 @@
+"""Stages composed from the real Hydra config, logging to a real MLflow (sqlite) store."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import MissingConfigException
+
+from irene.tree import iter_nodes, read_trees, write_trees
+from pipelines.config import register_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+register_configs()
+
+
+def compose_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.fixture()
+def trees_file(small_trees, tmp_path):
+    return write_trees(tmp_path / "small.jsonl", small_trees)
+
+
+def stage_cfg(stage, trees_file, mlflow_uri, tmp_path, *extra):
+    return compose_cfg(f"stage={stage}", f"data.trees={trees_file}",
+                       f"tracking.uri={mlflow_uri}", f"run_dir={tmp_path / stage}",
+                       "tracking.experiment=pytest", "show_progress=false", *extra)
+
+
+def runs(mlflow_uri, filter_string=""):
+    mlflow.set_tracking_uri(mlflow_uri)
+    return mlflow.search_runs(experiment_names=["pytest"], filter_string=filter_string,
+                              output_format="list")
+
+
+@pytest.mark.parametrize("group", ["data", "features", "strategy", "weighting", "predictor",
+                                   "tracking", "measure"])
+def test_every_option_of_every_group_composes(group):
+    options = sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+    assert options
+    for option in options:
+        cfg = compose_cfg(f"{group}={option}")
+        assert cfg[group] is not None
+
+
+def test_bad_option_fails_at_start_with_the_valid_ones():
+    with pytest.raises(MissingConfigException) as error:
+        compose_cfg("strategy=end3end")
+    assert "end2end" in str(error.value.options) or "end2end" in str(error.value)
+    with pytest.raises(Exception, match="pth"):
+        compose_cfg("data.pth=x")
+
+
+def test_crossvalidate_stage_logs_parent_and_fold_runs(trees_file, mlflow_uri, tmp_path, capsys):
+    from pipelines import crossvalidate
+
+    report = crossvalidate.run(stage_cfg("crossvalidate", trees_file, mlflow_uri, tmp_path))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == f"crossvalidation table: {report.csv_path}"
+    header = report.csv_path.read_text().splitlines()[0]
+    assert header == "left_out_model,ml,module,model"
+    parent = [r for r in runs(mlflow_uri, "tags.stage = 'crossvalidate'")][0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["strategy"] == "end2end"
+    assert parent.data.params["weighting"] == "close_to_one"
+    assert parent.data.metrics["overall_model"] == pytest.approx(report.table.loc["overall", "model"])
+    children = runs(mlflow_uri, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 6 and all(c.info.status == "FINISHED" for c in children)
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "report")}
+    assert "report/crossvalidation.csv" in artifacts
+
+
+def test_train_predict_evaluate_chain(trees_file, mlflow_uri, tmp_path):
+    from pipelines import evaluate, predict, train
+
+    model_dir = train.run(stage_cfg("train", trees_file, mlflow_uri, tmp_path))
+    predictions = predict.run(stage_cfg("predict", trees_file, mlflow_uri, tmp_path,
+                                        f"model_dir={model_dir}"))
+    predicted = read_trees(predictions)
+    assert all("predicted_energy" in n for t in predicted for n in iter_nodes(t["frontend_tree"]))
+    assert all("predicted_energy" not in n for t in read_trees(trees_file)
+               for n in iter_nodes(t["frontend_tree"]))
+    summary = evaluate.run(stage_cfg("evaluate", trees_file, mlflow_uri, tmp_path,
+                                     f"predictions={predictions}"))
+    assert set(summary) == {"ml", "module", "model"}
+    assert summary["ml"] < 5  # in-sample leaf regressors are close
+
+
+def test_failing_stage_marks_its_run_failed_and_keeps_the_input(trees_file, mlflow_uri, tmp_path):
+    from pipelines import predict, train
+
+    model_dir = train.run(stage_cfg("train", trees_file, mlflow_uri, tmp_path))
+    before = trees_file.read_bytes()
+    with pytest.raises(ValueError, match="refusing to overwrite input"):
+        predict.run(stage_cfg("predict", trees_file, mlflow_uri, tmp_path,
+                              f"model_dir={model_dir}", f"output={trees_file}"))
+    assert trees_file.read_bytes() == before
+    failed = runs(mlflow_uri, "tags.stage = 'predict' and attributes.status = 'FAILED'")
+    assert failed
+    assert runs(mlflow_uri)  # the store is still usable
+
+
+@pytest.mark.slow
+def test_cli_crossvalidate_prints_the_table_path_last(trees_file, mlflow_uri, tmp_path):
+    out = subprocess.run(
+        [sys.executable, "run.py", "stage=crossvalidate", f"data.trees={trees_file}",
+         f"tracking.uri={mlflow_uri}", "tracking.experiment=pytest-cli", "show_progress=false",
+         f"hydra.run.dir={tmp_path / 'cli'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=True)
+    last = out.stdout.strip().splitlines()[-1]
+    assert last == f"crossvalidation table: {tmp_path / 'cli' / 'crossvalidation.csv'}"
+    assert Path(last.split(": ", 1)[1]).is_file()
