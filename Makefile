@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make crossvalidate` (the main job) and `make test`.
+# Both create .venv first: torch is installed alone and pinned (an unpinned torch pulls a
+# multi-GB CUDA build), then the project with its dev extras.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+
+.PHONY: setup crossvalidate test lint benchmark tables mlflow-ui clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+crossvalidate: setup  ## leave-one-model-out CV of the IrEne config on device 1, logged to MLflow
+	$(PY) run.py stage=crossvalidate $(ARGS)
+
+test: setup  ## the whole test suite (slow CLI tests included)
+	$(PY) -m pytest -q $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check irene pipelines tests scripts run.py
+
+benchmark: setup
+	$(PY) scripts/benchmark_crossvalidation.py --repeats 5
+
+mlflow-ui: setup  ## browse the local store at http://127.0.0.1:5000
+	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///outputs/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf outputs/runs outputs/multirun outputs/cache
