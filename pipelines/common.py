@@ -47,10 +47,26 @@ def setup(cfg: DictConfig) -> None:
     """Logging format and thread count, once per stage."""
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s",
                         datefmt="%H:%M:%S")
-    if cfg.get("threads"):
+    threads = int(cfg.get("threads") or 0)
+    if not threads and _parallel_launcher():
+        threads = 1  # jobs already run side by side: one thread each
+    if threads:
         import torch
+        from threadpoolctl import threadpool_limits
 
-        torch.set_num_threads(int(cfg.threads))
+        torch.set_num_threads(threads)
+        threadpool_limits(threads)
+
+
+def _parallel_launcher() -> bool:
+    """Whether this job runs under a launcher that runs jobs in parallel on this machine."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        target = str(HydraConfig.get().launcher.get("_target_", ""))
+    except (ValueError, ImportError):
+        return False
+    return "Joblib" in target or "Submitit" in target
 
 
 # ------------------------------------------------------------------------------------- data
@@ -92,7 +108,7 @@ def irene_config(cfg: DictConfig) -> IreneConfig:
         standardize_features=p.standardize_features,
         polynomial_degree=p.polynomial_degree,
         training_strategy=cfg.strategy.name,
-        weighting=cfg.weighting.name,
+        weighting=effective_weighting(cfg),
         tanh_scalar=p.tanh_scalar,
         normalize_loss_scale=p.normalize_loss_scale,
         epochs=p.epochs,
@@ -104,6 +120,17 @@ def irene_config(cfg: DictConfig) -> IreneConfig:
     )
     config.validate()  # a bad option fails before any work starts
     return config
+
+
+# The weighting the paper paired with each training strategy (weighting=paper).
+PAPER_WEIGHTING = {"unstructured": "free", "none": "exact_one"}
+
+
+def effective_weighting(cfg: DictConfig) -> str:
+    """``weighting.name``, with ``paper`` resolved for the chosen strategy."""
+    if cfg.weighting.name == "paper":
+        return PAPER_WEIGHTING.get(cfg.strategy.name, "close_to_one")
+    return cfg.weighting.name
 
 
 def make_predictor(cfg: DictConfig, *, show_progress: bool | None = None):
@@ -127,7 +154,7 @@ def ablation_params(cfg: DictConfig) -> dict[str, Any]:
         "data": cfg.data.name,
         "features": cfg.features.name,
         "strategy": cfg.strategy.name,
-        "weighting": cfg.weighting.name,
+        "weighting": "n/a" if cfg.strategy.name == "none" else effective_weighting(cfg),
         "predictor": p.name,
         "tanh_scalar": p.tanh_scalar,
         "polynomial_degree": p.polynomial_degree,
@@ -187,7 +214,9 @@ def tracked_run(cfg: DictConfig, stage: str, params: dict[str, Any] | None = Non
     import mlflow
 
     experiment_id = ensure_experiment(cfg)
-    all_tags = {"stage": stage, **_sweep_tags(), **(tags or {})}
+    all_tags = {"stage": stage, "config_hash": config_hash(cfg), **_sweep_tags(), **(tags or {})}
+    if cfg.get("sweep_name"):
+        all_tags["preset"] = str(cfg.sweep_name)
     parent = os.environ.get("IRENE_PARENT_RUN_ID")
     if parent and not nested and mlflow.active_run() is None:
         all_tags["mlflow.parentRunId"] = parent
@@ -198,6 +227,33 @@ def tracked_run(cfg: DictConfig, stage: str, params: dict[str, Any] | None = Non
         if not nested:
             mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         yield run
+
+
+# keys that do not change a stage's result (sweep_name is hashed: resume works within a preset)
+_NOT_HASHED = ("tracking", "run_dir", "show_progress", "threads", "resume", "output",
+               "report")
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """A digest of everything that determines a stage's result (not where it is logged)."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    kept = {k: v for k, v in container.items() if k not in _NOT_HASHED}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def finished_run(cfg: DictConfig, stage: str):
+    """The latest FINISHED run of ``stage`` with this exact config, when ``resume`` is on."""
+    if not (cfg.get("resume") and cfg.tracking.enabled):
+        return None
+    import mlflow
+
+    experiment_id = ensure_experiment(cfg)
+    found = mlflow.search_runs(
+        experiment_ids=[experiment_id], output_format="list", max_results=1,
+        filter_string=(f"tags.stage = '{stage}' and tags.config_hash = '{config_hash(cfg)}' "
+                       "and attributes.status = 'FINISHED'"),
+        order_by=["attributes.start_time DESC"])
+    return found[0] if found else None
 
 
 def _sweep_tags() -> dict[str, str]:

@@ -79,6 +79,10 @@ class Config:
     trees: str | None = None  # predict/evaluate: input trees (default: the data set)
     predictions: str | None = None  # evaluate: predicted trees
     output: str | None = None  # predict: output file (default: run folder)
+    sweep_name: str | None = None  # preset name, tagged on the runs of a sweep (report reads it)
+    resume: bool = False  # skip a stage whose identical config already has a FINISHED run
+    save_predictions: bool = True  # crossvalidate: write the out-of-fold predicted trees
+    report: dict[str, Any] = field(default_factory=dict)  # report: table layout (see report.py)
     run_dir: str | None = None  # where the stage writes (default: Hydra's run folder)
     threads: int = 0  # torch threads (0: leave torch's default)
     show_progress: bool = True  # progress bars

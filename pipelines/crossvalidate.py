@@ -14,6 +14,7 @@ from irene.forest import build_forest, fill_predictions
 from irene.tree import write_trees
 from pipelines.common import (
     ablation_params,
+    finished_run,
     load_trees,
     log,
     log_artifact,
@@ -32,12 +33,31 @@ from pipelines.common import (
 class CrossValidationReport:
     table: pd.DataFrame  # rows: left-out models + "overall"; columns: ml, module, model (% error)
     csv_path: Path
-    predictions_path: Path
+    predictions_path: Path | None  # out-of-fold predicted trees (save_predictions=true)
+
+
+def _resumed(cfg: DictConfig, out: Path) -> CrossValidationReport | None:
+    """The report of an identical, already FINISHED run (``resume=true``), else None."""
+    previous = finished_run(cfg, "crossvalidate")
+    if previous is None:
+        return None
+    import mlflow
+
+    log.info("resume: identical config already FINISHED in run %s; skipping", previous.info.run_id)
+    path = mlflow.artifacts.download_artifacts(run_id=previous.info.run_id,
+                                               artifact_path="report/crossvalidation.csv",
+                                               dst_path=str(out))
+    table = pd.read_csv(path, index_col="left_out_model")
+    print(f"crossvalidation table: {path}")
+    return CrossValidationReport(table=table, csv_path=Path(path), predictions_path=None)
 
 
 def run(cfg: DictConfig) -> CrossValidationReport:
     setup(cfg)
     out = run_dir(cfg)
+    resumed = _resumed(cfg, out)
+    if resumed is not None:
+        return resumed
     with tracked_run(cfg, "crossvalidate", ablation_params(cfg), run_name="crossvalidate"):
         trees, source = load_trees(cfg)
         forest = build_forest(trees)
@@ -59,13 +79,15 @@ def run(cfg: DictConfig) -> CrossValidationReport:
         table = result.table
         csv_path = out / "crossvalidation.csv"
         write_table(table, out, "crossvalidation")
-        predictions = write_trees(out / "predictions.jsonl",
-                                  fill_predictions(trees, forest, result.predicted_j),
-                                  protect=[source])
         log_metrics({f"overall_{k}": v for k, v in table.loc["overall"].items()})
         log_artifact(csv_path, "report")
         log_artifact(out / "crossvalidation.md", "report")
-        log_artifact(predictions, "predictions")
+        predictions = None
+        if cfg.save_predictions:
+            predictions = write_trees(out / "predictions.jsonl",
+                                      fill_predictions(trees, forest, result.predicted_j),
+                                      protect=[source])
+            log_artifact(predictions, "predictions")
     print("Percentage error - leave-one-model-out cross-validation")
     print(to_markdown(table))
     print(f"crossvalidation table: {csv_path}")
