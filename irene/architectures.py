@@ -1,98 +1,197 @@
-"""HuggingFace architectures of the published data, built offline from their config classes.
+"""Base transformer models built from config classes, with random weights.
 
-Energy depends on shapes, not weights, so every model is built from its config class with
-random weights (on the ``meta`` device when only parameter counts are needed): nothing is
-downloaded. A name that is not in :data:`KNOWN_MODELS` can be given as a local
-``config.json`` path.
+Energy, time and FLOPs of inference do not depend on the weights' values, so models are built
+from their published architecture (config) alone: nothing is downloaded. The one registry of
+model names, used by the import of the published data (parameter counts) and by measurement.
 """
 
 from __future__ import annotations
 
 import functools
-import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
+import transformers as tf
 
-# name -> (transformers base-model class, config class, config overrides). The overrides are
-# the published configs' values where they differ from the config class defaults.
-KNOWN_MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "bert-base-uncased": ("BertModel", "BertConfig", {}),
-    "bert-large-uncased": (
-        "BertModel",
-        "BertConfig",
-        {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
-         "intermediate_size": 4096},
-    ),
-    "distilbert-base-uncased": ("DistilBertModel", "DistilBertConfig", {}),
-    "roberta-base": (
-        "RobertaModel",
-        "RobertaConfig",
-        {"vocab_size": 50265, "max_position_embeddings": 514, "type_vocab_size": 1,
-         "pad_token_id": 1, "layer_norm_eps": 1e-5},
-    ),
-    "gpt2": ("GPT2Model", "GPT2Config", {}),
-    "distilgpt2": ("GPT2Model", "GPT2Config", {"n_layer": 6}),
-    "openai-gpt": ("OpenAIGPTModel", "OpenAIGPTConfig", {}),
+
+def _bert_base() -> tf.PretrainedConfig:
+    return tf.BertConfig()
+
+
+def _bert_large() -> tf.PretrainedConfig:
+    return tf.BertConfig(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
+    )
+
+
+def _roberta_base() -> tf.PretrainedConfig:
+    return tf.RobertaConfig(
+        vocab_size=50265,
+        max_position_embeddings=514,
+        type_vocab_size=1,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        layer_norm_eps=1e-5,
+    )
+
+
+def _tiny_ctrl() -> tf.PretrainedConfig:
     # Sizes read off the published flops column (Wq: 2*16*16+16 FLOP per token, ffn.0: 2*16*2+2).
-    "sshleifer/tiny-ctrl": ("CTRLModel", "CTRLConfig", {"n_embd": 16, "dff": 2, "n_layer": 2,
-                                                        "n_head": 2}),
+    return tf.CTRLConfig(n_embd=16, dff=2, n_layer=2, n_head=2)
+
+
+def _llama_small() -> tf.PretrainedConfig:
+    # A Llama-architecture model of TinyLlama-like width, 4 layers: RMSNorm, RoPE, SwiGLU, GQA.
+    return tf.LlamaConfig(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=4,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+    )
+
+
+def _t5_small() -> tf.PretrainedConfig:
+    return tf.T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8)
+
+
+_TINY = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "vocab_size": 128,
+    "max_position_embeddings": 64,
+}
+
+# Tiny members of each family: seconds-fast smoke tests and CI, same module structure.
+TINY_MODELS: dict[str, tuple[Callable[[], tf.PretrainedConfig], type]] = {
+    "tiny/bert": (lambda: tf.BertConfig(**_TINY), tf.BertModel),
+    "tiny/roberta": (lambda: tf.RobertaConfig(**_TINY, type_vocab_size=1, pad_token_id=1), tf.RobertaModel),
+    "tiny/distilbert": (
+        lambda: tf.DistilBertConfig(
+            vocab_size=128, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64
+        ),
+        tf.DistilBertModel,
+    ),
+    "tiny/gpt2": (
+        lambda: tf.GPT2Config(
+            vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+        ),
+        tf.GPT2Model,
+    ),
+    "tiny/openai-gpt": (
+        lambda: tf.OpenAIGPTConfig(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64),
+        tf.OpenAIGPTModel,
+    ),
+    "tiny/llama": (
+        lambda: tf.LlamaConfig(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        ),
+        tf.LlamaModel,
+    ),
+    "tiny/t5-encoder": (
+        lambda: tf.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4),
+        tf.T5EncoderModel,
+    ),
+}
+
+# name -> (config factory, model class)
+MODEL_REGISTRY: dict[str, tuple[Callable[[], tf.PretrainedConfig], type]] = {
+    "bert-base-uncased": (_bert_base, tf.BertModel),
+    "bert-large-uncased": (_bert_large, tf.BertModel),
+    "distilbert-base-uncased": (tf.DistilBertConfig, tf.DistilBertModel),
+    "roberta-base": (_roberta_base, tf.RobertaModel),
+    "gpt2": (tf.GPT2Config, tf.GPT2Model),
+    "distilgpt2": (lambda: tf.GPT2Config(n_layer=6), tf.GPT2Model),
+    "openai-gpt": (tf.OpenAIGPTConfig, tf.OpenAIGPTModel),
+    "sshleifer/tiny-ctrl": (_tiny_ctrl, tf.CTRLModel),
+    "llama-small": (_llama_small, tf.LlamaModel),
+    "t5-small-encoder": (_t5_small, tf.T5EncoderModel),
+    **TINY_MODELS,
 }
 
 
-class UnknownModelError(ValueError):
-    """Raised for a model name that is neither known nor a local config.json."""
+def config_from_name(name_or_path: str) -> tf.PretrainedConfig:
+    """The architecture config of a known model name, or of a local ``config.json``.
+
+    Args:
+        name_or_path: a key of ``MODEL_REGISTRY`` or a path to a local ``config.json`` file or
+            to a directory holding one.
+
+    Returns:
+        The config; nothing is downloaded.
+
+    Raises:
+        ValueError: for an unknown name that is not an existing local path.
+    """
+    if name_or_path in MODEL_REGISTRY:
+        return MODEL_REGISTRY[name_or_path][0]()
+    path = Path(name_or_path)
+    if path.exists():
+        return tf.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    known = ", ".join(sorted(MODEL_REGISTRY))
+    raise ValueError(f"unknown model {name_or_path!r}: use one of {known} or a config.json path")
 
 
-def build_config(name_or_path: str, attn_implementation: str | None = "eager"):
-    """Return the transformers config for a known model name or a local ``config.json``."""
-    import transformers
+def model_from_name(
+    name_or_config_json_path: str,
+    attn_implementation: str = "eager",
+    device: str | torch.device = "cpu",
+) -> torch.nn.Module:
+    """Build a base model (no task head) with random weights, in eval mode.
 
-    if name_or_path in KNOWN_MODELS:
-        _, config_cls, overrides = KNOWN_MODELS[name_or_path]
-        config = getattr(transformers, config_cls)(**overrides)
-    elif Path(name_or_path).exists():
-        path = Path(name_or_path)
-        path = path / "config.json" if path.is_dir() else path
-        config_dict = json.loads(path.read_text())
-        model_type = config_dict.pop("model_type", None)
-        if model_type is None:
-            raise UnknownModelError(f"{path}: field 'model_type' is missing")
-        config = transformers.AutoConfig.for_model(model_type, **config_dict)
+    Args:
+        name_or_config_json_path: a paper model name (``bert-base-uncased``, ``gpt2``, ...),
+            another key of ``MODEL_REGISTRY``, or a local ``config.json`` path.
+        attn_implementation: forced attention implementation; ``"eager"`` (default) makes
+            the attention's matmuls and softmax visible as separate ops, ``"sdpa"`` calls
+            ``scaled_dot_product_attention``.
+        device: where to allocate the weights; ``"meta"`` builds a weightless model whose
+            forward pass still yields every shape (enough for FLOP and byte counts).
+
+    Returns:
+        The model, in eval mode, with ``use_cache`` off so a replayed layer does not grow a
+        key/value cache.
+    """
+    config = config_from_name(name_or_config_json_path)
+    config._attn_implementation = attn_implementation
+    if hasattr(config, "use_cache"):
+        config.use_cache = False
+    if name_or_config_json_path in MODEL_REGISTRY:
+        model_class = MODEL_REGISTRY[name_or_config_json_path][1]
+        build = lambda: model_class(config)  # noqa: E731
     else:
-        raise UnknownModelError(
-            f"unknown model {name_or_path!r}: use one of {sorted(KNOWN_MODELS)} or the path of a "
-            "local config.json (nothing is downloaded)"
-        )
-    if attn_implementation is not None:
-        config._attn_implementation = attn_implementation
-    return config
-
-
-def build_model(name_or_path: str, *, device: str | torch.device = "cpu",
-                attn_implementation: str | None = "eager") -> torch.nn.Module:
-    """Build the base model (no task head) with random weights, in eval mode."""
-    import transformers
-
-    config = build_config(name_or_path, attn_implementation)
+        build = lambda: tf.AutoModel.from_config(config)  # noqa: E731
     with torch.device(device):
-        if name_or_path in KNOWN_MODELS:
-            model = getattr(transformers, KNOWN_MODELS[name_or_path][0])(config)
-        else:
-            model = transformers.AutoModel.from_config(config)
+        model = build()
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(attn_implementation)
     return model.eval()
+
+
+def model_class_name(name_or_path: str) -> str:
+    """Class name of a registered model's base model ("Model" for a config.json path)."""
+    return MODEL_REGISTRY[name_or_path][1].__name__ if name_or_path in MODEL_REGISTRY else "Model"
 
 
 @functools.lru_cache(maxsize=32)
 def parameter_counts(name_or_path: str) -> dict[str, int]:
     """Number of parameters of every module scope of a model ("" is the whole model).
 
-    Computed on the meta device, so it takes milliseconds and no memory. Shared parameters
-    are counted once per module.
+    Built on the meta device: milliseconds and no memory. Shared parameters count once per
+    module.
     """
-    model = build_model(name_or_path, device="meta", attn_implementation=None)
-    counts = {}
-    for scope, module in model.named_modules(remove_duplicate=False):
-        counts[scope] = sum(p.numel() for p in module.parameters())
-    return counts
+    model = model_from_name(name_or_path, device="meta")
+    return {scope: sum(p.numel() for p in module.parameters())
+            for scope, module in model.named_modules(remove_duplicate=False)}

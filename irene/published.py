@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from irene.architectures import parameter_counts
+from irene.architectures import model_class_name, parameter_counts
 from irene.tree import FEATURE_FIELDS, Tree
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ def _build_tree(model: str, batch_size: int, seq_len: int, rows: list[dict]) -> 
     ids = (model, batch_size, seq_len)
     counts = parameter_counts(model)
     model_row = next(row for row in rows if row["src_level"] == "model")
-    root = _make_node(model_row, "root", None, _root_class(model), "model", counts[""], ids)
+    root = _make_node(model_row, "root", None, model_class_name(model), "model", counts[""], ids)
     by_scope: dict[str, dict] = {"": root}
     nodes: list[tuple[str, dict]] = []  # (relative scope of the parent to look up, node)
     for row in (row for row in rows if row["src_level"] in ("module", "ml1")):
@@ -240,12 +240,6 @@ def _finish(node: dict, level: int) -> None:
         node["type"] = "ml"
     for child in node["child_nodes_obj"]:
         _finish(child, level + 1)
-
-
-def _root_class(model: str) -> str:
-    from irene.architectures import KNOWN_MODELS
-
-    return KNOWN_MODELS[model][0] if model in KNOWN_MODELS else "Model"
 
 
 def import_device(folder: str | Path, models: tuple[str, ...] | list[str] | None = PAPER_MODELS

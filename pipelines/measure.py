@@ -18,6 +18,7 @@ from irene.measure.meters import make_meter
 from irene.measure.protocol import ProtocolSettings
 from irene.measure.runner import environment, measure_into
 from irene.measure.store import has_record
+from pipelines.common import tracked_run
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,6 @@ def protocol_settings(mcfg: DictConfig) -> ProtocolSettings:
 
 def _tracking(cfg: DictConfig, params: dict[str, Any]) -> contextlib.AbstractContextManager:
     if not cfg.measure.get("track", True):
-        return contextlib.nullcontext()
-    try:
-        from pipelines.common import tracked_run
-    except ImportError:
-        log.warning("pipelines.common.tracked_run not available: not logging to MLflow")
         return contextlib.nullcontext()
     return tracked_run(cfg, stage="measure", params=params)
 

@@ -1,0 +1,395 @@
+"""Trace one forward pass of a transformer into an IrEne tree.
+
+The tree's root is the model; inner nodes are the ``nn.Module`` calls (without pure containers
+such as ``Sequential`` and without dropout); leaves (type ``"ml"``) are the modules without
+submodules (``Linear``, HF ``Conv1D``, ``LayerNorm``, RMS norms, ``Embedding``, activation
+modules) and the functional ops named in :data:`irene.measure.flops.LEAF_OPS` (``matmul``,
+``softmax``, ``scaled_dot_product_attention``...) when a non-leaf module calls them directly.
+
+Every torch call is seen through a ``TorchFunctionMode`` while forward pre/post hooks keep
+track of the module being executed, so every op's FLOPs and bytes are charged to the module
+that ran it: a parent's totals are its children's plus its own direct ops (residual adds,
+masking, scaling, functional activations), work that no child accounts for.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from irene.architectures import model_from_name
+from irene.measure.flops import LEAF_OPS, OpCost, is_known_op, op_cost, op_name
+
+__all__ = [
+    "Trace",
+    "TraceNode",
+    "model_from_name",
+    "node_to_dict",
+    "random_input_ids",
+    "trace_model",
+    "trace_tree",
+]
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+@dataclass
+class TraceNode:
+    """One node of a traced forward pass.
+
+    Attributes:
+        scope: dotted path from ``"root"``; unique within the trace.
+        parent: the calling node (``None`` for the root).
+        level: depth in the tree, root = 0.
+        instance_type: class name of the module, or the op's type (``"MatMul"``...).
+        type: ``"model"``, ``"module"`` or ``"ml"``.
+        num_parameters: parameters of the module (0 for functional ops).
+        module: the module that was called (``None`` for functional ops).
+        func: the functional op that was called (``None`` for modules).
+        args: positional inputs of the call, captured for isolated replay (or ``None``).
+        kwargs: keyword inputs of the call, captured for isolated replay (or ``None``).
+        own: cost of the ops executed directly by this node (not by a child).
+        children: child nodes in call order.
+        signature: shapes of inputs and parameters; equal signatures mean identical work.
+    """
+
+    scope: str
+    parent: TraceNode | None
+    level: int
+    instance_type: str
+    type: str
+    num_parameters: int = 0
+    module: nn.Module | None = None
+    func: Callable[..., Any] | None = None
+    args: tuple | None = None
+    kwargs: dict | None = None
+    own: OpCost = field(default_factory=OpCost)
+    children: list[TraceNode] = field(default_factory=list)
+    signature: str = ""
+    static_name: str = ""
+
+    def total(self) -> OpCost:
+        """Cost of this node's own ops plus all its descendants' (FLOPs and bytes)."""
+        cost = OpCost(self.own.flops, self.own.matmul_flops, self.own.bytes)
+        for child in self.children:
+            cost += child.total()
+        return cost
+
+    def walk(self) -> Iterator[TraceNode]:
+        """This node and all its descendants, depth first, parents before children."""
+        yield self
+        for child in self.children:
+            yield from child.walk()
+
+    def call(self) -> Any:
+        """Re-run this node once, in isolation, on its captured inputs."""
+        if self.args is None:
+            raise RuntimeError(f"{self.scope}: inputs were not captured (capture_inputs=False)")
+        target = self.module if self.module is not None else self.func
+        return target(*self.args, **self.kwargs)
+
+
+@dataclass
+class Trace:
+    """A traced forward pass.
+
+    Attributes:
+        model_name: name recorded in the tree.
+        batch_size: batch size of the traced input.
+        seq_len: sequence length of the traced input.
+        root: the root node (the model).
+        unknown_ops: names of ops seen without a cost formula (counted as 0 FLOPs/bytes).
+    """
+
+    model_name: str
+    batch_size: int
+    seq_len: int
+    root: TraceNode
+    unknown_ops: set[str] = field(default_factory=set)
+
+    def nodes(self) -> list[TraceNode]:
+        """All nodes, parents before children."""
+        return list(self.root.walk())
+
+    def node_id(self, node: TraceNode) -> str:
+        """Deterministic, unique node id: ``model/bsxseq/scope``."""
+        return f"{self.model_name}/{self.batch_size}x{self.seq_len}/{node.scope}"
+
+
+def _is_leaf_module(module: nn.Module) -> bool:
+    return not any(not isinstance(m, _DROPOUTS) for m in module.children())
+
+
+def _shape_signature(obj: Any) -> str:
+    if isinstance(obj, torch.Tensor):
+        return f"T{tuple(obj.shape)}{str(obj.dtype)[6:]}"
+    if isinstance(obj, (list, tuple)):
+        return "(" + ",".join(_shape_signature(o) for o in obj) + ")"
+    if isinstance(obj, dict):
+        return "{" + ",".join(f"{k}:{_shape_signature(v)}" for k, v in sorted(obj.items())) + "}"
+    if isinstance(obj, (int, float, str, bool, type(None))):
+        return repr(obj)
+    return type(obj).__name__
+
+
+def _signature(instance_type: str, module: nn.Module | None, args: tuple, kwargs: dict) -> str:
+    params = ""
+    if module is not None:
+        params = ",".join(f"{n}{tuple(p.shape)}" for n, p in module.named_parameters())
+    return f"{instance_type}|{_shape_signature(args)}|{_shape_signature(kwargs)}|{params}"
+
+
+class _Recorder(TorchFunctionMode):
+    """Builds the tree: module hooks push/pop nodes, the mode charges every op."""
+
+    def __init__(self, model: nn.Module, capture_inputs: bool) -> None:
+        super().__init__()
+        self.capture_inputs = capture_inputs
+        self.names: dict[int, list[str]] = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            self.names.setdefault(id(module), []).append(name)
+        self.root = TraceNode(
+            "root",
+            None,
+            0,
+            type(model).__name__,
+            "model",
+            sum(p.numel() for p in model.parameters()),
+            module=model,
+        )
+        self.stack: list[TraceNode] = []
+        self.scopes: set[str] = set()
+        self.op_counts: dict[tuple[str, str], int] = {}
+        self.unknown_ops: set[str] = set()
+        self.active = False
+
+    # --- module hooks -------------------------------------------------------------------
+    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.active = False
+        try:
+            if module is self.root.module and not self.stack:
+                node = self.root
+            else:
+                node = self._module_node(module)
+            self._capture(node, module, args, kwargs)
+            self.stack.append(node)
+        finally:
+            self.active = True
+
+    def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        self.active = False
+        self.stack.pop()
+        self.active = bool(self.stack)
+
+    def _module_node(self, module: nn.Module) -> TraceNode:
+        parent = self.stack[-1]
+        names = self.names.get(id(module), [""])
+        prefix = parent.static_name + "." if parent.static_name else ""
+        local = next((n[len(prefix) :] for n in names if n.startswith(prefix) and n != prefix), None)
+        if local is not None:
+            scope, static = f"{parent.scope}.{local}", prefix + local
+        else:  # a shared module called from elsewhere (e.g. tied embeddings)
+            scope, static = f"root.{names[0]}", names[0]
+        leaf = _is_leaf_module(module)
+        node = TraceNode(
+            self._unique(scope),
+            parent,
+            parent.level + 1,
+            type(module).__name__,
+            "ml" if leaf else "module",
+            sum(p.numel() for p in module.parameters()),
+            module=module,
+            static_name=static,
+        )
+        parent.children.append(node)
+        return node
+
+    def _unique(self, scope: str) -> str:
+        candidate = scope
+        for k in itertools.count(1):
+            if candidate not in self.scopes:
+                break
+            candidate = f"{scope}_call{k}"
+        self.scopes.add(candidate)
+        return candidate
+
+    def _capture(self, node: TraceNode, target: Any, args: tuple, kwargs: dict) -> None:
+        kind = node.instance_type
+        if node.func is not None:
+            kind += ":" + op_name(node.func)
+        node.signature = _signature(kind, node.module, args, kwargs)
+        if self.capture_inputs:
+            node.args, node.kwargs = tuple(args), dict(kwargs)
+
+    # --- torch function mode -------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.active and self.stack:
+            self._charge(func, args, kwargs, out)
+        return out
+
+    def _charge(self, func: Callable[..., Any], args: tuple, kwargs: dict, out: Any) -> None:
+        current = self.stack[-1]
+        cost = op_cost(func, args, kwargs, out)
+        name = op_name(func)
+        if not is_known_op(func):
+            self.unknown_ops.add(name)
+        if name not in LEAF_OPS or current.type == "ml":
+            current.own += cost
+            return
+        index = self.op_counts.get((current.scope, name), 0)
+        self.op_counts[(current.scope, name)] = index + 1
+        node = TraceNode(
+            self._unique(f"{current.scope}.{name}_{index}"),
+            current,
+            current.level + 1,
+            LEAF_OPS[name],
+            "ml",
+            0,
+            func=func,
+            own=cost,
+        )
+        self._capture(node, func, args, kwargs)
+        current.children.append(node)
+
+
+def random_input_ids(
+    vocab_size: int, batch_size: int, seq_len: int, device: str | torch.device = "cpu", seed: int = 0
+) -> torch.Tensor:
+    """Random token ids of shape ``(batch_size, seq_len)``, reproducible from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
+    return ids.to(device)
+
+
+def _fix_childless_modules(node: TraceNode) -> None:
+    # A module whose submodules were never called did its work itself: it is a primitive.
+    for child in node.children:
+        _fix_childless_modules(child)
+    if node.type == "module" and not node.children:
+        node.type = "ml"
+
+
+def trace_model(
+    model: nn.Module,
+    batch_size: int,
+    seq_len: int,
+    model_name: str,
+    *,
+    capture_inputs: bool = False,
+    seed: int = 0,
+) -> Trace:
+    """Run one forward pass on random token ids and record its tree.
+
+    Args:
+        model: a base transformer model (see :func:`model_from_name`), in eval mode.
+        batch_size: batch size of the input.
+        seq_len: sequence length of the input.
+        model_name: name written in the tree and its node ids.
+        capture_inputs: keep every call's inputs (references, not copies) so that each node
+            can be re-run in isolation by the measurement protocol.
+        seed: seed of the random input ids.
+
+    Returns:
+        The trace; its nodes carry the per-op costs and, if asked, the captured inputs.
+    """
+    device = next(itertools.chain(model.parameters(), model.buffers())).device
+    ids = random_input_ids(model.config.vocab_size, batch_size, seq_len, device, seed)
+    recorder = _Recorder(model, capture_inputs)
+    handles = []
+    for module in model.modules():
+        if isinstance(module, _CONTAINERS + _DROPOUTS):
+            continue
+        handles.append(module.register_forward_pre_hook(recorder.pre_hook, with_kwargs=True))
+        handles.append(module.register_forward_hook(recorder.post_hook, with_kwargs=True))
+    try:
+        with torch.no_grad(), recorder:
+            model(input_ids=ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    _fix_childless_modules(recorder.root)
+    return Trace(model_name, batch_size, seq_len, recorder.root, recorder.unknown_ops)
+
+
+_MIB = 2**20
+
+
+def node_to_dict(trace: Trace, node: TraceNode, measured: dict[str, dict] | None = None) -> dict:
+    """The IrEne JSON form of a node and its subtree.
+
+    Args:
+        trace: the trace the node belongs to (for ids).
+        node: the node.
+        measured: optional measured fields per scope (``cpu``, ``mem``, ``gpu``...,
+            ``times_mean``, ``gpu_energy_mean``, ``ground_truth_energy``,
+            ``measurement_reused_from``); fields that were not measured stay absent.
+
+    Returns:
+        The node dict with the fields in the published order.
+    """
+    total = node.total()
+    out: dict[str, Any] = {
+        "id": trace.node_id(node),
+        "scope": node.scope,
+        "parent_name": node.parent.scope if node.parent is not None else None,
+        "level": node.level,
+        "instance_type": node.instance_type,
+        "type": node.type,
+        "num_parameters": int(node.num_parameters),
+        "flops": total.flops / 1e6,
+        "mem_bytes": total.bytes / _MIB,
+    }
+    values = (measured or {}).get(node.scope, {})
+    for key in (
+        "cpu",
+        "mem",
+        "gpu",
+        "gpu_mem",
+        "gpu_clk",
+        "gpu_mem_clk",
+        "times_mean",
+        "gpu_energy_mean",
+        "ground_truth_energy",
+        "energy_std_j",
+        "measurement_reused_from",
+    ):
+        if values.get(key) is not None:
+            out[key] = values[key]
+    out["child_nodes_obj"] = [node_to_dict(trace, c, measured) for c in node.children]
+    out["child_nodes"] = [c.scope for c in node.children]
+    return out
+
+
+def trace_to_record(trace: Trace, measured: dict[str, dict] | None = None) -> dict:
+    """One ``trees.jsonl`` line: model name, batch size, sequence length and the tree."""
+    return {
+        "model_name": trace.model_name,
+        "batch_size": trace.batch_size,
+        "seq_len": trace.seq_len,
+        "frontend_tree": node_to_dict(trace, trace.root, measured),
+    }
+
+
+def trace_tree(model: nn.Module, batch_size: int, seq_len: int, model_name: str) -> dict:
+    """Trace one forward pass and return its IrEne record with static features only.
+
+    Args:
+        model: the model to trace (e.g. from :func:`model_from_name`).
+        batch_size: batch size of the random input.
+        seq_len: sequence length of the random input.
+        model_name: name written in the record.
+
+    Returns:
+        ``{"model_name", "batch_size", "seq_len", "frontend_tree"}``; nodes carry
+        ``num_parameters``, ``flops`` (MFLOP) and ``mem_bytes`` (MiB) but no measurements.
+    """
+    return trace_to_record(trace_model(model, batch_size, seq_len, model_name))

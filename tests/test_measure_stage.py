@@ -1,0 +1,158 @@
+"""The measure stage: config, one line per configuration, kill-and-resume of a sweep."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from irene.measure.runner import measure_into
+from irene.measure.store import append_record, read_keys
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(tmp_path, **measure):
+    block = OmegaConf.load(ROOT / "conf" / "measure" / "default.yaml")
+    block.output = str(tmp_path / "trees.jsonl")
+    block.update(
+        {
+            "meter": "none",
+            "min_window_s": 0.002,
+            "windows": 1,
+            "warmup": 0,
+            "sample_interval_s": 0.001,
+            "track": False,
+            **measure,
+        }
+    )
+    return OmegaConf.create({"model": "tiny/bert", "batch_size": 2, "seq_len": 8, "measure": block})
+
+
+def test_default_config_keys():
+    block = OmegaConf.load(ROOT / "conf" / "measure" / "default.yaml")
+    assert block.meter == "auto" and block.min_window_s == 2.0 and block.windows == 3
+    assert block.reuse_identical is True and block.attn_implementation == "eager"
+    assert block.device == "cpu"
+
+
+def test_stage_appends_once_and_skips_on_rerun(tmp_path, monkeypatch):
+    from pipelines import measure as stage
+
+    cfg = _cfg(tmp_path)
+    path = stage.run(cfg)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert (record["model_name"], record["batch_size"], record["seq_len"]) == ("tiny/bert", 2, 8)
+    tree = record["frontend_tree"]
+    assert "ground_truth_energy" not in tree and tree["times_mean"] > 0
+    called = []
+    monkeypatch.setattr(stage, "measure_into", lambda *a, **k: called.append(1))
+    assert stage.run(cfg) == path
+    assert called == [] and len(path.read_text().splitlines()) == 1
+    cfg.seq_len = 4
+    monkeypatch.undo()
+    stage.run(cfg)
+    assert read_keys(path) == {("tiny/bert", 2, 8), ("tiny/bert", 2, 4)}
+
+
+def test_append_record_is_idempotent(tmp_path):
+    path = tmp_path / "out" / "trees.jsonl"
+    record = {"model_name": "m", "batch_size": 1, "seq_len": 2, "frontend_tree": {}}
+    assert append_record(path, record)
+    assert not append_record(path, record)
+    assert len(path.read_text().splitlines()) == 1
+    assert not list(path.parent.glob("*.tmp"))
+
+
+SWEEP = """
+import sys, time
+from irene.measure.runner import measure_into
+path = sys.argv[1]
+for seq_len in (2, 3, 4, 5, 6, 7):
+    measure_into(path, "tiny/bert", 1, seq_len, measure=False)
+    time.sleep(0.15)
+"""
+
+
+def test_killed_sweep_resumes_without_loss_or_duplicates(tmp_path):
+    path = tmp_path / "trees.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", SWEEP, str(path)], env=env, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while len(read_keys(path)) < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    done = read_keys(path)
+    assert 1 <= len(done) < 6, "the sweep must have been killed mid-way"
+    # a job killed while writing leaves at most a temporary file, never a torn line
+    (tmp_path / ".trees.jsonl.999.tmp").write_text('{"model_name": "tiny/b')
+    for seq_len in (2, 3, 4, 5, 6, 7):
+        measure_into(path, "tiny/bert", 1, seq_len, measure=False)
+    lines = path.read_text().splitlines()
+    keys = [tuple(json.loads(line)[k] for k in ("model_name", "batch_size", "seq_len")) for line in lines]
+    assert sorted(keys) == [("tiny/bert", 1, s) for s in (2, 3, 4, 5, 6, 7)]
+
+
+@pytest.mark.parametrize("measure", [False, True])
+def test_stage_static_or_measured(tmp_path, measure):
+    from pipelines import measure as stage
+
+    path = stage.run(_cfg(tmp_path, measure=measure))
+    tree = json.loads(path.read_text())["frontend_tree"]
+    assert ("times_mean" in tree) is measure
+    assert "ground_truth_energy" not in tree
+
+
+def _compose(overrides):
+    pytest.importorskip("pipelines.config")
+    from hydra import compose, initialize_config_dir
+
+    from pipelines.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def test_real_config_with_mlflow(tmp_path):
+    """Compose the project's config; the run logs protocol, versions and the trees artifact."""
+    mlflow = pytest.importorskip("mlflow")
+    from pipelines import measure as stage
+
+    cfg = _compose(
+        [
+            "stage=measure",
+            "model=tiny/gpt2",
+            "batch_size=1",
+            "seq_len=4",
+            "measure.meter=none",
+            "measure.measure=false",
+            f"measure.output={tmp_path / 'trees.jsonl'}",
+            "tracking=sqlite",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"tracking.artifact_root={(tmp_path / 'artifacts').as_uri()}",
+        ]
+    )
+    assert cfg.measure.min_window_s == 2.0 and cfg.measure.reuse_identical is True
+    path = stage.run(cfg)
+    assert read_keys(path) == {("tiny/gpt2", 1, 4)}
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")
+    assert len(runs) == 1
+    params = runs[0].data.params
+    assert params["meter"] == "none" and params["protocol.min_window_s"] == "2.0"
+    assert {"torch_version", "transformers_version", "device"} <= set(params)
+    artifacts = mlflow.artifacts.list_artifacts(run_id=runs[0].info.run_id)
+    assert "trees.jsonl" in {a.path for a in artifacts}
