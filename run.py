@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from pipelines.config import register_configs
 
-STAGES = ("featurize", "train", "predict", "evaluate", "crossvalidate", "measure", "report")
+STAGES = ("featurize", "train", "predict", "evaluate", "crossvalidate", "diagnose", "measure", "report")
 
 register_configs()
 

@@ -47,3 +47,15 @@ def load(directory: str | Path):
 
 
 register("irene", IreneModel)
+
+# Baselines and the improved predictor (irene/baselines.py, irene/plus.py); their options
+# come from ``predictor.options`` as keyword arguments.
+from irene.baselines import FlatPredictor, PhysicsPredictor, SumOfChildrenPredictor  # noqa: E402
+from irene.plus import IrenePlusPredictor  # noqa: E402
+
+register("physics", PhysicsPredictor, lambda config, options: PhysicsPredictor(config, **options))
+register("flat", FlatPredictor, lambda config, options: FlatPredictor(config, **options))
+register("sum_of_children", SumOfChildrenPredictor,
+         lambda config, options: SumOfChildrenPredictor(config, **options))
+register("irene_plus", IrenePlusPredictor,
+         lambda config, options: IrenePlusPredictor(config, **options))

@@ -231,7 +231,7 @@ def tracked_run(cfg: DictConfig, stage: str, params: dict[str, Any] | None = Non
 
 # keys that do not change a stage's result (sweep_name is hashed: resume works within a preset)
 _NOT_HASHED = ("tracking", "run_dir", "show_progress", "threads", "resume", "output",
-               "report")
+               "report", "skip_not_applicable")
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -284,6 +284,14 @@ def log_params(params: dict[str, Any]) -> None:
 
     if mlflow.active_run() is not None:
         mlflow.log_params(_flat_params(params))
+
+
+def set_tag(key: str, value: str) -> None:
+    """Tag the active run, if any."""
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.set_tag(key, value)
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:

@@ -64,7 +64,7 @@ class TrackingConfig:
 
 @dataclass
 class Config:
-    stage: str = "crossvalidate"  # featurize | train | predict | evaluate | crossvalidate | measure
+    stage: str = "crossvalidate"  # featurize|train|predict|evaluate|crossvalidate|diagnose|measure|report
     data: DataConfig = field(default_factory=DataConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
@@ -81,6 +81,7 @@ class Config:
     output: str | None = None  # predict: output file (default: run folder)
     sweep_name: str | None = None  # preset name, tagged on the runs of a sweep (report reads it)
     resume: bool = False  # skip a stage whose identical config already has a FINISHED run
+    skip_not_applicable: bool = False  # a predictor that cannot use these features: skip, not fail
     save_predictions: bool = True  # crossvalidate: write the out-of-fold predicted trees
     report: dict[str, Any] = field(default_factory=dict)  # report: table layout (see report.py)
     run_dir: str | None = None  # where the stage writes (default: Hydra's run folder)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig
 
+from irene.baselines import NotApplicableError
 from irene.crossval import leave_one_model_out
 from irene.forest import build_forest, fill_predictions
 from irene.tree import write_trees
@@ -22,6 +23,7 @@ from pipelines.common import (
     log_params,
     make_predictor,
     run_dir,
+    set_tag,
     setup,
     to_markdown,
     tracked_run,
@@ -31,8 +33,8 @@ from pipelines.common import (
 
 @dataclass
 class CrossValidationReport:
-    table: pd.DataFrame  # rows: left-out models + "overall"; columns: ml, module, model (% error)
-    csv_path: Path
+    table: pd.DataFrame | None  # rows: left-out models + "overall"; columns: ml, module, model
+    csv_path: Path | None  # None when the predictor does not apply (skip_not_applicable)
     predictions_path: Path | None  # out-of-fold predicted trees (save_predictions=true)
 
 
@@ -74,8 +76,15 @@ def run(cfg: DictConfig) -> CrossValidationReport:
                              run_name=f"leave-{left_out}", nested=True):
                 log_metrics(errors)
 
-        result = leave_one_model_out(forest, lambda: make_predictor(cfg, show_progress=False),
-                                     show_progress=cfg.show_progress, on_fold=on_fold)
+        try:
+            result = leave_one_model_out(forest, lambda: make_predictor(cfg, show_progress=False),
+                                         show_progress=cfg.show_progress, on_fold=on_fold)
+        except NotApplicableError as error:
+            if not cfg.skip_not_applicable:
+                raise
+            log.warning("not applicable, skipped: %s", error)
+            set_tag("not_applicable", str(error)[:500])
+            return CrossValidationReport(table=None, csv_path=None, predictions_path=None)
         table = result.table
         csv_path = out / "crossvalidation.csv"
         write_table(table, out, "crossvalidation")
