@@ -6,6 +6,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
+DATA ?= device_1
+PRESETS := per_model feature_strategy_ablation weighting_ablation predictors
+
 .PHONY: setup crossvalidate test lint benchmark tables mlflow-ui clean
 
 $(VENV)/.installed: pyproject.toml
@@ -28,6 +31,13 @@ lint: setup
 
 benchmark: setup
 	$(PY) scripts/benchmark_crossvalidation.py --repeats 5
+	$(PY) scripts/benchmark_sweeps.py --repeats 2
+
+tables: setup  ## every paper table of a device from nothing: sweeps (parallel, resumable) + reports
+	@for preset in $(PRESETS); do \
+	  $(PY) run.py -m experiment=$$preset data=$(DATA) hydra/launcher=joblib $(ARGS) || exit 1; \
+	  $(PY) run.py stage=report experiment=$$preset data=$(DATA) $(ARGS) || exit 1; \
+	done; echo "tables: outputs/tables/$(DATA)/"
 
 mlflow-ui: setup  ## browse the local store at http://127.0.0.1:5000
 	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///outputs/mlflow.db --host 127.0.0.1 --port 5000
