@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from irene import __version__
-from irene.forest import Forest, feature_list
+from irene.forest import Forest, feature_list, predict_leaves
 from irene.io import atomic_write_json
 from irene.model import IreneConfig
 from irene.transforms import LinearLeafRegressor, Standardizer, polynomial_expand
@@ -407,21 +407,9 @@ class SumOfChildrenPredictor:
         if not hasattr(self, "leaf_models_"):
             raise RuntimeError("this SumOfChildrenPredictor is not fitted yet: call fit() or load()")
         x = forest.matrix(self.features_)
-        leaf_pred = np.zeros(forest.num_nodes)
-        fallback = np.zeros(forest.num_nodes, dtype=bool)
-        for op in sorted(set(forest.op_type[forest.is_leaf])):
-            rows = forest.is_leaf & (forest.op_type == op)
-            model = self.leaf_models_.get(op)
-            if model is None:
-                policy = self.config.unseen_op
-                if policy not in self.leaf_models_:
-                    raise ValueError(
-                        f"primitive type {op!r} (node {forest.ids[int(np.flatnonzero(rows)[0])]!r}) "
-                        f"was never seen in training (known: {sorted(self.leaf_models_)}); set "
-                        "unseen_op to one of those to use its regressor instead")
-                model = self.leaf_models_[policy]
-                fallback |= rows
-            leaf_pred[rows] = model.predict(x[rows])
+        leaf_pred, fallback = predict_leaves(
+            forest, x, self.leaf_models_, lambda op: self.leaf_models_.get(self.config.unseen_op),
+            "set unseen_op to one of those to use its regressor instead")
         pred = compose(forest, np.where(forest.is_leaf, leaf_pred, 0.0))
         return (pred, fallback) if return_fallback else pred
 

@@ -171,6 +171,36 @@ def build_forest(trees: Sequence[Tree]) -> Forest:
     )
 
 
+def predict_leaves(forest: Forest, x: np.ndarray, models: dict, unseen, hint: str
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-primitive regressions on the leaves of ``forest``.
+
+    Args:
+        forest: the trees; x: its feature rows.
+        models: primitive type -> regressor with ``predict(x)``.
+        unseen: primitive type -> the regressor to use for a type not in ``models`` (the
+            leaf is then marked as a fallback), or None to refuse it.
+        hint: how to allow an unseen type, appended to the error.
+
+    Returns:
+        Leaf predictions for every node (0 on inner nodes) and the mask of fallback leaves.
+    """
+    pred = np.zeros(forest.num_nodes)
+    fallback = np.zeros(forest.num_nodes, dtype=bool)
+    for op in sorted(set(forest.op_type[forest.is_leaf])):
+        rows = forest.is_leaf & (forest.op_type == op)
+        model = models.get(op)
+        if model is None:
+            model = unseen(op)
+            if model is None:
+                first = forest.ids[int(np.flatnonzero(rows)[0])]
+                raise ValueError(f"primitive type {op!r} (node {first!r}) was never seen in "
+                                 f"training (known: {sorted(models)}); {hint}")
+            fallback |= rows
+        pred[rows] = model.predict(x[rows])
+    return pred, fallback
+
+
 def fill_predictions(trees: Sequence[Tree], forest: Forest, predicted_j: np.ndarray) -> list[Tree]:
     """Copies of ``trees`` with ``predicted_energy`` set on every node (same pre-order)."""
     import copy

@@ -41,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from irene import __version__
-from irene.forest import Forest, feature_list
+from irene.forest import Forest, feature_list, predict_leaves
 from irene.io import atomic_write_json
 from irene.transforms import LinearLeafRegressor, Standardizer, polynomial_expand
 from irene.treegrad import Adam, TreeIndex, tree_indices, tree_loss_and_grad
@@ -237,24 +237,9 @@ class IreneModel:
     def _predict_leaves(self, forest: Forest, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Leaf predictions for every node (0 on inner nodes) and the mask of leaves that
         used the fallback regressor of an unseen primitive type."""
-        pred = np.zeros(forest.num_nodes)
-        fallback = np.zeros(forest.num_nodes, dtype=bool)
-        for op in sorted(set(forest.op_type[forest.is_leaf])):
-            rows = forest.is_leaf & (forest.op_type == op)
-            model = self.leaf_models_.get(op)
-            if model is None:
-                policy = self.config.unseen_op
-                if policy == "error" or policy not in self.leaf_models_:
-                    first = forest.ids[int(np.flatnonzero(rows)[0])]
-                    raise ValueError(
-                        f"primitive type {op!r} (node {first!r}) was never seen in training "
-                        f"(known: {sorted(self.leaf_models_)}); set unseen_op to one of those "
-                        "to use its regressor instead"
-                    )
-                model = self.leaf_models_[policy]
-                fallback |= rows
-            pred[rows] = model.predict(x[rows])
-        return pred, fallback
+        return predict_leaves(forest, x, self.leaf_models_,
+                              lambda op: self.leaf_models_.get(self.config.unseen_op),
+                              "set unseen_op to one of those to use its regressor instead")
 
     def predict(self, forest: Forest, *, return_fallback: bool = False):
         """Predicted energy (J) of every node of ``forest``, in forest order."""

@@ -48,7 +48,7 @@ from irene.baselines import (
     relative_lstsq,
     write_state,
 )
-from irene.forest import Forest, feature_list
+from irene.forest import Forest, feature_list, predict_leaves
 from irene.model import IreneConfig
 
 MODULE_CHILD = "module"  # the kind of a child that is a module (not a primitive)
@@ -235,21 +235,9 @@ class IrenePlusPredictor:
             raise RuntimeError("this IrenePlusPredictor is not fitted yet: call fit() or load()")
 
     def _predict_leaves(self, forest: Forest, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        pred = np.zeros(forest.num_nodes)
-        fallback = np.zeros(forest.num_nodes, dtype=bool)
-        for op in sorted(set(forest.op_type[forest.is_leaf])):
-            rows = forest.is_leaf & (forest.op_type == op)
-            model = self.leaf_models_.get(op)
-            if model is None:
-                if not self.fallback:
-                    raise ValueError(
-                        f"primitive type {op!r} (node {forest.ids[int(np.flatnonzero(rows)[0])]!r})"
-                        f" was never seen in training (known: {sorted(self.leaf_models_)}); set "
-                        "fallback=true to use the op-agnostic regressor")
-                model = self.global_leaf_model_
-                fallback |= rows
-            pred[rows] = model.predict(x[rows])
-        return pred, fallback
+        return predict_leaves(forest, x, self.leaf_models_,
+                              lambda op: self.global_leaf_model_ if self.fallback else None,
+                              "set fallback=true to use the op-agnostic regressor")
 
     def _weights_and_residual(self, forest: Forest) -> tuple[np.ndarray, np.ndarray]:
         """Each node's weight in its parent's sum and each inner node's unattributed term."""

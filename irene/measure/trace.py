@@ -25,6 +25,7 @@ from torch.overrides import TorchFunctionMode
 
 from irene.architectures import model_from_name
 from irene.measure.flops import LEAF_OPS, OpCost, is_known_op, op_cost, op_name
+from irene.tree import FEATURE_FIELDS
 
 __all__ = [
     "Trace",
@@ -349,19 +350,8 @@ def node_to_dict(trace: Trace, node: TraceNode, measured: dict[str, dict] | None
         "mem_bytes": total.bytes / _MIB,
     }
     values = (measured or {}).get(node.scope, {})
-    for key in (
-        "cpu",
-        "mem",
-        "gpu",
-        "gpu_mem",
-        "gpu_clk",
-        "gpu_mem_clk",
-        "times_mean",
-        "gpu_energy_mean",
-        "ground_truth_energy",
-        "energy_std_j",
-        "measurement_reused_from",
-    ):
+    # the measured fields, in the format's order (FEATURE_FIELDS after the static three)
+    for key in (*FEATURE_FIELDS[3:], "ground_truth_energy", "energy_std_j", "measurement_reused_from"):
         if values.get(key) is not None:
             out[key] = values[key]
     out["child_nodes_obj"] = [node_to_dict(trace, c, measured) for c in node.children]
