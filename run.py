@@ -9,7 +9,8 @@ from omegaconf import DictConfig
 
 from pipelines.config import register_configs
 
-STAGES = ("featurize", "train", "predict", "evaluate", "crossvalidate", "diagnose", "measure", "report")
+STAGES = ("featurize", "train", "predict", "evaluate", "crossvalidate", "diagnose", "measure", "report",
+          "whatif")
 
 register_configs()
 

@@ -63,8 +63,17 @@ class TrackingConfig:
 
 
 @dataclass
+class ExplainConfig:
+    top_n: int = 10  # predict: modules listed by the terminal view
+    max_depth: int = 6  # predict: tree levels drawn in the HTML / PNG icicle
+    source: str = "auto"  # energy explained: auto (predicted, else measured) | predicted | measured
+    max_trees: int = 4  # predict: trees explained (HTML, PNG, text): the first N predicted
+    views: bool = True  # predict: write the explanation views at all
+
+
+@dataclass
 class Config:
-    stage: str = "crossvalidate"  # featurize|train|predict|evaluate|crossvalidate|diagnose|measure|report
+    stage: str = "crossvalidate"  # one of run.py STAGES (train, predict, whatif, crossvalidate...)
     data: DataConfig = field(default_factory=DataConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
@@ -72,10 +81,18 @@ class Config:
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     measure: dict[str, Any] = field(default_factory=dict)  # the measure stage's protocol
-    model: str = "bert-base-uncased"  # measure: HuggingFace name or local config.json
-    batch_size: int = 8  # measure: input batch size
-    seq_len: int = 128  # measure: input sequence length
-    model_dir: str | None = None  # train: output (default: run folder); predict: trained model
+    model: str | None = None  # measure, predict: registry name (e.g. bert-base-uncased) or config.json
+    batch_size: int = 8  # measure, predict: input batch size
+    seq_len: int = 128  # measure, predict: input sequence length
+    shapes: list[list[int]] | None = None  # predict: [[batch_size, seq_len], ...] instead of one pair
+    model_dir: str | None = None  # train: output (default: run folder); predict/whatif: trained model
+    model_run: str | None = None  # predict/whatif: MLflow run id of stage=train (its "model" artifact)
+    unseen_op: str | None = None  # predict/whatif: unseen primitive: null (predictor's) | error | <type>
+    explain: ExplainConfig = field(default_factory=ExplainConfig)  # predict: explanation views
+    package: bool = False  # predict: also log the predictor as an MLflow pyfunc model
+    models: list[str] | None = None  # whatif: models compared side by side
+    batch_sizes: list[int] | None = None  # whatif: batch sizes (default: [batch_size])
+    seq_lens: list[int] | None = None  # whatif: sequence lengths (default: [seq_len])
     trees: str | None = None  # predict/evaluate: input trees (default: the data set)
     predictions: str | None = None  # evaluate: predicted trees
     output: str | None = None  # predict: output file (default: run folder)

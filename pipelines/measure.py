@@ -50,6 +50,9 @@ def run(cfg: DictConfig) -> Path:
     Returns:
         The path of the trees file.
     """
+    if not cfg.model:
+        raise ValueError("stage=measure needs model=<registry name or config.json path>, "
+                         "e.g. model=bert-base-uncased batch_size=8 seq_len=128")
     mcfg = cfg.measure
     output = Path(str(mcfg.output))
     model, batch_size, seq_len = str(cfg.model), int(cfg.batch_size), int(cfg.seq_len)

@@ -1,45 +1,195 @@
-"""``stage=predict``: fill ``predicted_energy`` in a copy of the input trees."""
+"""``stage=predict``: predict every node's energy and explain where it goes.
+
+Three inputs, in this order of precedence:
+
+* ``model=<name or config.json>``: trace the model (static features, no energy meter) at
+  ``batch_size`` x ``seq_len``, or at every pair of ``shapes=[[8,128],[16,256]]``; the trained
+  predictor must use static features only (``features=model_specs``);
+* ``trees=<file>``: predict those trees;
+* otherwise the configured data set.
+
+The trained predictor comes from ``model_dir=<folder of stage=train>`` or
+``model_run=<MLflow run id of stage=train>`` (the ``predictor`` config group only names the
+kind of predictor to train, so it cannot name a trained one). ``unseen_op`` overrides the
+policy for primitive types never seen in training (``error`` or a known type); nodes predicted
+by a fallback are marked ``prediction_fallback: true``.
+
+Writes into the run folder and logs to MLflow: ``predictions.jsonl``, ``totals.csv``/``.md``
+(total energy per tree), ``fallback.csv`` (fallback nodes), and for the first
+``explain.max_trees`` trees the explanation views (``views/<model>_<bs>x<seq>.{txt,html,png}``;
+the text view is also printed). ``package=true`` also logs the predictor as an MLflow pyfunc
+model and prints its URI.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
 
-from irene import predictors
-from irene.forest import build_forest, fill_predictions
-from irene.tree import read_trees, write_trees
+from irene import explain, predictors
+from irene.static import fallback_summary, parse_shapes, predict_trees, trace_static
+from irene.tree import Tree, read_trees, tree_key, write_trees
 from pipelines.common import (
     load_trees,
     log,
     log_artifact,
+    log_metrics,
     log_params,
     run_dir,
     setup,
     tracked_run,
+    tracking_uri,
+    write_table,
 )
 
 
+# ----------------------------------------------------------------------------- predictor
+def resolve_model_dir(cfg: DictConfig, into: Path) -> Path:
+    """The trained predictor's folder: ``model_dir``, or the ``model`` artifact of the MLflow
+    run ``model_run`` (downloaded into ``into``)."""
+    if cfg.get("model_dir"):
+        return Path(cfg.model_dir)
+    if cfg.get("model_run"):
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri(cfg))
+        local = mlflow.artifacts.download_artifacts(run_id=str(cfg.model_run),
+                                                    artifact_path="model", dst_path=str(into))
+        return Path(local)
+    raise ValueError(f"stage={cfg.stage} needs a trained predictor: model_dir=<folder written by "
+                     "stage=train> or model_run=<MLflow run id of stage=train>")
+
+
+def load_predictor(cfg: DictConfig, into: Path):
+    """The trained predictor and where it came from (for the run's params)."""
+    model_dir = resolve_model_dir(cfg, into)
+    return predictors.load(model_dir), model_dir
+
+
+def unseen_policy(cfg: DictConfig) -> str | None:
+    value = cfg.get("unseen_op")
+    return None if value in (None, "", "null") else str(value)
+
+
+# --------------------------------------------------------------------------------- input
+def input_trees(cfg: DictConfig) -> tuple[list[Tree], Path | None, bool]:
+    """The trees to predict, the file they came from (None when traced) and whether they
+    were traced (static features only)."""
+    if cfg.get("model"):
+        shapes = parse_shapes(_plain(cfg.get("shapes")), cfg.batch_size, cfg.seq_len)
+        log.info("tracing %s at %s (static features)", cfg.model, shapes)
+        return trace_static(str(cfg.model), shapes), None, True
+    if cfg.get("trees"):
+        source = Path(cfg.trees)
+        return read_trees(source), source, False
+    trees, source = load_trees(cfg, require_energy=False)
+    return trees, source, False
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+# ------------------------------------------------------------------------------- outputs
+def totals_table(trees: list[Tree]) -> pd.DataFrame:
+    """Total predicted (and measured, if any) energy per tree, with fallback counts."""
+    rows = []
+    for tree in trees:
+        root = tree["frontend_tree"]
+        frame = explain.node_frame(tree, "predicted")
+        rows.append({"model": tree["model_name"], "batch_size": int(tree["batch_size"]),
+                     "seq_len": int(tree["seq_len"]),
+                     "predicted_energy_j": float(root["predicted_energy"]),
+                     "measured_energy_j": root.get("ground_truth_energy"),
+                     "nodes": len(frame), "fallback_nodes": int(frame["fallback"].sum())})
+    table = pd.DataFrame(rows)
+    if table["measured_energy_j"].isna().all():
+        table = table.drop(columns="measured_energy_j")
+    else:
+        table["error_pct"] = 100 * (table["predicted_energy_j"] / table["measured_energy_j"] - 1)
+    return table.set_index("model")
+
+
+def fallback_table(trees: list[Tree]) -> pd.DataFrame:
+    """Every node predicted by a fallback: tree, node id and type."""
+    rows = []
+    for tree in trees:
+        frame = explain.node_frame(tree, "predicted")
+        for _, node in frame[frame["fallback"]].iterrows():
+            rows.append({"model": tree["model_name"], "batch_size": int(tree["batch_size"]),
+                         "seq_len": int(tree["seq_len"]), "scope": node["scope"],
+                         "instance_type": node["instance_type"],
+                         "predicted_energy_j": node["predicted_j"]})
+    return pd.DataFrame(rows, columns=["model", "batch_size", "seq_len", "scope",
+                                       "instance_type", "predicted_energy_j"])
+
+
+def write_views(cfg: DictConfig, trees: list[Tree], directory: Path) -> list[Path]:
+    """Explanation views of the first ``explain.max_trees`` trees; prints the text views."""
+    ecfg = cfg.explain
+    if not ecfg.views:
+        return []
+    paths = []
+    for tree in trees[: max(int(ecfg.max_trees), 0)]:
+        views = explain.write_views(tree, directory, explain.view_stem(tree),
+                                    top_n=int(ecfg.top_n), source=str(ecfg.source),
+                                    max_depth=int(ecfg.max_depth))
+        print(views["text"].read_text())
+        paths.extend(views.values())
+    return paths
+
+
+def package(model_dir: Path, unseen_op: str | None) -> str:
+    """Log the predictor as an MLflow pyfunc model in the active run; returns its URI."""
+    from irene.serving import log_pyfunc
+
+    info = log_pyfunc(model_dir, unseen_op=unseen_op)
+    print(f"pyfunc model: {info.model_uri}")
+    return info.model_uri
+
+
+# ------------------------------------------------------------------------------- the stage
 def run(cfg: DictConfig) -> Path:
     """Returns the predictions file (``output``, default ``<run folder>/predictions.jsonl``)."""
     setup(cfg)
-    if not cfg.model_dir:
-        raise ValueError("stage=predict needs model_dir=<folder written by stage=train>")
-    out = Path(cfg.output) if cfg.output else run_dir(cfg) / "predictions.jsonl"
-    with tracked_run(cfg, "predict", {"model_dir": str(cfg.model_dir)}):
-        model = predictors.load(cfg.model_dir)
-        if cfg.trees:
-            source = Path(cfg.trees)
-            trees = read_trees(source)
-        else:
-            trees, source = load_trees(cfg, require_energy=False)
-        log_params({"trees": str(source), "predictor": type(model).__name__})
-        forest = build_forest(trees)
-        predicted, fallback = model.predict(forest, return_fallback=True)
-        filled = fill_predictions(trees, forest, predicted)
-        write_trees(out, filled, protect=[source])
-        log.info("predicted %d nodes of %d trees (%d with a fallback regressor)",
-                 forest.num_nodes, forest.num_trees, int(fallback.sum()))
-        log_artifact(out, "predictions")
+    folder = run_dir(cfg)
+    out = Path(cfg.output) if cfg.output else folder / "predictions.jsonl"
+    params = {"model_dir": str(cfg.model_dir), "model_run": str(cfg.get("model_run")),
+              "model": str(cfg.get("model")), "unseen_op": str(cfg.get("unseen_op"))}
+    with tracked_run(cfg, "predict", params):
+        predictor, model_dir = load_predictor(cfg, folder / "downloaded")
+        policy = unseen_policy(cfg)
+        if cfg.get("package"):
+            if not cfg.tracking.enabled:
+                raise ValueError("package=true logs an MLflow model: it needs tracking.enabled=true")
+            package(model_dir, policy)
+        trees, source, traced = input_trees(cfg)
+        log_params({"trees": str(source or "traced"), "predictor": type(predictor).__name__})
+        filled, forest, fallback = predict_trees(predictor, trees, policy, static_only=traced)
+        write_trees(out, filled, protect=[source] if source else [])
+        by_type = fallback_summary(forest, fallback)
+        log.info("predicted %d nodes of %d trees (%d with a fallback regressor: %s)",
+                 forest.num_nodes, forest.num_trees, int(fallback.sum()), by_type or "none")
+        log_metrics({"fallback_nodes": int(fallback.sum()), "trees": forest.num_trees})
+        if by_type:
+            log_params({"fallback_types": by_type})
+        totals = totals_table(filled)
+        if traced:
+            for tree in filled:
+                _, batch_size, seq_len = tree_key(tree)
+                log_metrics({f"energy_j.{batch_size}x{seq_len}":
+                             tree["frontend_tree"]["predicted_energy"]})
+        artifacts = [out, *write_table(totals, folder, "totals", floatfmt=".4g")]
+        fallback_path = folder / "fallback.csv"
+        fallback_table(filled).to_csv(fallback_path, index=False)
+        artifacts.append(fallback_path)
+        view_paths = write_views(cfg, filled, folder / "views")
+        for path in artifacts:
+            log_artifact(path, "predictions")
+        if view_paths:
+            log_artifact(folder / "views", "views")
     print(f"predictions: {out}")
     return out

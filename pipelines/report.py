@@ -167,7 +167,7 @@ def plot(frame: pd.DataFrame, path: Path, title: str) -> Path:
     ax.set_yscale("log")
     ax.set_ylabel("mean absolute % error (log)")
     ax.set_title(title, fontsize=10)
-    ax.legend(title="node type")
+    ax.legend(title="node type", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")

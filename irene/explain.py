@@ -1,0 +1,339 @@
+"""Explanation views of one tree's energy: where does it go?
+
+For any tree with predicted and/or measured energy:
+
+* :func:`top_modules_text`: the top-N modules by energy with their share of the total, drawn as
+  a tree (for the terminal);
+* :func:`icicle_figure` / :func:`write_html`: an interactive icicle chart (plotly), saved as
+  one self-contained HTML file with plotly's JavaScript embedded, so it opens offline;
+* :func:`write_png`: the same icicle drawn with matplotlib, for READMEs and reports.
+
+Every inner node shows its children and an explicit **unattributed** remainder
+``parent − Σ children``. For predictions that remainder can be negative (a predicted parent
+below its children's sum). A chart cannot draw a negative area, so the drawn sizes are
+``max(energy, Σ drawn children)``; the true energy and the signed remainder are in every
+label and hover text, and :func:`node_frame` keeps the exact numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from irene.tree import Tree, iter_nodes_with_parent
+
+SOURCES = ("auto", "predicted", "measured")
+ENERGY_FIELDS = {"predicted": "predicted_energy", "measured": "ground_truth_energy"}
+UNATTRIBUTED = "unattributed"
+UNATTRIBUTED_COLOR = "#d9d9d9"
+FALLBACK_COLOR = "#d62728"
+PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7",
+           "#9c755f", "#86bcb6", "#8cd17d", "#f1ce63", "#a0cbe8", "#ffbe7d")
+_GROW = 1.0 + 1e-9  # drawn parents a hair larger than their children: no rounding overflow
+
+
+# ------------------------------------------------------------------------------ the numbers
+def energy_source(tree: Tree, source: str = "auto") -> str:
+    """``predicted`` or ``measured``: which energy to explain (``auto``: predicted if the
+    root has a prediction, else measured).
+
+    Raises:
+        ValueError: the tree lacks the asked energy on its root.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"source {source!r}: choose from {list(SOURCES)}")
+    root = tree["frontend_tree"]
+    if source == "auto":
+        source = "predicted" if root.get("predicted_energy") is not None else "measured"
+    if root.get(ENERGY_FIELDS[source]) is None:
+        raise ValueError(f"tree {tree_label(tree)!r} has no {ENERGY_FIELDS[source]} to explain")
+    return source
+
+
+def tree_label(tree: Tree) -> str:
+    return f"{tree['model_name']} {tree['batch_size']}x{tree['seq_len']}"
+
+
+def node_frame(tree: Tree, source: str = "auto") -> pd.DataFrame:
+    """One row per node, in pre-order, with the energy to explain and where it goes.
+
+    Columns: ``scope``, ``parent`` (row index, -1 for the root), ``depth``, ``node_type``,
+    ``instance_type``, ``energy_j`` (the explained energy; NaN where a node lacks it),
+    ``predicted_j``, ``measured_j``, ``children_j`` (Σ children's energy, 0 on leaves),
+    ``unattributed_j`` (energy − Σ children on inner nodes, may be negative), ``share``
+    (of the root's energy), ``fallback`` (predicted by a fallback regressor) and
+    ``fallback_leaves`` (fallback leaves in the node's subtree).
+    """
+    source = energy_source(tree, source)
+    rows, parents = [], []
+    for node, parent, depth in iter_nodes_with_parent(tree["frontend_tree"]):
+        rows.append({
+            "scope": node["scope"], "depth": depth, "node_type": node["type"],
+            "instance_type": node["instance_type"],
+            "predicted_j": _number(node.get("predicted_energy")),
+            "measured_j": _number(node.get("ground_truth_energy")),
+            "fallback": bool(node.get("prediction_fallback", False)),
+        })
+        parents.append(parent)
+    frame = pd.DataFrame(rows)
+    frame.insert(1, "parent", np.asarray(parents, dtype=np.int64))
+    frame.insert(5, "energy_j", frame[f"{source}_j"])
+    parent = frame["parent"].to_numpy()
+    energy = frame["energy_j"].to_numpy()
+    children = np.zeros(len(frame))
+    has_parent = parent >= 0
+    np.add.at(children, parent[has_parent], np.nan_to_num(energy[has_parent]))
+    is_inner = frame["node_type"].to_numpy() != "ml"
+    frame["children_j"] = np.where(is_inner, children, 0.0)
+    frame["unattributed_j"] = np.where(is_inner, energy - children, 0.0)
+    frame["share"] = energy / energy[0]
+    frame["fallback_leaves"] = _subtree_sum(parent, frame["fallback"].to_numpy(dtype=np.int64))
+    frame.attrs.update(source=source, label=tree_label(tree))
+    return frame
+
+
+def _number(value) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _subtree_sum(parent: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Σ of ``values`` over each node's subtree (rows in pre-order: children after parents)."""
+    total = np.asarray(values, dtype=np.float64).copy()
+    for row in range(len(parent) - 1, 0, -1):
+        total[parent[row]] += total[row]
+    return total.astype(np.int64) if np.issubdtype(values.dtype, np.integer) else total
+
+
+# ---------------------------------------------------------------------------- terminal view
+def top_modules_text(tree: Tree, top_n: int = 10, source: str = "auto") -> str:
+    """The ``top_n`` modules by energy, with share of total, as an indented tree.
+
+    The root is always shown, and so are the ancestors of a chosen module (in brackets when
+    not among the top N themselves) so the lines form a tree. A module whose subtree holds
+    fallback predictions says how many.
+    """
+    frame = node_frame(tree, source)
+    modules = frame[(frame["node_type"] == "module") & frame["energy_j"].notna()]
+    chosen = set(modules.nlargest(max(int(top_n), 0), "energy_j").index)
+    shown = {0}
+    for row in chosen:
+        while row >= 0:
+            shown.add(row)
+            row = int(frame.at[row, "parent"])
+    children: dict[int, list[int]] = {}
+    for row in sorted(shown - {0}):
+        children.setdefault(int(frame.at[row, "parent"]), []).append(row)
+    root = frame.iloc[0]
+    head = f"{frame.attrs['label']}: {frame.attrs['source']} {root['energy_j']:.4g} J"
+    if frame.attrs["source"] == "predicted" and not np.isnan(root["measured_j"]):
+        head += f" (measured {root['measured_j']:.4g} J)"
+    lines = [head + f"; top {len(chosen)} modules by energy"]
+    lines.extend(_text_lines(frame, 0, children, chosen, prefix="", last=True, is_root=True))
+    return "\n".join(lines)
+
+
+def _text_lines(frame: pd.DataFrame, row: int, children: dict[int, list[int]],
+                chosen: set[int], prefix: str, last: bool, is_root: bool = False) -> list[str]:
+    node = frame.iloc[row]
+    name = node["scope"] if is_root else node["scope"].removeprefix("root.")
+    label = name if (row in chosen or is_root) else f"[{name}]"
+    connector = "" if is_root else ("└─ " if last else "├─ ")
+    text = (f"{prefix}{connector}{label} ({node['instance_type']})  "
+            f"{node['energy_j']:.4g} J  {100 * node['share']:.1f}%")
+    if node["node_type"] != "ml":
+        text += f"  unattributed {node['unattributed_j']:+.3g} J"
+    if node["fallback_leaves"]:
+        text += f"  [{int(node['fallback_leaves'])} fallback leaves]"
+    lines = [text]
+    kids = sorted(children.get(row, []), key=lambda r: -float(frame.at[r, "energy_j"]))
+    child_prefix = prefix if is_root else prefix + ("   " if last else "│  ")
+    for i, kid in enumerate(kids):
+        lines.extend(_text_lines(frame, kid, children, chosen, child_prefix, i == len(kids) - 1))
+    return lines
+
+
+# ------------------------------------------------------------------------- icicle layout
+def icicle_rows(tree: Tree, source: str = "auto") -> pd.DataFrame:
+    """The icicle's boxes: every node plus one ``unattributed`` box per inner node with a
+    positive drawn remainder.
+
+    Columns: ``id``, ``parent_id`` ("" for the root), ``label``, ``value`` (drawn size in J,
+    ≥ 0, ≥ Σ drawn children), ``energy_j`` (true energy; the signed remainder for
+    unattributed boxes), ``depth``, ``color``, ``hover``.
+    """
+    frame = node_frame(tree, source)
+    parent = frame["parent"].to_numpy()
+    energy = np.nan_to_num(frame["energy_j"].to_numpy())
+    inner = frame["node_type"].to_numpy() != "ml"
+    drawn = np.where(inner, 0.0, np.maximum(energy, 0.0))
+    drawn_children = np.zeros(len(frame))
+    for row in range(len(frame) - 1, -1, -1):  # children before parents
+        if inner[row]:
+            drawn[row] = max(energy[row], drawn_children[row]) * _GROW
+        if parent[row] >= 0:
+            drawn_children[parent[row]] += drawn[row]
+    total = energy[0] if energy[0] > 0 else max(drawn[0], 1e-30)
+    palette = _palette(frame["instance_type"])
+    boxes = []
+    for row in range(len(frame)):
+        node = frame.iloc[row]
+        boxes.append({
+            "id": node["scope"], "parent_id": "" if parent[row] < 0 else frame.at[parent[row], "scope"],
+            "label": f"{node['scope'].rsplit('.', 1)[-1]} ({node['instance_type']})",
+            "value": drawn[row], "energy_j": energy[row], "depth": int(node["depth"]),
+            "color": FALLBACK_COLOR if node["fallback"] else palette[node["instance_type"]],
+            "hover": _hover(node, total),
+        })
+        remainder = drawn[row] / _GROW - drawn_children[row] if inner[row] else 0.0
+        if inner[row] and remainder > 1e-9 * drawn[row]:
+            boxes.append({
+                "id": f"{node['scope']}/{UNATTRIBUTED}", "parent_id": node["scope"],
+                "label": UNATTRIBUTED, "value": remainder, "energy_j": node["unattributed_j"],
+                "depth": int(node["depth"]) + 1, "color": UNATTRIBUTED_COLOR,
+                "hover": (f"{node['scope']}: unattributed (parent − Σ children)<br>"
+                          f"{node['unattributed_j']:+.4g} J, "
+                          f"{100 * node['unattributed_j'] / total:+.1f}% of total"),
+            })
+    rows = pd.DataFrame(boxes)
+    rows.attrs.update(frame.attrs, total_j=float(energy[0]))
+    return rows
+
+
+def _palette(instance_types: pd.Series) -> dict[str, str]:
+    """One color per instance type, in order of first appearance (pre-order)."""
+    return {t: PALETTE[i % len(PALETTE)] for i, t in enumerate(dict.fromkeys(instance_types))}
+
+
+def _hover(node: pd.Series, total_j: float) -> str:
+    text = (f"{node['scope']} ({node['instance_type']}, {node['node_type']})<br>"
+            f"energy {node['energy_j']:.4g} J, {100 * node['energy_j'] / total_j:.1f}% of total")
+    if not np.isnan(node["predicted_j"]) and not np.isnan(node["measured_j"]):
+        text += f"<br>predicted {node['predicted_j']:.4g} J, measured {node['measured_j']:.4g} J"
+    if node["node_type"] != "ml":
+        text += (f"<br>Σ children {node['children_j']:.4g} J, "
+                 f"unattributed {node['unattributed_j']:+.4g} J")
+        if node["unattributed_j"] < 0:
+            text += " (children exceed the parent: drawn at Σ children)"
+    if node["fallback"]:
+        text += "<br><b>fallback prediction</b> (primitive type unseen in training)"
+    elif node["fallback_leaves"]:
+        text += f"<br>{int(node['fallback_leaves'])} fallback leaves inside"
+    return text
+
+
+def chart_title(rows: pd.DataFrame) -> str:
+    return (f"{rows.attrs['label']}: {rows.attrs['source']} energy "
+            f"{rows.attrs['total_j']:.4g} J (grey: unattributed = parent − Σ children; "
+            f"red: fallback prediction)")
+
+
+# ---------------------------------------------------------------------------- HTML (plotly)
+def icicle_figure(tree: Tree, source: str = "auto", max_depth: int | None = None):
+    """An interactive plotly icicle of ``tree`` (click a box to zoom into it)."""
+    import plotly.graph_objects as go
+
+    rows = icicle_rows(tree, source)
+    figure = go.Figure(go.Icicle(
+        ids=rows["id"], parents=rows["parent_id"], labels=rows["label"],
+        values=rows["value"], branchvalues="total", marker={"colors": rows["color"]},
+        customdata=rows["hover"], hovertemplate="%{customdata}<extra></extra>",
+        texttemplate="%{label}<br>%{percentRoot:.1%}", maxdepth=max_depth or -1,
+        root={"color": "white"}, tiling={"orientation": "v"},
+    ))
+    figure.update_layout(title={"text": chart_title(rows), "font": {"size": 14}},
+                         margin={"t": 50, "l": 10, "r": 10, "b": 10}, width=None, height=800)
+    return figure
+
+
+def write_html(tree: Tree, path: str | Path, source: str = "auto",
+               max_depth: int | None = 6) -> Path:
+    """The icicle as one self-contained HTML file (plotly's JavaScript embedded: offline)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    icicle_figure(tree, source, max_depth).write_html(path, include_plotlyjs=True, full_html=True)
+    return path
+
+
+# ---------------------------------------------------------------------- PNG (matplotlib)
+def write_png(tree: Tree, path: str | Path, source: str = "auto", max_depth: int = 6,
+              dpi: int = 120) -> Path:
+    """The icicle drawn with matplotlib (rows = depth, widths = energy) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    rows = icicle_rows(tree, source)
+    max_depth = min(int(max_depth), int(rows["depth"].max()))
+    x0 = _box_offsets(rows)
+    total = float(rows["value"].iloc[0]) or 1.0
+    fig, ax = plt.subplots(figsize=(14, 1.0 + 0.9 * (max_depth + 1)))
+    for i, row in rows.iterrows():
+        if row["depth"] > max_depth or row["value"] <= 0:
+            continue
+        left, width = x0[i] / total, row["value"] / total
+        ax.add_patch(Rectangle((left, row["depth"]), width, 0.95, facecolor=row["color"],
+                               edgecolor="white", linewidth=0.4,
+                               hatch="//" if row["label"] == UNATTRIBUTED else None))
+        if width > 0.04:
+            share = 100 * row["energy_j"] / rows.attrs["total_j"]
+            ax.text(left + width / 2, row["depth"] + 0.47,
+                    f"{_shorten(row['label'], int(width * 140))}\n{share:.1f}%",
+                    ha="center", va="center", fontsize=7, clip_on=True)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(max_depth + 1, 0)
+    ax.set_yticks(np.arange(max_depth + 1) + 0.47, [f"depth {d}" for d in range(max_depth + 1)])
+    ax.set_xlabel("share of the drawn total energy")
+    ax.set_title(chart_title(rows), fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def _box_offsets(rows: pd.DataFrame) -> np.ndarray:
+    """Left edge of every box: children side by side from their parent's left edge."""
+    position = {box_id: i for i, box_id in enumerate(rows["id"])}
+    x0 = np.zeros(len(rows))
+    cursor = np.zeros(len(rows))
+    for i, parent_id in enumerate(rows["parent_id"]):
+        if parent_id:
+            p = position[parent_id]
+            x0[i] = x0[p] + cursor[p]
+            cursor[p] += rows["value"].iat[i]
+    return x0
+
+
+def _shorten(text: str, width: int) -> str:
+    width = max(width, 4)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+# -------------------------------------------------------------------------------- all views
+def write_views(tree: Tree, directory: str | Path, stem: str, *, top_n: int = 10,
+                source: str = "auto", max_depth: int = 6) -> dict[str, Path]:
+    """Write ``<stem>.txt`` (top-N text), ``<stem>.html`` and ``<stem>.png`` into
+    ``directory``; returns the paths by kind (``text``, ``html``, ``png``)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    text_path = directory / f"{stem}.txt"
+    text_path.write_text(top_modules_text(tree, top_n, source) + "\n")
+    return {"text": text_path,
+            "html": write_html(tree, directory / f"{stem}.html", source, max_depth),
+            "png": write_png(tree, directory / f"{stem}.png", source, max_depth)}
+
+
+def view_stem(tree: Tree) -> str:
+    """A file-name-safe stem for a tree's views: ``<model>_<bs>x<seq>``."""
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(tree["model_name"]))
+    return f"{name}_{tree['batch_size']}x{tree['seq_len']}"
+
+
+__all__: Sequence[str] = ("icicle_figure", "icicle_rows", "node_frame", "top_modules_text",
+                          "view_stem", "write_html", "write_png", "write_views")
