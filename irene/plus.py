@@ -79,7 +79,7 @@ class IrenePlusPredictor:
     name = "irene_plus"
 
     def __init__(self, config: IreneConfig | None = None,
-                 leaf_degrees: Sequence[int] = (1, 2, 3),
+                 leaf_degrees: Sequence[int] = (1,),
                  leaf_alphas: Sequence[float] = (1e-6, 1e-4, 1e-2),
                  leaf_spaces: Sequence[str] = ("log", "linear"),
                  inner_ridge: float = 1e-3, nonnegative: bool = True, refit_iterations: int = 2,
