@@ -48,7 +48,7 @@ mlflow.models.set_model(python_model())
 
 
 # ---------------------------------------------------------------------------- the tables
-def input_trees(frame: pd.DataFrame) -> list[Tree]:
+def input_trees(frame: pd.DataFrame, convention: str = "irene") -> list[Tree]:
     """The trees an input DataFrame asks for (traced for shape rows, rebuilt for node rows).
 
     Raises:
@@ -64,7 +64,7 @@ def input_trees(frame: pd.DataFrame) -> list[Tree]:
     for model, group in frame.groupby("model", sort=False):
         shapes = list(zip(group["batch_size"].astype(int), group["seq_len"].astype(int),
                           strict=True))
-        trees.extend(trace_static(str(model), shapes))
+        trees.extend(trace_static(str(model), shapes, convention=convention))
     return trees
 
 
@@ -131,9 +131,11 @@ def node_rows(trees: list[Tree]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def predict_frame(predictor, frame: pd.DataFrame, unseen_op: str | None = None) -> pd.DataFrame:
+def predict_frame(predictor, frame: pd.DataFrame, unseen_op: str | None = None,
+                  convention: str = "irene") -> pd.DataFrame:
     """Predict every node asked for by ``frame`` (see the module docstring)."""
-    filled, _, _ = predict_trees(predictor, input_trees(frame), unseen_op, static_only=True)
+    filled, _, _ = predict_trees(predictor, input_trees(frame, convention), unseen_op,
+                                 static_only=True)
     return output_frame(filled)
 
 
@@ -151,10 +153,12 @@ def python_model():
             self.predictor = predictors.load(context.artifacts[ARTIFACT_KEY])
             config = context.model_config or {}
             self.unseen_op = config.get("unseen_op") or None
+            self.convention = config.get("trace_convention") or "irene"
 
         def predict(self, context, model_input, params=None):
             unseen_op = (params or {}).get("unseen_op") or self.unseen_op
-            return predict_frame(self.predictor, pd.DataFrame(model_input), unseen_op)
+            return predict_frame(self.predictor, pd.DataFrame(model_input), unseen_op,
+                                 self.convention)
 
     return IrenePyfuncModel()
 
@@ -181,7 +185,8 @@ def signature(example: pd.DataFrame, example_output: pd.DataFrame | None):
 
 
 def log_pyfunc(model_dir: str | Path, name: str = "irene_predictor", *,
-               unseen_op: str | None = None, example_model: str = "tiny/bert",
+               unseen_op: str | None = None, trace_convention: str = "irene",
+               example_model: str = "tiny/bert",
                registered_model_name: str | None = None):
     """Log a trained predictor folder as an MLflow pyfunc model (models-from-code).
 
@@ -191,6 +196,8 @@ def log_pyfunc(model_dir: str | Path, name: str = "irene_predictor", *,
         unseen_op: default policy for unseen primitive types (see
             :func:`irene.static.predict_with_policy`); a request can override it with the
             ``unseen_op`` param.
+        trace_convention: static-feature convention used when shape rows are traced on the
+            server (``irene`` for a predictor trained on the published data).
         example_model: model of the input example (traced when the signature is made).
         registered_model_name: also register the model under this name.
 
@@ -204,7 +211,7 @@ def log_pyfunc(model_dir: str | Path, name: str = "irene_predictor", *,
     predictor = predictors.load(model_dir)
     example = example_input(example_model)
     try:
-        example_output = predict_frame(predictor, example, unseen_op)
+        example_output = predict_frame(predictor, example, unseen_op, trace_convention)
     except ValueError:  # e.g. the policy refuses the example's primitives: no output schema
         example_output = None
     with tempfile.TemporaryDirectory() as tmp:
@@ -213,7 +220,7 @@ def log_pyfunc(model_dir: str | Path, name: str = "irene_predictor", *,
         return mlflow.pyfunc.log_model(
             name=name, python_model=str(code_path),
             artifacts={ARTIFACT_KEY: str(Path(model_dir).resolve())},
-            model_config={"unseen_op": unseen_op or ""},
+            model_config={"unseen_op": unseen_op or "", "trace_convention": trace_convention},
             input_example=example, signature=signature(example, example_output),
             registered_model_name=registered_model_name,
             pip_requirements=_requirements())

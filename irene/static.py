@@ -33,7 +33,7 @@ POLICY_HELP = ("unseen_op: null (the predictor's own policy), 'error', or a know
 
 # ------------------------------------------------------------------------------- tracing
 def trace_static(model: str, shapes: Iterable[tuple[int, int]], *,
-                 attn_implementation: str = "eager") -> list[Tree]:
+                 attn_implementation: str = "eager", convention: str = "physical") -> list[Tree]:
     """Trace ``model`` once per (batch size, sequence length) into trees with static features.
 
     The model is built on the ``meta`` device (no weights, milliseconds even for bert-large);
@@ -45,13 +45,19 @@ def trace_static(model: str, shapes: Iterable[tuple[int, int]], *,
         shapes: (batch_size, seq_len) pairs.
         attn_implementation: forced attention implementation (``eager`` shows MatMul and
             Softmax leaves, like the published data).
+        convention: static-feature convention of the tracer: ``"irene"`` gives the published
+            trees' ``mem_bytes`` and leaf structure (use it with a predictor trained on the
+            published data: ``trace_convention`` of ``stage=predict``), ``"physical"`` the
+            bytes read + written (as ``stage=measure`` records by default).
 
     Returns:
         One tree per shape, in order; nodes carry ``num_parameters``, ``flops`` (MFLOP) and
         ``mem_bytes`` (MiB) and no measurement.
     """
     from irene.architectures import model_from_name
-    from irene.measure.trace import trace_tree
+    from irene.measure.trace import check_convention, trace_tree
+
+    check_convention(convention)
 
     shapes = [(int(b), int(s)) for b, s in shapes]
     if not shapes:
@@ -64,7 +70,7 @@ def trace_static(model: str, shapes: Iterable[tuple[int, int]], *,
     trees = []
     for batch_size, seq_len in shapes:
         try:
-            trees.append(trace_tree(module, batch_size, seq_len, model))
+            trees.append(trace_tree(module, batch_size, seq_len, model, convention))
         except (RuntimeError, NotImplementedError) as error:
             if device != "meta":
                 raise
@@ -72,7 +78,7 @@ def trace_static(model: str, shapes: Iterable[tuple[int, int]], *,
                      model, str(error).splitlines()[0])
             device = "cpu"
             module = model_from_name(model, attn_implementation, device=device)
-            trees.append(trace_tree(module, batch_size, seq_len, model))
+            trees.append(trace_tree(module, batch_size, seq_len, model, convention))
     return trees
 
 

@@ -88,6 +88,7 @@ class Config:
     model_dir: str | None = None  # train: output (default: run folder); predict/whatif: trained model
     model_run: str | None = None  # predict/whatif: MLflow run id of stage=train (its "model" artifact)
     unseen_op: str | None = None  # predict/whatif: unseen primitive: null (predictor's) | error | <type>
+    trace_convention: str = "irene"  # predict: tracer's convention: irene (published data) | physical
     explain: ExplainConfig = field(default_factory=ExplainConfig)  # predict: explanation views
     package: bool = False  # predict: also log the predictor as an MLflow pyfunc model
     models: list[str] | None = None  # whatif: models compared side by side

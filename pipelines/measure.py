@@ -69,6 +69,7 @@ def run(cfg: DictConfig) -> Path:
         "batch_size": batch_size,
         "seq_len": seq_len,
         "attn_implementation": str(mcfg.attn_implementation),
+        "convention": str(mcfg.get("convention", "physical")),
         "measured": bool(mcfg.measure),
         **{f"protocol.{k}": v for k, v in vars(settings).items()},
         **environment(device, meter),
@@ -87,6 +88,7 @@ def run(cfg: DictConfig) -> Path:
                 measure=bool(mcfg.measure),
                 gpu_index=int(mcfg.gpu_index),
                 seed=int(mcfg.seed),
+                convention=str(mcfg.get("convention", "physical")),
             )
             if mcfg.get("track", True):
                 _log_artifact(output)

@@ -4,7 +4,10 @@ Three inputs, in this order of precedence:
 
 * ``model=<name or config.json>``: trace the model (static features, no energy meter) at
   ``batch_size`` x ``seq_len``, or at every pair of ``shapes=[[8,128],[16,256]]``; the trained
-  predictor must use static features only (``features=model_specs``);
+  predictor must use static features only (``features=model_specs``); the tracer follows
+  ``trace_convention`` (default ``irene``: the published trees' ``mem_bytes`` and leaves,
+  right for a predictor trained on the published data; ``physical`` for one trained on trees
+  measured by ``stage=measure`` with its default convention);
 * ``trees=<file>``: predict those trees;
 * otherwise the configured data set.
 
@@ -80,8 +83,9 @@ def input_trees(cfg: DictConfig) -> tuple[list[Tree], Path | None, bool]:
     were traced (static features only)."""
     if cfg.get("model"):
         shapes = parse_shapes(_plain(cfg.get("shapes")), cfg.batch_size, cfg.seq_len)
-        log.info("tracing %s at %s (static features)", cfg.model, shapes)
-        return trace_static(str(cfg.model), shapes), None, True
+        convention = str(cfg.get("trace_convention") or "irene")
+        log.info("tracing %s at %s (static features, %s convention)", cfg.model, shapes, convention)
+        return trace_static(str(cfg.model), shapes, convention=convention), None, True
     if cfg.get("trees"):
         source = Path(cfg.trees)
         return read_trees(source), source, False
@@ -142,11 +146,11 @@ def write_views(cfg: DictConfig, trees: list[Tree], directory: Path) -> list[Pat
     return paths
 
 
-def package(model_dir: Path, unseen_op: str | None) -> str:
+def package(model_dir: Path, unseen_op: str | None, trace_convention: str) -> str:
     """Log the predictor as an MLflow pyfunc model in the active run; returns its URI."""
     from irene.serving import log_pyfunc
 
-    info = log_pyfunc(model_dir, unseen_op=unseen_op)
+    info = log_pyfunc(model_dir, unseen_op=unseen_op, trace_convention=trace_convention)
     print(f"pyfunc model: {info.model_uri}")
     return info.model_uri
 
@@ -165,7 +169,7 @@ def run(cfg: DictConfig) -> Path:
         if cfg.get("package"):
             if not cfg.tracking.enabled:
                 raise ValueError("package=true logs an MLflow model: it needs tracking.enabled=true")
-            package(model_dir, policy)
+            package(model_dir, policy, cfg.trace_convention)
         trees, source, traced = input_trees(cfg)
         log_params({"trees": str(source or "traced"), "predictor": type(predictor).__name__})
         filled, forest, fallback = predict_trees(predictor, trees, policy, static_only=traced)

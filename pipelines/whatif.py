@@ -110,8 +110,8 @@ def run(cfg: DictConfig) -> Path:
         filled: list[Tree] = []
         for model in models:
             log.info("tracing %s at %d shapes", model, len(shapes))
-            trees, _, _ = predict_trees(predictor, trace_static(model, shapes),
-                                        unseen_policy(cfg), static_only=True)
+            traced = trace_static(model, shapes, convention=cfg.trace_convention)
+            trees, _, _ = predict_trees(predictor, traced, unseen_policy(cfg), static_only=True)
             filled.extend(trees)
         table = comparison_table(filled)
         print(table.to_string(float_format=lambda v: f"{v:.4g}"))

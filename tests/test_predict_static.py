@@ -95,10 +95,11 @@ def test_stage_predict_traces_every_shape_and_logs_views(static_model_dir, mlflo
 
     from pipelines import predict
 
+    # the physical convention keeps transformers 5's GELUActivation leaves: unseen primitives
     cfg = compose_cfg("stage=predict", "model=bert-base-uncased", "shapes=[[8,128],[16,64]]",
                       f"model_dir={static_model_dir}", f"tracking.uri={mlflow_uri}",
                       "tracking.experiment=pytest_predict", f"run_dir={tmp_path}",
-                      "explain.top_n=3")
+                      "explain.top_n=3", "trace_convention=physical")
     out = predict.run(cfg)
     trees = read_trees(out)
     assert [(t["batch_size"], t["seq_len"]) for t in trees] == [(8, 128), (16, 64)]
@@ -113,6 +114,18 @@ def test_stage_predict_traces_every_shape_and_logs_views(static_model_dir, mlflo
     assert "views/bert-base-uncased_8x128.html" in logged
     assert run.data.metrics["fallback_nodes"] == 24
     assert "GELUActivation" in run.data.params["fallback_types"]
+
+
+def test_stage_predict_irene_convention_has_the_published_leaves(static_model_dir, tmp_path):
+    from irene.tree import iter_nodes
+    from pipelines import predict
+
+    cfg = compose_cfg("stage=predict", "model=bert-base-uncased", f"model_dir={static_model_dir}",
+                      "tracking=off", f"run_dir={tmp_path}", "explain.views=false")
+    tree = read_trees(predict.run(cfg))[0]
+    kinds = {n["instance_type"] for n in iter_nodes(tree["frontend_tree"]) if n["type"] == "ml"}
+    assert kinds == {"Embedding", "LayerNorm", "Linear", "MatMul", "Softmax", "Tanh"}
+    assert not any(n.get("prediction_fallback") for n in iter_nodes(tree["frontend_tree"]))
 
 
 def test_stage_predict_reads_the_predictor_from_a_train_run_and_packages_it(

@@ -57,7 +57,7 @@ def test_pyfunc_round_trip_equals_in_process(pyfunc_model):
     assert llama["fallback"].any() and not llama.loc[llama["instance_type"] == "Linear",
                                                       "fallback"].any()
     # per-node input gives the same answer as tracing
-    by_nodes = loaded.predict(node_rows(trace_static("tiny/bert", [(2, 8)])))
+    by_nodes = loaded.predict(node_rows(trace_static("tiny/bert", [(2, 8)], convention="irene")))
     first = served[(served["model"] == "tiny/bert") & (served["batch_size"] == 2)]
     assert by_nodes["predicted_energy_j"].tolist() == pytest.approx(
         first["predicted_energy_j"].tolist())

@@ -520,3 +520,85 @@ def is_known_op(func: Callable[..., Any]) -> bool:
         or name in _REDUCTION_OPS
         or name in _FORMULA_OPS
     )
+
+
+# ------------------------------------------------------------------ the published convention
+# Primitive types whose ``mem_bytes`` follows the published IrEne data under
+# ``convention="irene"`` (decoded from device 1's CSVs; see docs/measure.md).
+IRENE_LEAF_TYPES = frozenset({"Linear", "Conv1D", "LayerNorm", "Embedding", "Tanh", "MatMul", "Softmax"})
+
+
+def irene_linear_bytes(x: torch.Tensor, weight: torch.Tensor, *, conv1d: bool = False) -> int:
+    """Published ``mem_bytes`` of a ``Linear`` (``weight: [out, in]``) or HF ``Conv1D``
+    (``weight: [in, out]``) on input ``x``; the bias is never counted.
+
+    * ``Linear`` on an input of more than 2 dims (``B x S x in``): ``B·W + N·(in + 3·out)·e``,
+      as if the weight were broadcast to every batch element of a batched matmul;
+    * ``Linear`` on a 2-D input and ``Conv1D`` (a 2-D ``addmm``): ``W + N·(in + out)·e``;
+
+    with ``W = in·out·e`` the weight's bytes, ``N`` the input rows (tokens, ``B·S``), ``B`` the
+    product of the dims before the last two, and ``e`` the element size (4 bytes in float32).
+    """
+    if conv1d:
+        in_features, out_features = weight.shape[0], weight.shape[1]
+    else:
+        in_features, out_features = weight.shape[-1], weight.shape[0]
+    weight_bytes = in_features * out_features * weight.element_size()
+    rows = x.numel() // in_features
+    element_bytes = x.element_size()
+    if x.dim() > 2 and not conv1d:
+        batches = rows // x.shape[-2]
+        return batches * weight_bytes + rows * (in_features + 3 * out_features) * element_bytes
+    return weight_bytes + rows * (in_features + out_features) * element_bytes
+
+
+def irene_elementwise_bytes(out: torch.Tensor, factor: int) -> int:
+    """``factor · bytes(out)``: LayerNorm 4, Softmax 3, Tanh 1 in the published data."""
+    return factor * out.numel() * out.element_size()
+
+
+def irene_embedding_bytes(ids: torch.Tensor, out: torch.Tensor) -> int:
+    """Published ``mem_bytes`` of an embedding lookup: ``bytes(out) + bytes(ids)``."""
+    return tensor_bytes(out) + tensor_bytes(ids)
+
+
+def irene_matmul_bytes(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> int:
+    """Published ``mem_bytes`` of an attention ``matmul``: ``bytes(a) + bytes(b) + bytes(out)``."""
+    return tensor_bytes(a) + tensor_bytes(b) + tensor_bytes(out)
+
+
+_IRENE_FACTORS = {"LayerNorm": 4, "Softmax": 3, "Tanh": 1}
+
+
+def irene_leaf_bytes(
+    instance_type: str, inputs: tuple, out: Any, weight: torch.Tensor | None = None
+) -> int | None:
+    """``mem_bytes`` (bytes) of a leaf of a published primitive type, in the published convention.
+
+    Args:
+        instance_type: the leaf's type (``"Linear"``, ``"MatMul"``...).
+        inputs: the leaf's positional inputs (module call or functional op).
+        out: its output.
+        weight: the weight of a ``Linear``/``Conv1D`` (from the module or the ``linear`` call).
+
+    Returns:
+        The bytes, or ``None`` when the type is not in :data:`IRENE_LEAF_TYPES` or the call
+        does not have the expected tensors (the caller then keeps the physical bytes).
+    """
+    result = out[0] if isinstance(out, (tuple, list)) and out else out
+    if instance_type not in IRENE_LEAF_TYPES or not isinstance(result, torch.Tensor) or not inputs:
+        return None
+    first = inputs[0]
+    if not isinstance(first, torch.Tensor):
+        return None
+    if instance_type in ("Linear", "Conv1D"):
+        if weight is None:
+            return None
+        return irene_linear_bytes(first, weight, conv1d=instance_type == "Conv1D")
+    if instance_type == "Embedding":
+        return irene_embedding_bytes(first, result)
+    if instance_type == "MatMul":
+        if len(inputs) < 2 or not isinstance(inputs[1], torch.Tensor):
+            return None
+        return irene_matmul_bytes(first, inputs[1], result)
+    return irene_elementwise_bytes(result, _IRENE_FACTORS[instance_type])

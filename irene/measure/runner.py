@@ -44,6 +44,7 @@ def measure_configuration(
     measure: bool = True,
     gpu_index: int = 0,
     seed: int = 0,
+    convention: str = "physical",
 ) -> dict:
     """Trace, measure and return one ``trees.jsonl`` record.
 
@@ -58,6 +59,7 @@ def measure_configuration(
         measure: False records static features only (no run of the protocol).
         gpu_index: NVML index of the GPU used.
         seed: seed of the random input ids.
+        convention: static-feature convention of the trace (``physical`` or ``irene``).
 
     Returns:
         The record; ``ground_truth_energy`` is present only where a meter measured it.
@@ -65,7 +67,8 @@ def measure_configuration(
     meter = meter or NullMeter()
     settings = settings or ProtocolSettings()
     model = model_from_name(model_name, attn_implementation, device=device)
-    trace = trace_model(model, batch_size, seq_len, model_name, capture_inputs=measure, seed=seed)
+    trace = trace_model(model, batch_size, seq_len, model_name, capture_inputs=measure, seed=seed,
+                        convention=convention)
     measured = None
     if measure:
         gpu_meter = gpu_companion(meter, device, gpu_index)

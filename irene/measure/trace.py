@@ -10,6 +10,17 @@ Every torch call is seen through a ``TorchFunctionMode`` while forward pre/post 
 track of the module being executed, so every op's FLOPs and bytes are charged to the module
 that ran it: a parent's totals are its children's plus its own direct ops (residual adds,
 masking, scaling, functional activations), work that no child accounts for.
+
+Two conventions for the static features (:data:`CONVENTIONS`):
+
+* ``"physical"`` (default): a node's ``mem_bytes`` is the bytes read + written by its ops;
+  activation modules are leaves.
+* ``"irene"``: the convention of the published IrEne trees, so that traced trees are
+  comparable with them: leaves of the published primitive types
+  (:data:`irene.measure.flops.IRENE_LEAF_TYPES`) get the published ``mem_bytes`` formulas,
+  other leaves keep their physical bytes, and the activation modules of
+  :data:`FOLDED_ACTIVATIONS` (plain functions in the 2020 code) are not nodes: their ops are
+  their parent's own work. FLOPs are the same in both conventions.
 """
 
 from __future__ import annotations
@@ -24,12 +35,15 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from irene.architectures import model_from_name
-from irene.measure.flops import LEAF_OPS, OpCost, is_known_op, op_cost, op_name
+from irene.measure.flops import LEAF_OPS, OpCost, irene_leaf_bytes, is_known_op, op_cost, op_name
 from irene.tree import FEATURE_FIELDS
 
 __all__ = [
+    "CONVENTIONS",
+    "FOLDED_ACTIVATIONS",
     "Trace",
     "TraceNode",
+    "check_convention",
     "model_from_name",
     "node_to_dict",
     "random_input_ids",
@@ -39,6 +53,29 @@ __all__ = [
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+CONVENTIONS = ("physical", "irene")
+# Activation modules folded into their parent under convention="irene": the GELU family, a
+# plain function in the code that produced the published trees. Activations without a
+# published counterpart (SiLU, ReLU, RMS norms...) stay leaves.
+FOLDED_ACTIVATIONS = frozenset(
+    {
+        "GELU",
+        "GELUActivation",
+        "NewGELUActivation",
+        "FastGELUActivation",
+        "QuickGELUActivation",
+        "GELUTanh",
+        "AccurateGELUActivation",
+        "ClippedGELUActivation",
+        "PytorchGELUTanh",
+    }
+)
+# Embeddings whose ids the 2020 code expanded to the whole batch (DistilBERT built
+# ``position_ids`` as (batch, seq); transformers now passes (1, seq)): (model class, name).
+_BATCH_EXPANDED_IDS = frozenset({("DistilBertModel", "position_embeddings")})
+# Functional ops whose MatMul leaf follows the published convention (operands a, b).
+_IRENE_MATMUL_OPS = frozenset({"matmul", "bmm"})
 
 
 @dataclass
@@ -107,6 +144,7 @@ class Trace:
         seq_len: sequence length of the traced input.
         root: the root node (the model).
         unknown_ops: names of ops seen without a cost formula (counted as 0 FLOPs/bytes).
+        convention: convention of the static features, one of :data:`CONVENTIONS`.
     """
 
     model_name: str
@@ -114,6 +152,7 @@ class Trace:
     seq_len: int
     root: TraceNode
     unknown_ops: set[str] = field(default_factory=set)
+    convention: str = "physical"
 
     def nodes(self) -> list[TraceNode]:
         """All nodes, parents before children."""
@@ -150,9 +189,13 @@ def _signature(instance_type: str, module: nn.Module | None, args: tuple, kwargs
 class _Recorder(TorchFunctionMode):
     """Builds the tree: module hooks push/pop nodes, the mode charges every op."""
 
-    def __init__(self, model: nn.Module, capture_inputs: bool) -> None:
+    def __init__(
+        self, model: nn.Module, capture_inputs: bool, convention: str = "physical", batch_size: int = 1
+    ) -> None:
         super().__init__()
         self.capture_inputs = capture_inputs
+        self.irene = convention == "irene"
+        self.batch_size = batch_size
         self.names: dict[int, list[str]] = {}
         for name, module in model.named_modules(remove_duplicate=False):
             self.names.setdefault(id(module), []).append(name)
@@ -175,6 +218,9 @@ class _Recorder(TorchFunctionMode):
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.active = False
         try:
+            if self.irene and self.stack and type(module).__name__ in FOLDED_ACTIVATIONS:
+                self.stack.append(self.stack[-1])  # folded: its ops are the parent's own work
+                return
             if module is self.root.module and not self.stack:
                 node = self.root
             else:
@@ -186,8 +232,26 @@ class _Recorder(TorchFunctionMode):
 
     def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         self.active = False
-        self.stack.pop()
+        node = self.stack.pop()
+        if self.irene and node.module is module and node.type == "ml":
+            self._irene_module_bytes(node, args, output)
         self.active = bool(self.stack)
+
+    def _irene_module_bytes(self, node: TraceNode, args: tuple, output: Any) -> None:
+        weight = getattr(node.module, "weight", None)
+        nbytes = irene_leaf_bytes(node.instance_type, tuple(args), output, weight)
+        if nbytes is None:
+            return
+        local = node.static_name.rsplit(".", 1)[-1]
+        ids = args[0] if args else None
+        if (
+            (self.root.instance_type, local) in _BATCH_EXPANDED_IDS
+            and isinstance(ids, torch.Tensor)
+            and ids.dim() > 1
+            and ids.shape[0] == 1
+        ):
+            nbytes *= self.batch_size
+        node.own.bytes = nbytes
 
     def _module_node(self, module: nn.Module) -> TraceNode:
         parent = self.stack[-1]
@@ -246,6 +310,8 @@ class _Recorder(TorchFunctionMode):
         if name not in LEAF_OPS or current.type == "ml":
             current.own += cost
             return
+        if self.irene:
+            cost = self._irene_op_cost(name, cost, args, kwargs, out)
         index = self.op_counts.get((current.scope, name), 0)
         self.op_counts[(current.scope, name)] = index + 1
         node = TraceNode(
@@ -260,6 +326,17 @@ class _Recorder(TorchFunctionMode):
         )
         self._capture(node, func, args, kwargs)
         current.children.append(node)
+
+    @staticmethod
+    def _irene_op_cost(name: str, cost: OpCost, args: tuple, kwargs: dict, out: Any) -> OpCost:
+        instance_type = LEAF_OPS[name]
+        if instance_type == "MatMul" and name not in _IRENE_MATMUL_OPS:
+            return cost
+        weight = kwargs.get("weight", args[1] if len(args) > 1 else None) if name == "linear" else None
+        nbytes = irene_leaf_bytes(instance_type, tuple(args), out, weight)
+        if nbytes is not None:
+            cost.bytes = nbytes
+        return cost
 
 
 def random_input_ids(
@@ -287,6 +364,7 @@ def trace_model(
     *,
     capture_inputs: bool = False,
     seed: int = 0,
+    convention: str = "physical",
 ) -> Trace:
     """Run one forward pass on random token ids and record its tree.
 
@@ -298,13 +376,19 @@ def trace_model(
         capture_inputs: keep every call's inputs (references, not copies) so that each node
             can be re-run in isolation by the measurement protocol.
         seed: seed of the random input ids.
+        convention: ``"physical"`` (bytes read + written) or ``"irene"`` (the published
+            trees' ``mem_bytes`` and leaf structure); see :data:`CONVENTIONS`.
 
     Returns:
         The trace; its nodes carry the per-op costs and, if asked, the captured inputs.
+
+    Raises:
+        ValueError: an unknown convention.
     """
+    check_convention(convention)
     device = next(itertools.chain(model.parameters(), model.buffers())).device
     ids = random_input_ids(model.config.vocab_size, batch_size, seq_len, device, seed)
-    recorder = _Recorder(model, capture_inputs)
+    recorder = _Recorder(model, capture_inputs, convention, batch_size)
     handles = []
     for module in model.modules():
         if isinstance(module, _CONTAINERS + _DROPOUTS):
@@ -318,7 +402,18 @@ def trace_model(
         for handle in handles:
             handle.remove()
     _fix_childless_modules(recorder.root)
-    return Trace(model_name, batch_size, seq_len, recorder.root, recorder.unknown_ops)
+    return Trace(model_name, batch_size, seq_len, recorder.root, recorder.unknown_ops, convention)
+
+
+def check_convention(convention: str) -> str:
+    """``convention`` if it is one of :data:`CONVENTIONS`.
+
+    Raises:
+        ValueError: naming the known conventions.
+    """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {list(CONVENTIONS)}, got {convention!r}")
+    return convention
 
 
 _MIB = 2**20
@@ -369,7 +464,9 @@ def trace_to_record(trace: Trace, measured: dict[str, dict] | None = None) -> di
     }
 
 
-def trace_tree(model: nn.Module, batch_size: int, seq_len: int, model_name: str) -> dict:
+def trace_tree(
+    model: nn.Module, batch_size: int, seq_len: int, model_name: str, convention: str = "physical"
+) -> dict:
     """Trace one forward pass and return its IrEne record with static features only.
 
     Args:
@@ -377,9 +474,10 @@ def trace_tree(model: nn.Module, batch_size: int, seq_len: int, model_name: str)
         batch_size: batch size of the random input.
         seq_len: sequence length of the random input.
         model_name: name written in the record.
+        convention: ``"physical"`` or ``"irene"``, see :func:`trace_model`.
 
     Returns:
         ``{"model_name", "batch_size", "seq_len", "frontend_tree"}``; nodes carry
         ``num_parameters``, ``flops`` (MFLOP) and ``mem_bytes`` (MiB) but no measurements.
     """
-    return trace_to_record(trace_model(model, batch_size, seq_len, model_name))
+    return trace_to_record(trace_model(model, batch_size, seq_len, model_name, convention=convention))
