@@ -26,6 +26,7 @@ from irene.model import IreneConfig
 from irene.published import PAPER_MODELS, import_device
 from irene.static import predict_trees, trace_static
 from irene.tree import Tree, iter_nodes
+from pipelines.common import to_markdown
 
 SOURCES = ("published", "physical", "irene")
 
@@ -92,7 +93,7 @@ def main() -> None:
     start_s = time.perf_counter()
     frame = table(trees, options, tuple(args.sources.split(",")))
     print(f"IrEne+, features=model_specs, options={options}, leave one model out")
-    print(frame.to_markdown(floatfmt=".2f"))
+    print(to_markdown(frame))
     print(f"({time.perf_counter() - start_s:.0f} s)")
 
 
