@@ -308,9 +308,4 @@ class IreneModel:
         return model
 
 
-def fit_predict(train: Forest, test: Forest, config: IreneConfig) -> np.ndarray:
-    """Convenience: fit on ``train``, predict every node of ``test``."""
-    return IreneModel(config).fit(train).predict(test)
-
-
 __all__: Sequence[str] = ("IreneConfig", "IreneModel", "STRATEGIES", "WEIGHTINGS", "aggregate")
