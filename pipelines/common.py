@@ -319,7 +319,8 @@ def to_markdown(frame, floatfmt: str = ".2f") -> str:
     index_name = frame.index.name or ""
     header = [index_name, *map(str, frame.columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for idx, row in frame.iterrows():
-        cells = [format(v, floatfmt) if isinstance(v, float) else str(v) for v in row]
+    for position, idx in enumerate(frame.index):  # per cell: iterrows would upcast ints
+        values = [frame.iat[position, j] for j in range(frame.shape[1])]
+        cells = [format(v, floatfmt) if isinstance(v, float) else str(v) for v in values]
         lines.append("| " + " | ".join([str(idx), *cells]) + " |")
     return "\n".join(lines)

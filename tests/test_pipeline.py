@@ -117,3 +117,18 @@ def test_cli_crossvalidate_prints_the_table_path_last(trees_file, mlflow_uri, tm
     last = out.stdout.strip().splitlines()[-1]
     assert last == f"crossvalidation table: {tmp_path / 'cli' / 'crossvalidation.csv'}"
     assert Path(last.split(": ", 1)[1]).is_file()
+
+
+@pytest.mark.slow
+def test_cli_bad_input_is_one_line_without_traceback(tmp_path):
+    bad = tmp_path / "cut.jsonl"
+    bad.write_text('{"model_name": "x", "batch_size": 1, "seq_len"\n')
+    out = subprocess.run(
+        [sys.executable, "run.py", "stage=evaluate", f"trees={bad}", f"predictions={bad}",
+         "tracking=off", f"hydra.run.dir={tmp_path / 'cli'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {bad}:1: invalid JSON (Expecting ':' delimiter at column 47); "
+                      "is the file truncated?"]
+    assert "Traceback" not in out.stderr
