@@ -165,7 +165,7 @@ def read_trees(path: str | Path, *, require_energy: bool = False) -> list[Tree]:
                 tree = json.loads(line)
             except json.JSONDecodeError as error:
                 raise TreeFormatError(
-                    f"{where}: invalid JSON ({error.msg} at column {error.colno}); "
+                    f"{where}: invalid JSON ({error.msg} at character {error.pos + 1}); "
                     "is the file truncated?"
                 ) from None
             validate_tree(tree, where, require_energy=require_energy, seen_ids=seen_ids)

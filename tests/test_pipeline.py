@@ -129,6 +129,7 @@ def test_cli_bad_input_is_one_line_without_traceback(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
     errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == [f"error: {bad}:1: invalid JSON (Expecting ':' delimiter at column 47); "
-                      "is the file truncated?"]
+    assert len(errors) == 1
+    assert errors[0].startswith(f"error: {bad}:1: invalid JSON (Expecting ':' delimiter")
+    assert errors[0].endswith("is the file truncated?")
     assert "Traceback" not in out.stderr
