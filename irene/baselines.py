@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from irene import __version__
-from irene.forest import Forest, feature_list, predict_leaves
+from irene.forest import Forest, compose, feature_list, predict_leaves
 from irene.io import atomic_write_json
-from irene.model import IreneConfig
+from irene.model import IreneConfig, fit_leaf_regressors
 from irene.transforms import LinearLeafRegressor, Standardizer, polynomial_expand
 
 FORMAT_VERSION = 1
@@ -34,38 +34,6 @@ NODE_TYPE_NAMES = ("model", "module", "ml")  # index = Forest.node_type code
 
 
 # ------------------------------------------------------------------------------ array helpers
-def children_sum(forest: Forest, values: np.ndarray) -> np.ndarray:
-    """Σ over each node's direct children of ``values`` (0 for leaves), one ``bincount``."""
-    nonroot = forest.parent >= 0
-    return np.bincount(forest.parent[nonroot], weights=values[nonroot], minlength=forest.num_nodes)
-
-
-def num_children(forest: Forest) -> np.ndarray:
-    """Number of direct children of every node."""
-    return np.bincount(forest.parent[forest.parent >= 0], minlength=forest.num_nodes)
-
-
-def compose(forest: Forest, own_j: np.ndarray, child_weight: np.ndarray | None = None) -> np.ndarray:
-    """Bottom-up tree sums: ``value = own + Σ_children weight·value``, one level at a time.
-
-    Args:
-        forest: the trees.
-        own_j: each node's own term in joules: the leaf prediction on leaves, the
-            unattributed (residual) term on inner nodes (0 for a plain sum).
-        child_weight: the weight of each node in its parent's sum (default 1).
-
-    Returns:
-        The energy of every node in joules.
-    """
-    values = np.array(own_j, dtype=np.float64)
-    weight = np.ones(forest.num_nodes) if child_weight is None else child_weight
-    for d in range(int(forest.depth.max()), 0, -1):
-        children = np.flatnonzero(forest.depth == d)
-        values += np.bincount(forest.parent[children], weights=weight[children] * values[children],
-                              minlength=forest.num_nodes)
-    return values
-
-
 def subtree_leaf_sum(forest: Forest, leaf_values: np.ndarray) -> np.ndarray:
     """Σ of ``leaf_values`` over every node's leaf descendants (a leaf: its own value)."""
     return compose(forest, np.where(forest.is_leaf, leaf_values, 0.0))
@@ -394,12 +362,7 @@ class SumOfChildrenPredictor:
     def fit(self, forest: Forest) -> SumOfChildrenPredictor:
         self.features_ = feature_list(self.config.feature_sets)
         x = forest.matrix(self.features_)
-        leaves = forest.is_leaf & measured(forest)
-        self.leaf_models_ = {op: LinearLeafRegressor.fit(x[leaves & (forest.op_type == op)],
-                                                         forest.gold_j[leaves & (forest.op_type == op)])
-                             for op in sorted(set(forest.op_type[leaves]))}
-        if not self.leaf_models_:
-            raise ValueError("no measured leaf (ml) nodes to fit the leaf regressors on")
+        self.leaf_models_ = fit_leaf_regressors(forest, x)
         return self
 
     def predict(self, forest: Forest, *, return_fallback: bool = False):

@@ -25,8 +25,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from irene.baselines import NODE_TYPE_NAMES, children_sum, num_children, subtree_leaf_sum
-from irene.forest import Forest
+from irene.baselines import NODE_TYPE_NAMES, subtree_leaf_sum
+from irene.forest import Forest, children_sum, num_children
 
 GROUP_COLUMNS = ["node_type", "instance_type"]
 

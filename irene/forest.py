@@ -171,6 +171,40 @@ def build_forest(trees: Sequence[Tree]) -> Forest:
     )
 
 
+def children_sum(forest: Forest, values: np.ndarray) -> np.ndarray:
+    """Σ over each node's direct children of ``values`` (0 for leaves), one ``bincount``."""
+    nonroot = forest.parent >= 0
+    return np.bincount(forest.parent[nonroot], weights=values[nonroot], minlength=forest.num_nodes)
+
+
+
+def num_children(forest: Forest) -> np.ndarray:
+    """Number of direct children of every node."""
+    return np.bincount(forest.parent[forest.parent >= 0], minlength=forest.num_nodes)
+
+
+
+def compose(forest: Forest, own_j: np.ndarray, child_weight: np.ndarray | None = None) -> np.ndarray:
+    """Bottom-up tree sums: ``value = own + Σ_children weight·value``, one level at a time.
+
+    Args:
+        forest: the trees.
+        own_j: each node's own term in joules: the leaf prediction on leaves, the
+            unattributed (residual) term on inner nodes (0 for a plain sum).
+        child_weight: the weight of each node in its parent's sum (default 1).
+
+    Returns:
+        The energy of every node in joules.
+    """
+    values = np.array(own_j, dtype=np.float64)
+    weight = np.ones(forest.num_nodes) if child_weight is None else child_weight
+    for d in range(int(forest.depth.max()), 0, -1):
+        children = np.flatnonzero(forest.depth == d)
+        values += np.bincount(forest.parent[children], weights=weight[children] * values[children],
+                              minlength=forest.num_nodes)
+    return values
+
+
 def predict_leaves(forest: Forest, x: np.ndarray, models: dict, unseen, hint: str
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Per-primitive regressions on the leaves of ``forest``.

@@ -41,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from irene import __version__
-from irene.forest import Forest, feature_list, predict_leaves
+from irene.forest import Forest, compose, feature_list, predict_leaves
 from irene.io import atomic_write_json
 from irene.transforms import LinearLeafRegressor, Standardizer, polynomial_expand
 from irene.treegrad import Adam, TreeIndex, tree_indices, tree_loss_and_grad
@@ -105,14 +105,16 @@ class WeightingModel(torch.nn.Module):
         return z
 
 
-def aggregate(weights: torch.Tensor, leaf_values: torch.Tensor, parent: torch.Tensor,
-              depth: torch.Tensor, is_leaf: torch.Tensor) -> torch.Tensor:
-    """Bottom-up weighted sums over a whole forest: one ``index_add`` per depth level."""
-    values = torch.where(is_leaf, leaf_values, torch.zeros_like(leaf_values))
-    for d in range(int(depth.max()), 0, -1):
-        children = torch.nonzero(depth == d).squeeze(-1)
-        values = values.index_add(0, parent[children], weights[children] * values[children])
-    return values
+def fit_leaf_regressors(forest: Forest, x: np.ndarray) -> dict[str, LinearLeafRegressor]:
+    """The paper's leaf model: one standardized linear regression per primitive type, fit on
+    the measured leaves of ``forest`` (feature rows ``x``)."""
+    leaves = forest.is_leaf & ~np.isnan(forest.gold_j)
+    models = {op: LinearLeafRegressor.fit(x[leaves & (forest.op_type == op)],
+                                          forest.gold_j[leaves & (forest.op_type == op)])
+              for op in sorted(set(forest.op_type[leaves]))}
+    if not models:
+        raise ValueError("no measured leaf (ml) nodes to fit the leaf regressors on")
+    return models
 
 
 class IreneModel:
@@ -127,7 +129,7 @@ class IreneModel:
         cfg.validate()
         self.features_ = feature_list(cfg.feature_sets)
         x = forest.matrix(self.features_)
-        self.leaf_models_ = self._fit_leaves(forest, x)
+        self.leaf_models_ = fit_leaf_regressors(forest, x)
         leaf_pred = self._predict_leaves(forest, x)[0]
         self.node_scaler_ = Standardizer.fit(x) if cfg.standardize_features else None
         xt = self._transform(x)
@@ -135,16 +137,6 @@ class IreneModel:
         self.weighting_ = WeightingModel(xt.shape[1], cfg.weighting, cfg.tanh_scalar)
         self.history_ = self._train_weighting(forest, xt, leaf_pred)
         return self
-
-    def _fit_leaves(self, forest: Forest, x: np.ndarray) -> dict[str, LinearLeafRegressor]:
-        leaves = forest.is_leaf & ~np.isnan(forest.gold_j)
-        models = {}
-        for op in sorted(set(forest.op_type[leaves])):
-            rows = leaves & (forest.op_type == op)
-            models[op] = LinearLeafRegressor.fit(x[rows], forest.gold_j[rows])
-        if not models:
-            raise ValueError("no measured leaf (ml) nodes to fit the leaf regressors on")
-        return models
 
     def _transform(self, x: np.ndarray) -> np.ndarray:
         if self.node_scaler_ is not None:
@@ -246,19 +238,15 @@ class IreneModel:
         self._check_fitted()
         x = forest.matrix(self.features_)
         leaf_pred, fallback = self._predict_leaves(forest, x)
-        xt = torch.from_numpy(self._transform(x)).float()
-        is_leaf = torch.from_numpy(forest.is_leaf)
-        with torch.no_grad():
-            if self.config.training_strategy == "none":
-                weights = torch.ones(forest.num_nodes)
-            else:
-                weights = self.weighting_(xt)
-            values = aggregate(weights, torch.from_numpy(leaf_pred).float(),
-                               torch.from_numpy(forest.parent), torch.from_numpy(forest.depth),
-                               is_leaf)
-            if self.config.training_strategy == "unstructured":
-                values = torch.where(is_leaf, values, weights)
-        pred = values.double().numpy()
+        if self.config.training_strategy == "none":
+            weights = np.ones(forest.num_nodes)
+        else:
+            with torch.no_grad():
+                xt = torch.from_numpy(self._transform(x)).float()
+                weights = self.weighting_(xt).double().numpy()
+        pred = compose(forest, np.where(forest.is_leaf, leaf_pred, 0.0), weights)
+        if self.config.training_strategy == "unstructured":
+            pred = np.where(forest.is_leaf, pred, weights)
         return (pred, fallback) if return_fallback else pred
 
     # ------------------------------------------------------------- persistence
@@ -308,4 +296,4 @@ class IreneModel:
         return model
 
 
-__all__: Sequence[str] = ("IreneConfig", "IreneModel", "STRATEGIES", "WEIGHTINGS", "aggregate")
+__all__: Sequence[str] = ("IreneConfig", "IreneModel", "STRATEGIES", "WEIGHTINGS", "fit_leaf_regressors")

@@ -41,14 +41,12 @@ import pandas as pd
 from irene.baselines import (
     NODE_TYPE_NAMES,
     LogPolyRegressor,
-    children_sum,
-    compose,
     measured,
     read_state,
     relative_lstsq,
     write_state,
 )
-from irene.forest import Forest, feature_list, predict_leaves
+from irene.forest import Forest, children_sum, compose, feature_list, predict_leaves
 from irene.model import IreneConfig
 
 MODULE_CHILD = "module"  # the kind of a child that is a module (not a primitive)

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from irene.baselines import compose, subtree_leaf_sum
+from irene.baselines import subtree_leaf_sum
 from irene.diagnostics import child_ratio_table, child_ratios, error_parts, error_sources
-from irene.forest import build_forest
+from irene.forest import build_forest, compose
 from tests.conftest import make_tree
 
 ROOT = Path(__file__).resolve().parents[1]

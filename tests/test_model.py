@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from irene.forest import build_forest, feature_list
-from irene.model import STRATEGIES, WEIGHTINGS, IreneConfig, IreneModel, aggregate
+from irene.forest import build_forest, compose, feature_list
+from irene.model import STRATEGIES, WEIGHTINGS, IreneConfig, IreneModel, fit_leaf_regressors
 from irene.transforms import LinearLeafRegressor, Standardizer, polynomial_expand
 from irene.treegrad import tree_indices, tree_loss_and_grad
 from tests.conftest import make_tree
@@ -43,10 +43,9 @@ def test_leaf_regressor_recovers_a_linear_law():
 
 def test_aggregate_weighted_sums_level_by_level():
     forest = build_forest([make_tree()])  # pre-order: root, block, linear, matmul, norm
-    leaf = torch.tensor([0.0, 0.0, 1.0, 0.5, 0.25], dtype=torch.float64)
-    weights = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64)
-    values = aggregate(weights, leaf, torch.from_numpy(forest.parent),
-                       torch.from_numpy(forest.depth), torch.from_numpy(forest.is_leaf))
+    leaf = np.array([0.0, 0.0, 1.0, 0.5, 0.25])
+    weights = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    values = compose(forest, leaf, weights)
     block = 3 * 1.0 + 4 * 0.5
     assert values[1].item() == pytest.approx(block)
     assert values[0].item() == pytest.approx(2 * block + 5 * 0.25)
@@ -61,7 +60,7 @@ def test_numpy_gradient_equals_autograd(small_trees, strategy, weighting):
     model = IreneModel(config)
     model.features_ = feature_list(config.feature_sets)
     x = forest.matrix(model.features_)
-    model.leaf_models_ = model._fit_leaves(forest, x)
+    model.leaf_models_ = fit_leaf_regressors(forest, x)
     leaf = model._predict_leaves(forest, x)[0]
     model.node_scaler_ = Standardizer.fit(x)
     xt = model._transform(x)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from irene import predictors
-from irene.baselines import SumOfChildrenPredictor, compose
+from irene.baselines import SumOfChildrenPredictor
 from irene.crossval import leave_one_model_out
-from irene.forest import ALL_FEATURES, build_forest, feature_list
+from irene.forest import ALL_FEATURES, build_forest, compose, feature_list
 from irene.model import IreneConfig
 from irene.plus import IrenePlusPredictor
 from tests.conftest import make_tree
