@@ -10,8 +10,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from irene.published import DataFormatError, DataNotFoundError
-from irene.tree import TreeFormatError
+from irene.data.published import DataFormatError, DataNotFoundError
+from irene.data.tree import TreeFormatError
 from pipelines.config import register_configs
 
 STAGES = ("featurize", "train", "predict", "evaluate", "crossvalidate", "diagnose", "measure", "report",

@@ -3,7 +3,7 @@
 Input: a DataFrame in one of two forms.
 
 * **shape rows**: columns ``model`` (a registry name or a ``config.json`` path, as
-  :func:`irene.architectures.model_from_name` takes), ``batch_size``, ``seq_len``; every row
+  :func:`irene.data.architectures.model_from_name` takes), ``batch_size``, ``seq_len``; every row
   is traced (static features, no meter) and predicted.
 * **node rows**: one row per node of already traced trees: ``model``, ``batch_size``,
   ``seq_len``, ``id``, ``parent_id`` (empty for the root), ``type`` (model | module | ml),
@@ -27,8 +27,8 @@ from typing import Any
 
 import pandas as pd
 
-from irene.static import FALLBACK_FIELD, predict_trees, trace_static
-from irene.tree import Tree, iter_nodes_with_parent
+from irene.data.tree import Tree, iter_nodes_with_parent
+from irene.predictors.static import FALLBACK_FIELD, predict_trees, trace_static
 
 SHAPE_COLUMNS = ("model", "batch_size", "seq_len")
 NODE_COLUMNS = ("id", "parent_id", "type", "instance_type", "num_parameters", "flops",
@@ -194,7 +194,7 @@ def log_pyfunc(model_dir: str | Path, name: str = "irene_predictor", *,
         model_dir: folder written by ``stage=train`` (``predictors.load`` reads it).
         name: the logged model's name.
         unseen_op: default policy for unseen primitive types (see
-            :func:`irene.static.predict_with_policy`); a request can override it with the
+            :func:`irene.predictors.static.predict_with_policy`); a request can override it with the
             ``unseen_op`` param.
         trace_convention: static-feature convention used when shape rows are traced on the
             server (``irene`` for a predictor trained on the published data).

@@ -1,17 +1,26 @@
-"""Dataclass schemas of the Hydra config, registered in the ConfigStore.
+"""The typed config: dataclass schemas in Hydra's ConfigStore, and the objects built from it.
 
 ``conf/config.yaml`` puts ``schema`` first in its defaults list, so every option file and every
 command-line override is checked against these types: a typo in a key fails at start-up.
+
+Predictors have no hand-written schema: :func:`estimator_schema` derives one from each
+predictor's constructor (names, types, defaults), registered as ``predictor/<name>_schema``
+and used by ``conf/predictor/<name>.yaml``, which adds ``_target_`` and the interpolations of
+the other groups (``feature_sets: ${features.sets}``). A default therefore lives in exactly
+one place, the constructor's signature; :func:`build_predictor` instantiates it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import inspect
+import typing
+from dataclasses import MISSING, dataclass, field, make_dataclass
 from typing import Any  # noqa: UP035 - OmegaConf needs typing.Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
-from irene.published import PAPER_MODELS
+from irene.data.published import PAPER_MODELS
 
 
 @dataclass
@@ -31,27 +40,12 @@ class FeaturesConfig:
 
 @dataclass
 class StrategyConfig:
-    name: str = "end2end"  # end2end | stepwise | unstructured | none (see irene/model.py)
+    name: str = "end2end"  # end2end | stepwise | unstructured | none (see irene/predictors/irene.py)
 
 
 @dataclass
 class WeightingConfig:
     name: str = "close_to_one"  # exact_one | close_to_one | free
-
-
-@dataclass
-class PredictorConfig:
-    name: str = "irene"
-    standardize_features: bool = True  # z-score features before the polynomial expansion
-    polynomial_degree: int = 3  # degree of feature interactions of the weighting model (<=1: off)
-    tanh_scalar: float = 10.0  # τ of w = 1 + tanh(θ·x)/τ
-    normalize_loss_scale: bool = True  # divide each node's squared error by gold²
-    epochs: int = 8  # passes over the training trees
-    lr: float = 1e-3  # Adam learning rate
-    seed: int = 13370  # torch seed of the weighting model's initialisation
-    engine: str = "numpy"  # numpy (hand-written gradients, fast) | torch (autograd)
-    unseen_op: str = "error"  # primitive type never seen in training: error | <known type>
-    options: dict[str, Any] = field(default_factory=dict)  # the predictor's own settings
 
 
 @dataclass
@@ -78,7 +72,7 @@ class Config:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
-    predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    predictor: Any = None  # a predictor's hyperparameters + _target_ (schema from its signature)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     measure: dict[str, Any] = field(default_factory=dict)  # the measure stage's protocol
     model: str | None = None  # measure, predict: registry name (e.g. bert-base-uncased) or config.json
@@ -107,5 +101,72 @@ class Config:
     show_progress: bool = True  # progress bars
 
 
+# ------------------------------------------------------------------------- predictors
+def estimator_schema(cls: type) -> type:
+    """A dataclass with ``_target_`` and one typed field per constructor argument of ``cls``,
+    with the constructor's default (tuples become lists)."""
+    hints = typing.get_type_hints(cls.__init__)
+    fields: list[tuple] = [("_target_", str, field(default=f"{cls.__module__}.{cls.__qualname__}"))]
+    for name, parameter in inspect.signature(cls.__init__).parameters.items():
+        if name == "self" or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        kind, default = hints.get(name, Any), parameter.default
+        if default is inspect.Parameter.empty:
+            fields.append((name, kind, field(default=MISSING)))
+        elif isinstance(default, list | tuple):
+            fields.append((name, kind, field(default_factory=lambda d=default: list(d))))
+        else:
+            fields.append((name, kind, field(default=default)))
+    return make_dataclass(f"{cls.__name__}Schema", fields)
+
+
+def predictor_class(cfg: DictConfig) -> type:
+    from hydra.utils import get_class
+
+    return get_class(str(cfg.predictor._target_))
+
+
+def build_predictor(cfg: DictConfig, **overrides: Any):
+    """The configured predictor, unfitted, its hyperparameters checked (a bad value fails
+    here, before any data is read). ``overrides`` of hyperparameters the predictor does not
+    have (e.g. ``show_progress`` of a predictor without a progress bar) are ignored."""
+    from hydra.utils import instantiate
+
+    overrides = {k: v for k, v in overrides.items() if k in cfg.predictor}
+    predictor = instantiate(cfg.predictor, _convert_="all", **overrides)
+    predictor.validate_params()
+    return predictor
+
+
+def run_params(cfg: DictConfig) -> dict[str, Any]:
+    """MLflow params of a run: the chosen option of every ablation axis, then every
+    hyperparameter of the predictor as composed (the ones the axes set are not repeated)."""
+    from irene.predictors.irene import effective_weighting
+
+    params: dict[str, Any] = {
+        "data": cfg.data.name,
+        "features": cfg.features.name,
+        "strategy": cfg.strategy.name,
+        "weighting": ("n/a" if cfg.strategy.name == "none"
+                      else effective_weighting(cfg.weighting.name, cfg.strategy.name)),
+        "predictor": predictor_class(cfg).name,
+    }
+    own = OmegaConf.to_container(cfg.predictor, resolve=True)
+    for key, value in own.items():
+        if key not in ("_target_", "feature_sets", "training_strategy", "weighting", "show_progress"):
+            params[key] = value
+    return params
+
+
 def register_configs() -> None:
-    ConfigStore.instance().store(name="schema", node=Config)
+    """The top-level schema, one schema per predictor, and the ``${outputs:}`` resolver."""
+    from pipelines.paths import outputs_dir
+
+    store = ConfigStore.instance()
+    store.store(name="schema", node=Config)
+    from irene.predictors import classes
+
+    for cls in classes().values():
+        store.store(group="predictor", name=f"{cls.name}_schema", node=estimator_schema(cls))
+    if not OmegaConf.has_resolver("outputs"):
+        OmegaConf.register_new_resolver("outputs", lambda: str(outputs_dir()))

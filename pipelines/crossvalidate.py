@@ -9,26 +9,15 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig
 
-from irene.baselines import NotApplicableError
-from irene.crossval import leave_one_model_out
-from irene.forest import build_forest, fill_predictions
-from irene.tree import write_trees
-from pipelines.common import (
-    ablation_params,
-    finished_run,
-    load_trees,
-    log,
-    log_artifact,
-    log_metrics,
-    log_params,
-    make_predictor,
-    run_dir,
-    set_tag,
-    setup,
-    to_markdown,
-    tracked_run,
-    write_table,
-)
+from irene.data.forest import build_forest, fill_predictions
+from irene.data.tree import ERROR_COLUMNS, write_trees
+from irene.evaluate.crossval import leave_one_model_out
+from irene.predictors.base import NotApplicableError
+from irene.tables import to_markdown, write_table
+from pipelines.config import build_predictor, run_params
+from pipelines.data import load_trees
+from pipelines.paths import log, run_dir, setup
+from pipelines.tracking import finished_run, log_artifact, log_metrics, log_params, set_tag, tracked_run
 
 
 @dataclass
@@ -60,7 +49,9 @@ def run(cfg: DictConfig) -> CrossValidationReport:
     resumed = _resumed(cfg, out)
     if resumed is not None:
         return resumed
-    with tracked_run(cfg, "crossvalidate", ablation_params(cfg), run_name="crossvalidate"):
+    with tracked_run(cfg, "crossvalidate", run_params(cfg), run_name="crossvalidate"):
+        # a bad hyperparameter fails here, before any data is read, as a FAILED run
+        predictor = build_predictor(cfg, show_progress=False)
         trees, source = load_trees(cfg)
         forest = build_forest(trees)
         models = list(dict.fromkeys(forest.model_names))
@@ -70,14 +61,13 @@ def run(cfg: DictConfig) -> CrossValidationReport:
 
         def on_fold(left_out: str, errors: dict[str, float], predictor: object) -> None:
             log.info("left out %-24s ml %.2f  module %.2f  model %.2f", left_out,
-                     errors.get("ml", float("nan")), errors.get("module", float("nan")),
-                     errors.get("model", float("nan")))
+                     *(errors.get(t, float("nan")) for t in ERROR_COLUMNS))
             with tracked_run(cfg, "crossvalidate-fold", {"left_out_model": left_out},
                              run_name=f"leave-{left_out}", nested=True):
                 log_metrics(errors)
 
         try:
-            result = leave_one_model_out(forest, lambda: make_predictor(cfg, show_progress=False),
+            result = leave_one_model_out(forest, predictor,
                                          show_progress=cfg.show_progress, on_fold=on_fold)
         except NotApplicableError as error:
             if not cfg.skip_not_applicable:

@@ -19,24 +19,18 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig
 
-from irene.crossval import leave_one_model_out
-from irene.diagnostics import child_ratio_table, error_sources, report_markdown
-from irene.forest import build_forest
-from irene.io import atomic_write_text
-from irene.tree import read_trees
-from pipelines.common import (
-    ablation_params,
-    irene_config,
-    load_trees,
-    log,
-    log_artifact,
-    log_metrics,
-    make_predictor,
-    run_dir,
-    setup,
-    tracked_run,
-    write_table,
-)
+from irene.data.forest import build_forest
+from irene.data.io import atomic_write_text
+from irene.data.tree import NodeType, read_trees
+from irene.evaluate.crossval import leave_one_model_out
+from irene.evaluate.diagnostics import child_ratio_table, error_sources, report_markdown
+from irene.evaluate.metrics import align_predictions
+from irene.predictors.irene import IreneModel
+from irene.tables import write_table
+from pipelines.config import build_predictor, predictor_class, run_params
+from pipelines.data import load_trees
+from pipelines.paths import log, run_dir, setup
+from pipelines.tracking import log_artifact, log_metrics, tracked_run
 
 
 @dataclass
@@ -51,30 +45,29 @@ def run(cfg: DictConfig) -> DiagnosticsReport:
     out = run_dir(cfg)
     trees, _ = load_trees(cfg)
     forest = build_forest(trees)
-    config = irene_config(cfg)
-    label = f"{cfg.predictor.name} ({cfg.features.name})"
-    params = {**ablation_params(cfg), "num_trees": forest.num_trees,
+    predictor = build_predictor(cfg, show_progress=False)
+    # τ of the close_to_one weights: the predictor's, else IrEne's default
+    tanh_scalar = predictor.get_params().get("tanh_scalar", IreneModel().tanh_scalar)
+    label = f"{predictor_class(cfg).name} ({cfg.features.name})"
+    params = {**run_params(cfg), "num_trees": forest.num_trees,
               "predictions": str(cfg.predictions) if cfg.predictions else "leave-one-model-out"}
     with tracked_run(cfg, "diagnose", params, run_name="diagnose"):
-        ratios = child_ratio_table(forest, tanh_scalar=config.tanh_scalar)
+        ratios = child_ratio_table(forest, tanh_scalar=tanh_scalar)
         if cfg.predictions:
-            from pipelines.evaluate import gold_and_predicted
-
-            forest, predicted = gold_and_predicted(trees, read_trees(cfg.predictions),
+            forest, predicted = align_predictions(trees, read_trees(cfg.predictions),
                                                    str(cfg.predictions))
         else:
             log.info("leave-one-model-out predictions of %s for the error sources", label)
             predicted = leave_one_model_out(
-                forest, lambda: make_predictor(cfg, show_progress=False),
-                show_progress=config.show_progress).predicted_j
+                forest, predictor, show_progress=bool(cfg.show_progress)).predicted_j
         sources = error_sources(forest, predicted)
         paths = write_table(ratios, out, "child_ratios", floatfmt=".3f")
         paths += write_table(sources, out, "error_sources")
         report = atomic_write_text(out / "diagnostics.md",
                                    report_markdown(ratios, {label: sources},
-                                                   tanh_scalar=config.tanh_scalar) + "\n")
+                                                   tanh_scalar=tanh_scalar) + "\n")
         metrics = {"parents_outside_tau_pct": float(ratios.loc["all", "outside_tau_pct"])}
-        for node_type in ("module", "model"):
+        for node_type in (NodeType.MODULE.value, NodeType.MODEL.value):
             key = f"{node_type}:all"
             if key in sources.index:
                 metrics[f"{node_type}_leaf_part_pct"] = float(sources.loc[key, "abs_leaf_part_pct"])

@@ -8,10 +8,12 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig
 
-from irene.forest import ALL_FEATURES, build_forest
-from irene.io import atomic_write_text
-from irene.tree import write_trees
-from pipelines.common import load_trees, log, log_artifact, log_metrics, run_dir, setup, tracked_run
+from irene.data.forest import ALL_FEATURES, build_forest
+from irene.data.io import atomic_write_text
+from irene.data.tree import NODE_TYPES, write_trees
+from pipelines.data import load_trees
+from pipelines.paths import log, run_dir, setup
+from pipelines.tracking import log_artifact, log_metrics, tracked_run
 
 
 @dataclass
@@ -30,7 +32,7 @@ def run(cfg: DictConfig) -> FeaturizeResult:
         trees, source = load_trees(cfg)
         trees_path = write_trees(out / "trees.jsonl", trees, protect=[source])
         forest = build_forest(trees)
-        names = {0: "model", 1: "module", 2: "ml"}
+        names = dict(enumerate(map(str, NODE_TYPES)))
         table = pd.DataFrame(forest.features, columns=list(ALL_FEATURES))
         table.insert(0, "id", forest.ids)
         table.insert(1, "model_name", forest.node_model_names())

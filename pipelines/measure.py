@@ -18,7 +18,7 @@ from irene.measure.meters import make_meter
 from irene.measure.protocol import ProtocolSettings
 from irene.measure.runner import environment, measure_into
 from irene.measure.store import has_record
-from pipelines.common import tracked_run
+from pipelines.tracking import tracked_run
 
 log = logging.getLogger(__name__)
 

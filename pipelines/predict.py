@@ -29,52 +29,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from irene import explain, predictors
-from irene.static import fallback_summary, parse_shapes, predict_trees, trace_static
-from irene.tree import Tree, read_trees, tree_key, write_trees
-from pipelines.common import (
-    load_trees,
-    log,
-    log_artifact,
-    log_metrics,
-    log_params,
-    run_dir,
-    setup,
-    tracked_run,
-    tracking_uri,
-    write_table,
-)
-
-
-# ----------------------------------------------------------------------------- predictor
-def resolve_model_dir(cfg: DictConfig, into: Path) -> Path:
-    """The trained predictor's folder: ``model_dir``, or the ``model`` artifact of the MLflow
-    run ``model_run`` (downloaded into ``into``)."""
-    if cfg.get("model_dir"):
-        return Path(cfg.model_dir)
-    if cfg.get("model_run"):
-        import mlflow
-
-        mlflow.set_tracking_uri(tracking_uri(cfg))
-        local = mlflow.artifacts.download_artifacts(run_id=str(cfg.model_run),
-                                                    artifact_path="model", dst_path=str(into))
-        return Path(local)
-    raise ValueError(f"stage={cfg.stage} needs a trained predictor: model_dir=<folder written by "
-                     "stage=train> or model_run=<MLflow run id of stage=train>")
-
-
-def load_predictor(cfg: DictConfig, into: Path):
-    """The trained predictor and where it came from (for the run's params)."""
-    model_dir = resolve_model_dir(cfg, into)
-    return predictors.load(model_dir), model_dir
-
-
-def unseen_policy(cfg: DictConfig) -> str | None:
-    value = cfg.get("unseen_op")
-    return None if value in (None, "", "null") else str(value)
+from irene.data.tree import Tree, read_trees, tree_key, write_trees
+from irene.explain import views as explain
+from irene.explain.views import fallback_table, totals_table
+from irene.predictors.static import fallback_summary, parse_shapes, predict_trees, trace_static
+from irene.tables import write_table
+from pipelines.data import load_trees
+from pipelines.models import load_predictor, unseen_policy
+from pipelines.paths import log, run_dir, setup
+from pipelines.tracking import log_artifact, log_metrics, log_params, tracked_run
 
 
 # --------------------------------------------------------------------------------- input
@@ -98,39 +63,6 @@ def _plain(value: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------- outputs
-def totals_table(trees: list[Tree]) -> pd.DataFrame:
-    """Total predicted (and measured, if any) energy per tree, with fallback counts."""
-    rows = []
-    for tree in trees:
-        root = tree["frontend_tree"]
-        frame = explain.node_frame(tree, "predicted")
-        rows.append({"model": tree["model_name"], "batch_size": int(tree["batch_size"]),
-                     "seq_len": int(tree["seq_len"]),
-                     "predicted_energy_j": float(root["predicted_energy"]),
-                     "measured_energy_j": root.get("ground_truth_energy"),
-                     "nodes": len(frame), "fallback_nodes": int(frame["fallback"].sum())})
-    table = pd.DataFrame(rows)
-    if table["measured_energy_j"].isna().all():
-        table = table.drop(columns="measured_energy_j")
-    else:
-        table["error_pct"] = 100 * (table["predicted_energy_j"] / table["measured_energy_j"] - 1)
-    return table.set_index("model")
-
-
-def fallback_table(trees: list[Tree]) -> pd.DataFrame:
-    """Every node predicted by a fallback: tree, node id and type."""
-    rows = []
-    for tree in trees:
-        frame = explain.node_frame(tree, "predicted")
-        for _, node in frame[frame["fallback"]].iterrows():
-            rows.append({"model": tree["model_name"], "batch_size": int(tree["batch_size"]),
-                         "seq_len": int(tree["seq_len"]), "scope": node["scope"],
-                         "instance_type": node["instance_type"],
-                         "predicted_energy_j": node["predicted_j"]})
-    return pd.DataFrame(rows, columns=["model", "batch_size", "seq_len", "scope",
-                                       "instance_type", "predicted_energy_j"])
-
-
 def write_views(cfg: DictConfig, trees: list[Tree], directory: Path) -> list[Path]:
     """Explanation views of the first ``explain.max_trees`` trees; prints the text views."""
     ecfg = cfg.explain

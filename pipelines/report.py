@@ -23,10 +23,13 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from irene.io import atomic_write_text
-from pipelines.common import OUTPUTS, ensure_experiment, log, run_dir, setup
+from irene.data.io import atomic_write_text
+from irene.data.tree import ERROR_COLUMNS
+from irene.tables import to_latex, to_markdown
+from pipelines.paths import log, outputs_dir, run_dir, setup
+from pipelines.tracking import ensure_experiment
 
-LEVELS = ("ml", "module", "model")
+LEVELS = ERROR_COLUMNS
 # The reference implementation's published cross-validation report (device 1, its README).
 REFERENCE_DEVICE_1 = {
     "roberta-base": (0.71, 5.49, 6.91),
@@ -96,60 +99,6 @@ def folds_table(cfg: DictConfig, run) -> pd.DataFrame:
     return frame
 
 
-def _best(column: pd.Series) -> float | None:
-    values = pd.to_numeric(column, errors="coerce").dropna()
-    return None if values.empty else values.min()
-
-
-def _cells(frame: pd.DataFrame, bold: tuple[str, str], bold_columns: list[str]) -> list[list[str]]:
-    best = {c: _best(frame[c]) for c in bold_columns}
-    body = []
-    for _, row in frame.iterrows():
-        cells = []
-        for column, value in row.items():
-            if pd.isna(value):
-                cells.append("–")
-                continue
-            text = f"{value:.2f}"
-            if column in best and best[column] is not None and round(value, 2) == round(best[column], 2):
-                text = f"{bold[0]}{text}{bold[1]}"
-            cells.append(text)
-        body.append(cells)
-    return body
-
-
-def _labels(frame: pd.DataFrame) -> list[list[str]]:
-    index = frame.index
-    return [list(map(str, i)) if isinstance(i, tuple) else [str(i)] for i in index]
-
-
-def to_markdown(frame: pd.DataFrame, bold_columns: list[str]) -> str:
-    names = [str(n) for n in frame.index.names]
-    header = names + [str(c) for c in frame.columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-    for label, cells in zip(_labels(frame), _cells(frame, ("**", "**"), bold_columns), strict=True):
-        lines.append("| " + " | ".join(label + cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _tex_escape(text: str) -> str:
-    return text.replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
-
-
-def to_latex(frame: pd.DataFrame, bold_columns: list[str], caption: str) -> str:
-    names = [str(n) for n in frame.index.names]
-    header = [_tex_escape(h) for h in names + [str(c) for c in frame.columns]]
-    spec = "l" * len(names) + "r" * len(frame.columns)
-    lines = [r"\begin{table}[t]", r"\centering", rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
-             " & ".join(header) + r" \\", r"\midrule"]
-    for label, cells in zip(_labels(frame), _cells(frame, (r"\textbf{", "}"), bold_columns),
-                            strict=True):
-        lines.append(" & ".join([_tex_escape(x) for x in label] + cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{_tex_escape(caption)}}}",
-              r"\end{table}"]
-    return "\n".join(lines) + "\n"
-
-
 def plot(frame: pd.DataFrame, path: Path, title: str) -> Path:
     """Grouped bars of % error per configuration (log scale: levels differ by 10×)."""
     import matplotlib
@@ -157,7 +106,7 @@ def plot(frame: pd.DataFrame, path: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [" / ".join(label) for label in _labels(frame)]
+    labels = [" / ".join(map(str, i)) if isinstance(i, tuple) else str(i) for i in frame.index]
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels) + 2), 4.2))
     width = 0.8 / len(LEVELS)
     for i, level in enumerate(LEVELS):
@@ -202,18 +151,19 @@ def run(cfg: DictConfig) -> ReportResult:
     bold_columns = [] if layout.get("kind") == "folds" else [c for c in table.columns
                                                               if str(c) in LEVELS]
     out = run_dir(cfg)
-    stable = OUTPUTS / "tables" / cfg.data.name
+    stable = outputs_dir() / "tables" / cfg.data.name
+    markdown = to_markdown(table, bold_columns=bold_columns)
     paths = []
     for folder in (out, stable):
         paths += [
-            atomic_write_text(folder / f"{name}.md", f"### {title}\n\n" + to_markdown(table, bold_columns)),
+            atomic_write_text(folder / f"{name}.md", f"### {title}\n\n{markdown}\n"),
             atomic_write_text(folder / f"{name}.csv", table.to_csv(float_format="%.4f")),
-            atomic_write_text(folder / f"{name}.tex", to_latex(table, bold_columns, title)),
+            atomic_write_text(folder / f"{name}.tex", to_latex(table, title, bold_columns=bold_columns)),
         ]
     paths.append(plot(table, out / f"{name}.png", title))
     (stable / f"{name}.png").write_bytes(paths[-1].read_bytes())
     _log_to_sweep(cfg, name, out, paths[:3] + paths[-1:])
-    print(to_markdown(table, bold_columns))
+    print(markdown)
     for path in paths[3:6] + paths[-1:]:
         print(f"table: {path}")
     return ReportResult(table=table, paths=paths)

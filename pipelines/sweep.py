@@ -30,7 +30,7 @@ class MlflowSweepCallback(Callback):
             return
         import mlflow
 
-        from pipelines.common import ensure_experiment
+        from pipelines.tracking import ensure_experiment
 
         experiment_id = ensure_experiment(config)
         tags = {"stage": "sweep", "sweep_dir": str(config.hydra.sweep.dir)}

@@ -6,31 +6,25 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from irene.forest import build_forest
-from irene.metrics import errors_by_node_type
-from pipelines.common import (
-    ablation_params,
-    load_trees,
-    log,
-    log_artifact,
-    log_metrics,
-    make_predictor,
-    run_dir,
-    setup,
-    tracked_run,
-)
+from irene.data.forest import build_forest
+from irene.evaluate.metrics import errors_by_node_type
+from pipelines.config import build_predictor, run_params
+from pipelines.data import load_trees
+from pipelines.paths import log, run_dir, setup
+from pipelines.tracking import log_artifact, log_metrics, tracked_run
 
 
 def run(cfg: DictConfig) -> Path:
     """Returns the model folder (``model_dir``, default ``<run folder>/model``)."""
     setup(cfg)
     out = Path(cfg.model_dir) if cfg.model_dir else run_dir(cfg) / "model"
-    with tracked_run(cfg, "train", ablation_params(cfg)):
+    with tracked_run(cfg, "train", run_params(cfg)):
+        predictor = build_predictor(cfg)
         trees, _ = load_trees(cfg)
         forest = build_forest(trees)
         log.info("training on %d trees (%d nodes) of %s", forest.num_trees, forest.num_nodes,
                  sorted(set(forest.model_names)))
-        model = make_predictor(cfg).fit(forest)
+        model = predictor.fit(forest)
         errors = errors_by_node_type(forest, model.predict(forest))
         log.info("training error (in-sample): %s", {k: round(v, 2) for k, v in errors.items()})
         log_metrics(errors, prefix="train_")

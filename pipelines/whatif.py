@@ -19,18 +19,13 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig
 
-from irene.static import predict_trees, trace_static
-from irene.tree import Tree, write_trees
-from pipelines.common import (
-    log,
-    log_artifact,
-    log_params,
-    run_dir,
-    setup,
-    tracked_run,
-    write_table,
-)
-from pipelines.predict import load_predictor, totals_table, unseen_policy
+from irene.data.tree import Tree, write_trees
+from irene.explain.views import totals_table
+from irene.predictors.static import predict_trees, trace_static
+from irene.tables import write_table
+from pipelines.models import load_predictor, unseen_policy
+from pipelines.paths import log, run_dir, setup
+from pipelines.tracking import log_artifact, log_params, tracked_run
 
 
 def grid(cfg: DictConfig) -> tuple[list[str], list[int], list[int]]:

@@ -26,15 +26,15 @@ import json, resource, sys, time
 t0 = time.perf_counter()
 import torch
 torch.set_num_threads(int(sys.argv[3]))
-from irene.crossval import leave_one_model_out
-from irene.forest import build_forest
-from irene.model import IreneConfig, IreneModel
-from irene.tree import read_trees
+from irene.evaluate.crossval import leave_one_model_out
+from irene.data.forest import build_forest
+from irene.predictors.irene import IreneModel
+from irene.data.tree import read_trees
 trees = read_trees(sys.argv[1])
 t1 = time.perf_counter()
 forest = build_forest(trees)
-config = IreneConfig(engine=sys.argv[2], show_progress=False)
-result = leave_one_model_out(forest, lambda: IreneModel(config), show_progress=False)
+result = leave_one_model_out(forest, IreneModel(engine=sys.argv[2], show_progress=False),
+                             show_progress=False)
 t2 = time.perf_counter()
 print(json.dumps({"cv_s": t2 - t1, "total_s": t2 - t0,
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -46,8 +46,8 @@ def cached_trees() -> Path:
     """Import the device once (outside the timing) through the pipeline's cache."""
     from hydra import compose, initialize_config_dir
 
-    from pipelines.common import load_trees
     from pipelines.config import register_configs
+    from pipelines.data import load_trees
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

@@ -18,36 +18,21 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from irene import predictors  # noqa: E402
-from irene.crossval import leave_one_model_out  # noqa: E402
-from irene.forest import build_forest  # noqa: E402
-from irene.model import IreneConfig  # noqa: E402
-from irene.published import PAPER_MODELS, import_device  # noqa: E402
+from irene.data.forest import build_forest  # noqa: E402
+from irene.data.published import PAPER_MODELS, import_device  # noqa: E402
+from irene.evaluate.crossval import leave_one_model_out  # noqa: E402
+from irene.tables import to_markdown  # noqa: E402
 
 PREDICTORS = ("irene", "irene_plus", "physics", "flat", "sum_of_children")
 SETTINGS = {"full": ["model_specs", "resource_utilization"], "static": ["model_specs"]}
 NEEDS_MEASURED = {"physics"}
 
 
-def predictor_options(name: str) -> dict:
-    """``options`` of ``conf/predictor/<name>.yaml`` (the pipeline's defaults)."""
-    path = ROOT / "conf" / "predictor" / f"{name}.yaml"
-    options = OmegaConf.load(path).get("options") if path.is_file() else None
-    return OmegaConf.to_container(options, resolve=True) if options else {}
-
-
-def markdown(frame: pd.DataFrame, floatfmt: str = ".2f") -> str:
-    header = [frame.index.name or "", *map(str, frame.columns)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for idx, row in frame.iterrows():
-        cells = [format(v, floatfmt) if isinstance(v, float) else str(v) for v in row]
-        lines.append("| " + " | ".join([str(idx), *cells]) + " |")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -66,11 +51,12 @@ def main(argv: list[str] | None = None) -> str:
             if setting == "static" and name in NEEDS_MEASURED:
                 continue
             label = f"{name} ({setting})"
-            config = IreneConfig(feature_sets=feature_sets, show_progress=False)
-            options = predictor_options(name)
+            cls = predictors.classes()[name]
+            predictor = cls(feature_sets=feature_sets)
+            if "show_progress" in predictor.get_params():
+                predictor.set_params(show_progress=False)
             start = time.perf_counter()
-            result = leave_one_model_out(forest, lambda c=config, o=options, n=name:
-                                         predictors.build(n, c, o), show_progress=False)
+            result = leave_one_model_out(forest, predictor, show_progress=False)
             seconds = time.perf_counter() - start
             table = result.table
             model_rows[label] = table["model"]
@@ -88,9 +74,9 @@ def main(argv: list[str] | None = None) -> str:
     text = "\n\n".join([
         f"Device: {args.data}; {forest.num_trees} trees, {forest.num_nodes} nodes; "
         "leave-one-model-out, mean % error, overall = unweighted mean over the left-out models.",
-        "### Overall (ml / module / model)", markdown(overall),
-        "### Model level, per left-out model", markdown(by_model),
-        "### Time of one whole leave-one-model-out run", markdown(timings, ".1f"),
+        "### Overall (ml / module / model)", to_markdown(overall),
+        "### Model level, per left-out model", to_markdown(by_model),
+        "### Time of one whole leave-one-model-out run", to_markdown(timings, ".1f"),
     ])
     print(text)
     if args.out:

@@ -20,21 +20,19 @@ import time
 import numpy as np
 import pandas as pd
 
-from irene import predictors
-from irene.forest import build_forest
-from irene.model import IreneConfig
-from irene.published import PAPER_MODELS, import_device
-from irene.static import predict_trees, trace_static
-from irene.tree import Tree, iter_nodes
-from pipelines.common import to_markdown
+from irene.data.forest import build_forest
+from irene.data.published import PAPER_MODELS, import_device
+from irene.data.tree import Tree, iter_nodes
+from irene.predictors.irene_plus import IrenePlusPredictor
+from irene.predictors.static import predict_trees, trace_static
+from irene.tables import to_markdown
 
 SOURCES = ("published", "physical", "irene")
 
 
 def train(trees: list[Tree], options: dict):
     """IrEne+ on static features, fitted on ``trees``."""
-    config = IreneConfig(feature_sets=["model_specs"], show_progress=False)
-    return predictors.build("irene_plus", config, options).fit(build_forest(trees))
+    return IrenePlusPredictor(feature_sets=["model_specs"], **options).fit(build_forest(trees))
 
 
 def errors_pct(predicted: list[Tree], measured: list[Tree]) -> tuple[float, float]:

@@ -4,6 +4,7 @@ copied into the project), small synthetic trees, and one MLflow store per test s
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,14 +30,14 @@ def device_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def device_trees(device_dir):
-    from irene.published import import_device
+    from irene.data.published import import_device
 
     return import_device(device_dir)
 
 
 @pytest.fixture(scope="session")
 def device_forest(device_trees):
-    from irene.forest import build_forest
+    from irene.data.forest import build_forest
 
     return build_forest(device_trees)
 
@@ -80,3 +81,8 @@ def make_tree(model: str = "toy", batch_size: int = 2, seq_len: int = 4, scale: 
     root = node("root", None, 0, "ToyModel", "model", 3.0 * scale, [block, norm])
     return {"model_name": model, "batch_size": batch_size, "seq_len": seq_len,
             "frontend_tree": root}
+
+
+# Everything the stages write by default (run folders, MLflow store, caches, tables) goes to
+# a temporary folder, never into the checkout; set before any stage computes a path.
+os.environ["IRENE_OUTPUTS"] = tempfile.mkdtemp(prefix="irene-test-outputs-")

@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from irene.baselines import subtree_leaf_sum
-from irene.diagnostics import child_ratio_table, child_ratios, error_parts, error_sources
-from irene.forest import build_forest, compose
+from irene.data.forest import build_forest, compose, subtree_leaf_sum
+from irene.evaluate.diagnostics import child_ratio_table, child_ratios, error_parts, error_sources
 from tests.conftest import make_tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,14 +19,14 @@ def test_child_ratios_of_a_toy_tree():
     ratios = child_ratios(forest)
     np.testing.assert_allclose(ratios[:2], [3.0 / 2.25, 2.0 / 1.5])
     assert np.isnan(ratios[2:]).all()
-    table = child_ratio_table(forest)
+    table = child_ratio_table(forest, tanh_scalar=10.0)
     assert table.loc["module:Block", "ratio_mean"] == pytest.approx(2.0 / 1.5)
     assert table.loc["module:Block", "outside_tau_pct"] == 100.0
     assert table.loc["all", "nodes"] == 2
 
 
 def test_published_parents_exceed_their_children(device_forest):
-    table = child_ratio_table(device_forest)
+    table = child_ratio_table(device_forest, tanh_scalar=10.0)
     for cls in ("BertSelfAttention", "Attention", "MLP", "BertEmbeddings", "BertPooler"):
         assert 1.15 < table.loc[f"module:{cls}", "ratio_mean"] < 1.55, cls
         assert table.loc[f"module:{cls}", "outside_tau_pct"] > 50
@@ -62,7 +61,7 @@ def test_diagnose_stage_writes_and_logs_the_report(small_trees, mlflow_uri, tmp_
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from irene.tree import write_trees
+    from irene.data.tree import write_trees
     from pipelines import diagnose
     from pipelines.config import register_configs
 
@@ -73,7 +72,7 @@ def test_diagnose_stage_writes_and_logs_the_report(small_trees, mlflow_uri, tmp_
             "stage=diagnose", f"data.trees={trees_file}", f"tracking.uri={mlflow_uri}",
             f"run_dir={tmp_path / 'diagnose'}", "tracking.experiment=pytest-diagnose",
             "show_progress=false", "predictor=irene_plus", "features=model_specs",
-            "predictor.options.leaf_degrees=[1,2]", "predictor.options.leaf_alphas=[1e-4]"])
+            "predictor.leaf_degrees=[1,2]", "predictor.leaf_alphas=[1e-4]"])
     report = diagnose.run(cfg)
     for name in ("child_ratios.csv", "child_ratios.md", "error_sources.csv", "diagnostics.md"):
         assert (tmp_path / "diagnose" / name).is_file(), name

@@ -11,8 +11,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from irene import explain
-from irene.tree import iter_nodes
+from irene.data.tree import iter_nodes
+from irene.explain import views as explain
 
 
 @pytest.fixture(scope="session")
@@ -129,12 +129,11 @@ def test_html_renders_a_chart_in_headless_chromium(which, negative_tree, device_
                                                    small_trees, tmp_path):
     if which == "predicted":  # bert-base at (8, 128), traced and predicted statically
         from irene import predictors
-        from irene.forest import build_forest
-        from irene.model import IreneConfig
-        from irene.static import predict_trees, trace_static
+        from irene.data.forest import build_forest
+        from irene.predictors.static import predict_trees, trace_static
 
-        model = predictors.build("irene_plus", IreneConfig(["model_specs"], show_progress=False),
-                                 {"leaf_degrees": [1]}).fit(build_forest(small_trees))
+        model = predictors.IrenePlusPredictor(feature_sets=["model_specs"], leaf_degrees=[1]).fit(
+            build_forest(small_trees))
         tree = predict_trees(model, trace_static("bert-base-uncased", [(8, 128)]))[0][0]
     else:
         tree = negative_tree

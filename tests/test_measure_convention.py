@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from irene.architectures import model_from_name
+from irene.data.architectures import model_from_name
+from irene.data.tree import iter_nodes
 from irene.measure.flops import IRENE_LEAF_TYPES
 from irene.measure.trace import FOLDED_ACTIVATIONS, trace_model, trace_tree
-from irene.tree import iter_nodes
 
 DATA_DIR = Path(os.environ.get("IRENE_DATA_DIR", "/work/shared/data/irene/device_1"))
 MODELS = ("bert-base-uncased", "gpt2", "distilbert-base-uncased")
@@ -24,7 +24,7 @@ def published() -> dict:
     """Published nodes by (model, batch_size, seq_len) and scope."""
     if not DATA_DIR.is_dir():
         pytest.skip(f"published data not found at {DATA_DIR}")
-    from irene.published import import_device
+    from irene.data.published import import_device
 
     trees = import_device(DATA_DIR, list(MODELS))
     return {

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from irene.architectures import model_from_name
+from irene.data.architectures import model_from_name
 from irene.measure.flops import op_cost
 from irene.measure.trace import trace_model, trace_to_record
 

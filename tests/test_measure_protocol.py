@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from irene.architectures import model_from_name
+from irene.data.architectures import model_from_name
 from irene.measure.meters import NullMeter
 from irene.measure.meters.base import EnergyMeter
 from irene.measure.protocol import ProtocolSettings, measure_callable, measure_trace
@@ -90,7 +90,7 @@ def test_every_node_measured_with_fake_meter(tiny_trace):
     assert reused >= 10
     layer1 = next(n for n in _nodes(record["frontend_tree"]) if n["scope"] == "root.encoder.layer.1")
     assert layer1["measurement_reused_from"] == "tiny/bert/2x8/root.encoder.layer.0"
-    pytest.importorskip("irene.tree").validate_tree(record, "measured", require_energy=True)
+    pytest.importorskip("irene.data.tree").validate_tree(record, "measured", require_energy=True)
 
 
 def test_reuse_can_be_disabled(tiny_trace):

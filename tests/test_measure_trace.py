@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from irene.architectures import MODEL_REGISTRY, TINY_MODELS, model_from_name
+from irene.data.architectures import MODEL_REGISTRY, TINY_MODELS, model_from_name
 from irene.measure.trace import trace_model, trace_tree
 
 NODE_FIELDS = [
@@ -67,7 +67,7 @@ def test_tree_shape_and_fields(record):
 
 
 def test_validates_with_core_library(record):
-    tree = pytest.importorskip("irene.tree")
+    tree = pytest.importorskip("irene.data.tree")
     tree.validate_tree(record, "trace")
 
 

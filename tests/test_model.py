@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from irene.forest import build_forest, compose, feature_list
-from irene.model import STRATEGIES, WEIGHTINGS, IreneConfig, IreneModel, fit_leaf_regressors
-from irene.transforms import LinearLeafRegressor, Standardizer, polynomial_expand
-from irene.treegrad import tree_indices, tree_loss_and_grad
+from irene import predictors
+from irene.data.forest import build_forest, compose, feature_list
+from irene.predictors.irene import STRATEGIES, WEIGHTINGS, IreneModel
+from irene.predictors.leaves import LinearLeafRegressor, Standardizer, fit_leaf_regressors, polynomial_expand
+from irene.predictors.treegrad import tree_indices, tree_loss_and_grad
 from tests.conftest import make_tree
 
 
@@ -56,16 +57,16 @@ def test_aggregate_weighted_sums_level_by_level():
                           for w in ("close_to_one", "free")])
 def test_numpy_gradient_equals_autograd(small_trees, strategy, weighting):
     forest = build_forest(small_trees[:3])
-    config = IreneConfig(training_strategy=strategy, weighting=weighting, show_progress=False)
-    model = IreneModel(config)
-    model.features_ = feature_list(config.feature_sets)
+    config = dict(training_strategy=strategy, weighting=weighting, show_progress=False)
+    model = IreneModel(**config)
+    model.features_ = feature_list(model.feature_sets)
     x = forest.matrix(model.features_)
     model.leaf_models_ = fit_leaf_regressors(forest, x)
     leaf = model._predict_leaves(forest, x)[0]
     model.node_scaler_ = Standardizer.fit(x)
     xt = model._transform(x)
     torch.manual_seed(0)
-    from irene.model import WeightingModel
+    from irene.predictors.irene import WeightingModel
 
     model.weighting_ = WeightingModel(xt.shape[1], weighting, 10.0).double()
     with torch.no_grad():
@@ -90,7 +91,7 @@ def test_numpy_gradient_equals_autograd(small_trees, strategy, weighting):
 
 def test_none_strategy_is_the_exact_sum_of_children(small_trees):
     forest = build_forest(small_trees)
-    model = IreneModel(IreneConfig(training_strategy="none", show_progress=False)).fit(forest)
+    model = IreneModel(training_strategy="none", show_progress=False).fit(forest)
     pred = model.predict(forest)
     sums = np.bincount(forest.parent[forest.parent >= 0], weights=pred[forest.parent >= 0],
                        minlength=forest.num_nodes)
@@ -101,9 +102,9 @@ def test_none_strategy_is_the_exact_sum_of_children(small_trees):
 @pytest.mark.parametrize(("strategy", "weighting"), list(itertools.product(STRATEGIES, WEIGHTINGS)))
 def test_every_strategy_and_weighting_runs(small_trees, strategy, weighting):
     forest = build_forest(small_trees)
-    config = IreneConfig(training_strategy=strategy, weighting=weighting, epochs=2,
+    config = dict(training_strategy=strategy, weighting=weighting, epochs=2,
                          show_progress=False)
-    pred = IreneModel(config).fit(forest).predict(forest)
+    pred = IreneModel(**config).fit(forest).predict(forest)
     assert pred.shape == (forest.num_nodes,) and np.isfinite(pred).all()
 
 
@@ -111,7 +112,7 @@ def test_every_strategy_and_weighting_runs(small_trees, strategy, weighting):
                                           ["model_specs", "resource_utilization"]])
 def test_every_feature_set_runs_and_uses_only_its_features(small_trees, feature_sets):
     forest = build_forest(small_trees)
-    model = IreneModel(IreneConfig(feature_sets=feature_sets, epochs=1, show_progress=False))
+    model = IreneModel(feature_sets=feature_sets, epochs=1, show_progress=False)
     model.fit(forest)
     assert model.features_ == feature_list(feature_sets)
     if feature_sets == ["model_specs"]:
@@ -121,32 +122,30 @@ def test_every_feature_set_runs_and_uses_only_its_features(small_trees, feature_
 
 def test_training_reduces_the_loss(small_trees):
     forest = build_forest(small_trees)
-    model = IreneModel(IreneConfig(epochs=8, show_progress=False)).fit(forest)
+    model = IreneModel(epochs=8, show_progress=False).fit(forest)
     assert model.history_[-1] < model.history_[0]
 
 
 def test_save_load_gives_identical_predictions(small_trees, tmp_path):
     forest = build_forest(small_trees)
-    model = IreneModel(IreneConfig(epochs=2, show_progress=False)).fit(forest)
+    model = IreneModel(epochs=2, show_progress=False).fit(forest)
     model.save(tmp_path / "m")
-    loaded = IreneModel.load(tmp_path / "m")
+    loaded = predictors.load(tmp_path / "m")
     np.testing.assert_array_equal(loaded.predict(forest), model.predict(forest))
     assert not list((tmp_path / "m").glob("*.pkl"))
-    from irene import predictors
-
-    np.testing.assert_array_equal(predictors.load(tmp_path / "m").predict(forest),
-                                  model.predict(forest))
+    listed = {k: list(v) if isinstance(v, tuple) else v for k, v in model.get_params().items()}
+    assert isinstance(loaded, IreneModel) and loaded.get_params() == listed
 
 
 def test_unseen_primitive_policy(small_trees):
     forest = build_forest(small_trees)
-    model = IreneModel(IreneConfig(epochs=1, show_progress=False)).fit(forest)
+    model = IreneModel(epochs=1, show_progress=False).fit(forest)
     strange = make_tree()
     strange["frontend_tree"]["child_nodes_obj"][1]["instance_type"] = "FancyNorm"
     target = build_forest([strange])
     with pytest.raises(ValueError, match="'fancynorm'.*never seen"):
         model.predict(target)
-    model.config.unseen_op = "layernorm"
+    model.unseen_op = "layernorm"
     pred, fallback = model.predict(target, return_fallback=True)
     assert fallback.sum() == 1 and np.isfinite(pred).all()
 
@@ -155,4 +154,4 @@ def test_unfitted_and_bad_options_fail_clearly(small_trees):
     with pytest.raises(RuntimeError, match="not fitted"):
         IreneModel().predict(build_forest(small_trees))
     with pytest.raises(ValueError, match="choose from"):
-        IreneModel(IreneConfig(weighting="nearly_one")).fit(build_forest(small_trees))
+        IreneModel(weighting="nearly_one").fit(build_forest(small_trees))

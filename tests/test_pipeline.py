@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 
-from irene.tree import iter_nodes, read_trees, write_trees
+from irene.data.tree import iter_nodes, read_trees, write_trees
 from pipelines.config import register_configs
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,9 +9,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from irene import predictors
-from irene.forest import build_forest
-from irene.model import IreneConfig
-from irene.static import (
+from irene.data.forest import build_forest
+from irene.data.tree import iter_nodes, read_trees, validate_tree
+from irene.predictors.static import (
     FALLBACK_FIELD,
     STATIC_FEATURES,
     parse_shapes,
@@ -19,7 +19,6 @@ from irene.static import (
     require_static,
     trace_static,
 )
-from irene.tree import iter_nodes, read_trees, validate_tree
 from pipelines.config import register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,8 +28,7 @@ register_configs()
 @pytest.fixture(scope="session")
 def static_predictor(small_trees):
     """IrEne+ on static features with power-law leaves (sane extrapolation)."""
-    config = IreneConfig(feature_sets=["model_specs"], show_progress=False)
-    return predictors.build("irene_plus", config, {"leaf_degrees": [1]}).fit(
+    return predictors.IrenePlusPredictor(feature_sets=["model_specs"], leaf_degrees=[1]).fit(
         build_forest(small_trees))
 
 
@@ -73,7 +71,7 @@ def test_error_policy_names_the_unseen_types_and_a_named_fallback_is_used(static
 
 
 def test_a_predictor_on_measured_features_is_refused_naming_them(small_trees):
-    model = predictors.build("irene_plus", IreneConfig(show_progress=False)).fit(
+    model = predictors.IrenePlusPredictor().fit(
         build_forest(small_trees))
     with pytest.raises(ValueError, match="times_mean") as error:
         require_static(model)
@@ -117,7 +115,7 @@ def test_stage_predict_traces_every_shape_and_logs_views(static_model_dir, mlflo
 
 
 def test_stage_predict_irene_convention_has_the_published_leaves(static_model_dir, tmp_path):
-    from irene.tree import iter_nodes
+    from irene.data.tree import iter_nodes
     from pipelines import predict
 
     cfg = compose_cfg("stage=predict", "model=bert-base-uncased", f"model_dir={static_model_dir}",

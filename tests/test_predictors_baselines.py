@@ -1,4 +1,4 @@
-"""Baseline predictors: physics, flat, sum_of_children (irene/baselines.py)."""
+"""Baseline predictors: physics, flat, sum_of_children (irene/predictors/baselines.py)."""
 
 from __future__ import annotations
 
@@ -6,20 +6,18 @@ import numpy as np
 import pytest
 
 from irene import predictors
-from irene.baselines import (
+from irene.data.forest import ALL_FEATURES, build_forest, compose
+from irene.evaluate.crossval import leave_one_model_out
+from irene.predictors.baselines import (
     FlatPredictor,
     LogPolyRegressor,
     PhysicsPredictor,
     SumOfChildrenPredictor,
-    compose,
 )
-from irene.crossval import leave_one_model_out
-from irene.forest import ALL_FEATURES, build_forest
-from irene.model import IreneConfig
 from tests.conftest import make_tree
 
-FULL = IreneConfig(show_progress=False)
-STATIC = IreneConfig(feature_sets=["model_specs"], show_progress=False)
+FULL: dict = {}
+STATIC = {"feature_sets": ["model_specs"]}
 
 
 def _physics_forest(a: float, b: float):
@@ -37,27 +35,27 @@ def _physics_forest(a: float, b: float):
 
 def test_physics_recovers_both_parameters():
     forest = _physics_forest(a=1.3, b=55.0)
-    model = PhysicsPredictor(FULL).fit(forest)
+    model = PhysicsPredictor(**FULL).fit(forest)
     np.testing.assert_allclose(model.coef_["all"], [1.3, 55.0], rtol=1e-8)
     np.testing.assert_allclose(model.predict(forest), forest.gold_j, rtol=1e-8)
-    by_type = PhysicsPredictor(FULL, by_node_type=True).fit(forest)
+    by_type = PhysicsPredictor(**FULL, by_node_type=True).fit(forest)
     np.testing.assert_allclose(by_type.predict(forest), forest.gold_j, rtol=1e-8)
 
 
 def test_physics_refuses_static_features(small_trees):
     with pytest.raises(ValueError, match="needs the features.*gpu_energy_mean"):
-        PhysicsPredictor(STATIC).fit(build_forest(small_trees))
+        PhysicsPredictor(**STATIC).fit(build_forest(small_trees))
 
 
 def test_physics_is_accurate_on_device_data(small_trees):
     forest = build_forest(small_trees)
-    result = leave_one_model_out(forest, lambda: PhysicsPredictor(FULL), show_progress=False)
+    result = leave_one_model_out(forest, PhysicsPredictor(**FULL), show_progress=False)
     assert result.table.loc["overall"].max() < 2.0, result.table
 
 
 def test_sum_of_children_predicts_exact_sums(small_trees):
     forest = build_forest(small_trees)
-    pred = SumOfChildrenPredictor(STATIC).fit(forest).predict(forest)
+    pred = SumOfChildrenPredictor(**STATIC).fit(forest).predict(forest)
     sums = np.bincount(forest.parent[forest.parent >= 0], weights=pred[forest.parent >= 0],
                        minlength=forest.num_nodes)
     inner = ~forest.is_leaf
@@ -65,13 +63,12 @@ def test_sum_of_children_predicts_exact_sums(small_trees):
 
 
 def test_sum_of_children_equals_irene_strategy_none(small_trees):
-    from irene.model import IreneModel
+    from irene.predictors.irene import IreneModel
 
     forest = build_forest(small_trees)
-    config = IreneConfig(feature_sets=["model_specs"], training_strategy="none",
-                         show_progress=False)
-    reference = IreneModel(config).fit(forest).predict(forest)  # float32 aggregation
-    np.testing.assert_allclose(SumOfChildrenPredictor(config).fit(forest).predict(forest),
+    reference = IreneModel(feature_sets=["model_specs"], training_strategy="none",
+                           show_progress=False).fit(forest).predict(forest)  # float32 sums
+    np.testing.assert_allclose(SumOfChildrenPredictor(**STATIC).fit(forest).predict(forest),
                                reference, rtol=1e-5)
 
 
@@ -85,7 +82,7 @@ def test_compose_weighted_sums_with_own_terms():
 
 def test_flat_uses_only_its_own_features_and_ignores_the_tree(small_trees):
     forest = build_forest(small_trees)
-    model = FlatPredictor(STATIC).fit(forest)
+    model = FlatPredictor(**STATIC).fit(forest)
     assert "gpu_energy_mean" not in model.features_
     pred = model.predict(forest)
     # changing a child's features must not change its parent's prediction
@@ -116,7 +113,7 @@ def test_log_poly_regressor_recovers_its_law(space):
                                               ("flat", FULL), ("sum_of_children", STATIC)])
 def test_save_load_round_trip_through_the_registry(small_trees, tmp_path, name, config):
     forest = build_forest(small_trees)
-    model = predictors.build(name, config).fit(forest)
+    model = predictors.classes()[name](**config).fit(forest)
     model.save(tmp_path / name)
     assert not list((tmp_path / name).glob("*.pkl"))
     loaded = predictors.load(tmp_path / name)
@@ -126,14 +123,21 @@ def test_save_load_round_trip_through_the_registry(small_trees, tmp_path, name, 
     assert pred.shape == fallback.shape == (forest.num_nodes,) and not fallback.any()
 
 
-def test_registry_passes_options_and_rejects_unknown_ones():
-    model = predictors.build("flat", STATIC, {"space": "log", "degree": 2})
+def test_estimator_contract_params_clone_and_unknown_ones():
+    from sklearn.base import clone
+
+    model = predictors.classes()["flat"](**STATIC, space="log", degree=2)
     assert (model.space, model.degree) == ("log", 2)
+    assert model.get_params()["space"] == "log"
+    copy = clone(model).set_params(degree=3)
+    assert (copy.degree, model.degree) == (3, 2)
     with pytest.raises(TypeError, match="colour"):
-        predictors.build("flat", STATIC, {"colour": "red"})
+        predictors.classes()["flat"](colour="red")
+    with pytest.raises(ValueError, match=r"predictor.space='cubic': choose from"):
+        predictors.classes()["flat"](space="cubic").validate_params()
 
 
 @pytest.mark.parametrize("cls", [PhysicsPredictor, FlatPredictor, SumOfChildrenPredictor])
 def test_unfitted_predictors_fail_clearly(small_trees, cls):
     with pytest.raises(RuntimeError, match="not fitted"):
-        cls(FULL).predict(build_forest(small_trees))
+        cls(**FULL).predict(build_forest(small_trees))

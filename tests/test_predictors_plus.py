@@ -1,4 +1,4 @@
-"""IrEne+ (irene/plus.py): readable unattributed work, static features only, round trips."""
+"""IrEne+ (irene/predictors/irene_plus.py): readable unattributed work, static features only, round trips."""
 
 from __future__ import annotations
 
@@ -6,21 +6,20 @@ import numpy as np
 import pytest
 
 from irene import predictors
-from irene.baselines import SumOfChildrenPredictor
-from irene.crossval import leave_one_model_out
-from irene.forest import ALL_FEATURES, build_forest, compose, feature_list
-from irene.model import IreneConfig
-from irene.plus import IrenePlusPredictor
+from irene.data.forest import ALL_FEATURES, build_forest, compose, feature_list
+from irene.evaluate.crossval import leave_one_model_out
+from irene.predictors.baselines import SumOfChildrenPredictor
+from irene.predictors.irene_plus import IrenePlusPredictor
 from tests.conftest import make_tree
 
-FULL = IreneConfig(show_progress=False)
-STATIC = IreneConfig(feature_sets=["model_specs"], show_progress=False)
+FULL: dict = {}
+STATIC = {"feature_sets": ["model_specs"]}
 FAST = {"leaf_degrees": [1, 2], "leaf_alphas": [1e-4]}
 
 
 @pytest.fixture(scope="module")
 def static_model(small_trees):
-    return IrenePlusPredictor(STATIC, **FAST).fit(build_forest(small_trees))
+    return IrenePlusPredictor(**STATIC, **FAST).fit(build_forest(small_trees))
 
 
 def test_explain_parts_add_up(small_trees, static_model):
@@ -56,7 +55,7 @@ def test_static_model_uses_only_static_features(small_trees, static_model):
 
 
 def test_full_model_uses_measured_unattributed_work(small_trees):
-    model = IrenePlusPredictor(FULL, **FAST).fit(build_forest(small_trees))
+    model = IrenePlusPredictor(**FULL, **FAST).fit(build_forest(small_trees))
     assert model.extra_features_ == ["flops", "mem_bytes", "times_mean", "gpu_energy_mean"]
 
 
@@ -71,7 +70,7 @@ def test_recovers_known_child_weights_and_unattributed_terms(small_trees):
                                   minlength=forest.num_nodes)
     own = np.where(forest.is_leaf, forest.gold_j, 0.004 + 0.002 * extra_mem)
     forest.gold_j = compose(forest, own, weight)
-    model = IrenePlusPredictor(STATIC, inner_ridge=0.0, refit_iterations=0, nonnegative=False,
+    model = IrenePlusPredictor(**STATIC, inner_ridge=0.0, refit_iterations=0, nonnegative=False,
                                **FAST).fit(forest)
     learned = dict(zip(model.child_kinds_, model.child_weights_, strict=True))
     for kind, value in truth.items():
@@ -81,8 +80,8 @@ def test_recovers_known_child_weights_and_unattributed_terms(small_trees):
 
 def test_beats_sum_of_children_and_stays_under_the_targets(small_trees):
     forest = build_forest(small_trees)
-    plus = leave_one_model_out(forest, lambda: IrenePlusPredictor(STATIC), show_progress=False)
-    plain = leave_one_model_out(forest, lambda: SumOfChildrenPredictor(STATIC),
+    plus = leave_one_model_out(forest, IrenePlusPredictor(**STATIC), show_progress=False)
+    plain = leave_one_model_out(forest, SumOfChildrenPredictor(**STATIC),
                                 show_progress=False)
     overall, baseline = plus.table.loc["overall"], plain.table.loc["overall"]
     assert overall["module"] < baseline["module"] / 2 and overall["model"] < baseline["model"] / 2
@@ -92,7 +91,7 @@ def test_beats_sum_of_children_and_stays_under_the_targets(small_trees):
 @pytest.mark.parametrize("config", [STATIC, FULL], ids=["static", "full"])
 def test_save_load_gives_identical_predictions(small_trees, tmp_path, config):
     forest = build_forest(small_trees)
-    model = predictors.build("irene_plus", config, FAST).fit(forest)
+    model = predictors.classes()["irene_plus"](**config, **FAST).fit(forest)
     model.save(tmp_path / "m")
     assert not list((tmp_path / "m").glob("*.pkl"))
     loaded = predictors.load(tmp_path / "m")
@@ -126,8 +125,8 @@ def test_leaf_hyperparameters_come_from_inner_cross_validation(static_model):
 def test_bad_options_and_unfitted_fail_clearly(small_trees):
     forest = build_forest(small_trees)
     with pytest.raises(RuntimeError, match="not fitted"):
-        IrenePlusPredictor(STATIC).predict(forest)
+        IrenePlusPredictor(**STATIC).predict(forest)
     with pytest.raises(ValueError, match="leaf_spaces"):
-        IrenePlusPredictor(STATIC, leaf_spaces=["cubic"]).fit(forest)
+        IrenePlusPredictor(**STATIC, leaf_spaces=["cubic"]).fit(forest)
     with pytest.raises(ValueError, match="leaf_degrees"):
-        IrenePlusPredictor(STATIC, leaf_degrees=[0]).fit(forest)
+        IrenePlusPredictor(**STATIC, leaf_degrees=[0]).fit(forest)

@@ -8,9 +8,9 @@ from collections import Counter
 
 import pytest
 
-from irene import published
-from irene.published import DataFormatError, DataNotFoundError, import_device, resolve_device_dir
-from irene.tree import iter_nodes, read_trees, validate_tree, write_trees
+from irene.data import published
+from irene.data.published import DataFormatError, DataNotFoundError, import_device, resolve_device_dir
+from irene.data.tree import iter_nodes, read_trees, validate_tree, write_trees
 
 
 def _tree(trees, model, batch_size=8, seq_len=32):

@@ -15,10 +15,9 @@ import pandas as pd
 import pytest
 
 from irene import predictors
-from irene.forest import build_forest
-from irene.model import IreneConfig
+from irene.data.forest import build_forest
+from irene.predictors.static import trace_static
 from irene.serving import node_rows, predict_frame, total_energy
-from irene.static import trace_static
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +27,8 @@ def pyfunc_model(small_trees, mlflow_uri, tmp_path_factory):
     from irene.serving import log_pyfunc
 
     model_dir = tmp_path_factory.mktemp("pyfunc") / "model"
-    predictor = predictors.build("irene_plus", IreneConfig(["model_specs"], show_progress=False),
-                                 {"leaf_degrees": [1]}).fit(build_forest(small_trees))
+    predictor = predictors.IrenePlusPredictor(feature_sets=["model_specs"], leaf_degrees=[1]).fit(
+        build_forest(small_trees))
     predictor.save(model_dir)
     mlflow.set_tracking_uri(mlflow_uri)
     mlflow.set_experiment("pytest_serving")

@@ -14,7 +14,7 @@ import mlflow
 import pytest
 from hydra import compose, initialize_config_dir
 
-from irene.tree import write_trees
+from irene.data.tree import write_trees
 from pipelines.config import register_configs
 from tests.servers import MlflowServer, Postgres, postgres_bindir
 
@@ -50,7 +50,8 @@ def runs(uri: str, filter_string: str = "") -> list:
 
 def test_parallel_jobs_on_one_sqlite_store_and_a_failing_job(tmp_path, trees_file):
     uri = sqlite_store(tmp_path)
-    # tanh_scalar=-1 is invalid: that job raises inside its run; the seven others complete
+    # tanh_scalar=-1 is invalid: that job fails at its start, as a FAILED run with its
+    # params; the seven others complete
     out = sweep(tmp_path, uri, trees_file, "hydra/launcher=joblib", "hydra.launcher.n_jobs=8",
                 "predictor.tanh_scalar=1,2,3,4,5,6,7,-1")
     jobs = runs(uri, "tags.stage = 'crossvalidate'")

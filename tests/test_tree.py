@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from irene.tree import TreeFormatError, iter_nodes, read_trees, write_trees
+from irene.data.tree import TreeFormatError, iter_nodes, read_trees, write_trees
 from tests.conftest import make_tree
 
 

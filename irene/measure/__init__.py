@@ -1,6 +1,6 @@
 """Measurement: trace a transformer into an IrEne tree, count FLOPs and bytes, measure energy.
 
-* :mod:`irene.architectures`: paper models built from config classes (random weights; shared).
+* :mod:`irene.data.architectures`: paper models built from config classes (random weights; shared).
 * :mod:`irene.measure.trace`: one forward pass -> tree of modules and ML primitives.
 * :mod:`irene.measure.flops`: explicit FLOP and byte formulas per primitive.
 * :mod:`irene.measure.meters`: NVML, RAPL and null energy meters behind one interface.
@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from irene.architectures import MODEL_REGISTRY, config_from_name, model_from_name
+from irene.data.architectures import MODEL_REGISTRY, config_from_name, model_from_name
 from irene.measure.meters import EnergyMeter, make_meter
 from irene.measure.protocol import ProtocolSettings, measure_trace
 from irene.measure.store import append_record, has_record

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import transformers
 
-from irene.architectures import model_from_name
+from irene.data.architectures import model_from_name
 from irene.measure.meters import EnergyMeter, NullMeter, NvmlMeter
 from irene.measure.protocol import ProtocolSettings, device_sync, measure_trace
 from irene.measure.store import append_record, has_record
@@ -49,7 +49,7 @@ def measure_configuration(
     """Trace, measure and return one ``trees.jsonl`` record.
 
     Args:
-        model_name: a name accepted by :func:`irene.architectures.model_from_name`.
+        model_name: a name accepted by :func:`irene.data.architectures.model_from_name`.
         batch_size: batch size of the input.
         seq_len: sequence length of the input.
         meter: ground-truth energy meter (default: none, i.e. no energy).

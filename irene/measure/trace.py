@@ -34,9 +34,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from irene.architectures import model_from_name
+from irene.data.architectures import model_from_name
+from irene.data.tree import FEATURE_FIELDS
 from irene.measure.flops import LEAF_OPS, OpCost, irene_leaf_bytes, is_known_op, op_cost, op_name
-from irene.tree import FEATURE_FIELDS
 
 __all__ = [
     "CONVENTIONS",

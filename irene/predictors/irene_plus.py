@@ -1,6 +1,6 @@
 """IrEne+: a tree predictor designed from the diagnostics (``predictor=irene_plus``).
 
-The measured data show (see :mod:`irene.diagnostics`) that a parent is often 1.1-1.5× the
+The measured data show (see :mod:`irene.evaluate.diagnostics`) that a parent is often 1.1-1.5× the
 sum of its measured children — work no child accounts for (attention masking and scaling,
 residual adds, GELU written as a plain function, the pooler's slicing) — and that this
 excess follows the *kind* of children and the parent's *own* data movement, not the module's
@@ -31,23 +31,13 @@ the whole model on device 1 takes well under a second per fold.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
-
 import numpy as np
 import pandas as pd
 
-from irene.baselines import (
-    NODE_TYPE_NAMES,
-    LogPolyRegressor,
-    measured,
-    read_state,
-    relative_lstsq,
-    write_state,
-)
-from irene.forest import Forest, children_sum, compose, feature_list, predict_leaves
-from irene.model import IreneConfig
+from irene.data.forest import Forest, children_sum, compose, feature_list
+from irene.data.tree import NODE_TYPES
+from irene.predictors.base import Each, OneOf, Predictor, Range
+from irene.predictors.leaves import LogPolyRegressor, measured, predict_leaves, relative_lstsq
 
 MODULE_CHILD = "module"  # the kind of a child that is a module (not a primitive)
 # additive features whose parent-minus-children difference is the parent's own, unattributed work
@@ -55,15 +45,17 @@ EXTRA_FEATURES = ("flops", "mem_bytes", "times_mean", "gpu_energy_mean")
 MAX_FEATURES_FOR_CUBIC = 8  # degree 3 of more features has too many terms for small op types
 
 
-class IrenePlusPredictor:
+class IrenePlusPredictor(Predictor):
     """IrEne with learned unattributed work, weights per kind of child and log-space leaves.
 
     Args:
-        config: shared IrEne settings; ``feature_sets`` picks the inputs (only those are
-            used), ``unseen_op`` is ignored (an unseen primitive uses the op-agnostic
-            regressor unless ``fallback`` is false).
-        leaf_degrees: candidate polynomial degrees of the log-space leaf regressors.
+        feature_sets: the inputs (only those are used).
+        leaf_degrees: candidate polynomial degrees of the log-space leaf regressors. Default:
+            power laws only; degrees 2-3 score the same in cross-validation on the published
+            models but extrapolate wildly to models outside their range (docs/predict.md).
         leaf_alphas: candidate ridge strengths (per sample, on standardized log features).
+        leaf_spaces: candidate spaces of the leaf regressors: ``log`` (power laws) and
+            ``linear`` (sums of measured parts).
         inner_ridge: pull of the child weights towards 1 and of the unattributed
             coefficients towards 0 (on the relative-error scale).
         nonnegative: child weights and the coefficients of unattributed FLOP and bytes are
@@ -75,14 +67,20 @@ class IrenePlusPredictor:
     """
 
     name = "irene_plus"
+    constraints = {
+        "leaf_degrees": Each(Range(int, 1, 3)),
+        "leaf_alphas": Each(Range(float, 0, None)),
+        "leaf_spaces": Each(OneOf(("log", "linear"))),
+        "inner_ridge": Range(float, 0, None),
+        "refit_iterations": Range(int, 0, 100),
+    }
 
-    def __init__(self, config: IreneConfig | None = None,
-                 leaf_degrees: Sequence[int] = (1,),
-                 leaf_alphas: Sequence[float] = (1e-6, 1e-4, 1e-2),
-                 leaf_spaces: Sequence[str] = ("log", "linear"),
-                 inner_ridge: float = 1e-3, nonnegative: bool = True, refit_iterations: int = 2,
-                 fallback: bool = True, select_by_cv: bool = True):
-        self.config = config or IreneConfig()
+    def __init__(self, feature_sets: list[str] = ("model_specs", "resource_utilization"),
+                 leaf_degrees: list[int] = (1,), leaf_alphas: list[float] = (1e-6, 1e-4, 1e-2),
+                 leaf_spaces: list[str] = ("log", "linear"), inner_ridge: float = 1e-3,
+                 nonnegative: bool = True, refit_iterations: int = 2, fallback: bool = True,
+                 select_by_cv: bool = True):
+        self.feature_sets = feature_sets
         self.leaf_degrees = leaf_degrees
         self.leaf_alphas = leaf_alphas
         self.leaf_spaces = leaf_spaces
@@ -92,30 +90,10 @@ class IrenePlusPredictor:
         self.fallback = fallback
         self.select_by_cv = select_by_cv
 
-    # ------------------------------------------------------------------------ options
-    def _options(self) -> dict[str, Any]:
-        return {"leaf_degrees": [int(d) for d in self.leaf_degrees],
-                "leaf_alphas": [float(a) for a in self.leaf_alphas],
-                "leaf_spaces": [str(s) for s in self.leaf_spaces],
-                "inner_ridge": float(self.inner_ridge), "nonnegative": bool(self.nonnegative),
-                "refit_iterations": int(self.refit_iterations), "fallback": bool(self.fallback),
-                "select_by_cv": bool(self.select_by_cv)}
-
-    def _validate(self) -> None:
-        if not self.leaf_degrees or any(int(d) < 1 for d in self.leaf_degrees):
-            raise ValueError(f"leaf_degrees {list(self.leaf_degrees)}: need degrees ≥ 1")
-        if not self.leaf_alphas or any(float(a) < 0 for a in self.leaf_alphas):
-            raise ValueError(f"leaf_alphas {list(self.leaf_alphas)}: need values ≥ 0")
-        if not self.leaf_spaces or set(self.leaf_spaces) - {"log", "linear"}:
-            raise ValueError(f"leaf_spaces {list(self.leaf_spaces)}: choose from ['log', 'linear']")
-        if self.inner_ridge < 0 or self.refit_iterations < 0:
-            raise ValueError("inner_ridge and refit_iterations must be ≥ 0")
-        feature_list(self.config.feature_sets)
-
     # ------------------------------------------------------------------------ fitting
     def fit(self, forest: Forest) -> IrenePlusPredictor:
-        self._validate()
-        self.features_ = feature_list(self.config.feature_sets)
+        self.validate_params()
+        self.features_ = feature_list(list(self.feature_sets))
         self.extra_features_ = [f for f in EXTRA_FEATURES if f in self.features_]
         x = forest.matrix(self.features_)
         self._fit_leaves(forest, x)
@@ -228,10 +206,6 @@ class IrenePlusPredictor:
                 child_values = pred
 
     # --------------------------------------------------------------------- prediction
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "child_weights_"):
-            raise RuntimeError("this IrenePlusPredictor is not fitted yet: call fit() or load()")
-
     def _predict_leaves(self, forest: Forest, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return predict_leaves(forest, x, self.leaf_models_,
                               lambda op: self.global_leaf_model_ if self.fallback else None,
@@ -252,7 +226,7 @@ class IrenePlusPredictor:
 
     def predict(self, forest: Forest, *, return_fallback: bool = False):
         """Predicted energy (J) of every node of ``forest``, in forest order."""
-        self._check_fitted()
+        self.check_fitted()
         leaf_pred, fallback = self._predict_leaves(forest, forest.matrix(self.features_))
         pred = self._compose(forest, leaf_pred)
         return (pred, fallback) if return_fallback else pred
@@ -269,7 +243,7 @@ class IrenePlusPredictor:
             For inner nodes ``predicted_j = weighted_children_j + residual_j``
             ``= children_sum_j + unattributed_j``; leaves have zeros in the child columns.
         """
-        self._check_fitted()
+        self.check_fitted()
         leaf_pred, fallback = self._predict_leaves(forest, forest.matrix(self.features_))
         weights, residual = self._weights_and_residual(forest)
         pred = compose(forest, np.where(forest.is_leaf, leaf_pred, residual), weights)
@@ -279,7 +253,7 @@ class IrenePlusPredictor:
         return pd.DataFrame({
             "id": forest.ids,
             "model_name": forest.node_model_names(),
-            "node_type": np.asarray(NODE_TYPE_NAMES, dtype=object)[forest.node_type],
+            "node_type": np.asarray([str(t) for t in NODE_TYPES], dtype=object)[forest.node_type],
             "instance_type": forest.instance_type,
             "predicted_j": pred,
             "weight_in_parent": np.where(forest.parent >= 0, weights, np.nan),
@@ -294,44 +268,36 @@ class IrenePlusPredictor:
     def parameters(self) -> pd.DataFrame:
         """The inner model's learned numbers: one weight per kind of child, then the
         coefficients of the unattributed term (J, J/MFLOP, J/MiB, J/s, J/J)."""
-        self._check_fitted()
+        self.check_fitted()
         names = [f"weight[{k}]" for k in self.child_kinds_] + list(self.residual_terms_)
         return pd.DataFrame({"value": np.concatenate([self.child_weights_, self.residual_coef_])},
                             index=pd.Index(names, name="parameter"))
 
     # -------------------------------------------------------------------- persistence
-    def save(self, directory: str | Path) -> Path:
-        """``config.json`` (name, IrEne config, options) and ``state.json`` (all numbers)."""
-        self._check_fitted()
-        state = {
+    def _get_state(self) -> dict:
+        return {
             "features": self.features_, "extra_features": self.extra_features_,
             "leaf_models": {op: m.to_dict() for op, m in self.leaf_models_.items()},
-            "leaf_cv_error_pct": {op: (None if np.isnan(v) else v)
-                                  for op, v in self.leaf_cv_error_pct_.items()},
+            "leaf_cv_error_pct": self.leaf_cv_error_pct_,
             "global_leaf_model": self.global_leaf_model_.to_dict(),
-            "child_kinds": list(self.child_kinds_), "child_weights": self.child_weights_.tolist(),
-            "residual_terms": list(self.residual_terms_),
-            "residual_coef": self.residual_coef_.tolist(), "history": self.history_,
+            "child_kinds": list(self.child_kinds_), "child_weights": self.child_weights_,
+            "residual_terms": list(self.residual_terms_), "residual_coef": self.residual_coef_,
+            "history": self.history_,
         }
-        return write_state(directory, self.name, self.config, self._options(), state)
 
-    @classmethod
-    def load(cls, directory: str | Path) -> IrenePlusPredictor:
-        config, options, state = read_state(directory, cls.name)
-        model = cls(config, **options)
-        model.features_ = state["features"]
-        model.extra_features_ = state["extra_features"]
-        model.leaf_models_ = {op: LogPolyRegressor.from_dict(s)
-                              for op, s in state["leaf_models"].items()}
-        model.leaf_cv_error_pct_ = {op: float("nan") if v is None else v
-                                    for op, v in state["leaf_cv_error_pct"].items()}
-        model.global_leaf_model_ = LogPolyRegressor.from_dict(state["global_leaf_model"])
-        model.child_kinds_ = list(state["child_kinds"])
-        model.child_weights_ = np.asarray(state["child_weights"], dtype=np.float64)
-        model.residual_terms_ = list(state["residual_terms"])
-        model.residual_coef_ = np.asarray(state["residual_coef"], dtype=np.float64)
-        model.history_ = list(state["history"])
-        return model
+    def _set_state(self, state: dict) -> None:
+        self.features_ = list(state["features"])
+        self.extra_features_ = list(state["extra_features"])
+        self.leaf_models_ = {op: LogPolyRegressor.from_dict(s)
+                             for op, s in state["leaf_models"].items()}
+        self.leaf_cv_error_pct_ = {op: float("nan") if v is None else v
+                                   for op, v in state["leaf_cv_error_pct"].items()}
+        self.global_leaf_model_ = LogPolyRegressor.from_dict(state["global_leaf_model"])
+        self.child_kinds_ = list(state["child_kinds"])
+        self.child_weights_ = np.asarray(state["child_weights"], dtype=np.float64)
+        self.residual_terms_ = list(state["residual_terms"])
+        self.residual_coef_ = np.asarray(state["residual_coef"], dtype=np.float64)
+        self.history_ = list(state["history"])
 
 
 def _distinct(x: np.ndarray, energy_j: np.ndarray, groups: np.ndarray

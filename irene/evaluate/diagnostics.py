@@ -17,7 +17,7 @@ Two questions, answered per node type and module class (``instance_type``):
    A plain sum of perfect leaves has a leaf part of 0 and an aggregation part of minus the
    unattributed work.
 
-Everything is arrays over a :class:`~irene.forest.Forest`.
+Everything is arrays over a :class:`~irene.data.forest.Forest`.
 """
 
 from __future__ import annotations
@@ -25,15 +25,16 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from irene.baselines import NODE_TYPE_NAMES, subtree_leaf_sum
-from irene.forest import Forest, children_sum, num_children
+from irene.data.forest import Forest, children_sum, num_children, subtree_leaf_sum
+from irene.data.tree import NODE_TYPES
+from irene.tables import to_markdown
 
 GROUP_COLUMNS = ["node_type", "instance_type"]
 
 
 def _node_frame(forest: Forest) -> pd.DataFrame:
     return pd.DataFrame({
-        "node_type": np.asarray(NODE_TYPE_NAMES, dtype=object)[forest.node_type],
+        "node_type": np.asarray([str(t) for t in NODE_TYPES], dtype=object)[forest.node_type],
         "instance_type": forest.instance_type,
     })
 
@@ -48,7 +49,7 @@ def child_ratios(forest: Forest) -> np.ndarray:
     return np.where(ok, gold / np.where(ok, total, 1.0), np.nan)
 
 
-def child_ratio_table(forest: Forest, tanh_scalar: float = 10.0) -> pd.DataFrame:
+def child_ratio_table(forest: Forest, tanh_scalar: float) -> pd.DataFrame:
     """Per (node type, module class): how the measured parent compares with its children.
 
     Args:
@@ -84,7 +85,7 @@ def child_ratio_table(forest: Forest, tanh_scalar: float = 10.0) -> pd.DataFrame
     rows = {key: summarise(group) for key, group in frame.groupby(GROUP_COLUMNS, sort=True)}
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index = pd.Index([f"{t}:{c}" for t, c in table.index], name="group")
-    order = {name: i for i, name in enumerate(NODE_TYPE_NAMES)}
+    order = {str(name): i for i, name in enumerate(NODE_TYPES)}
     table = table.iloc[sorted(range(len(table)),
                               key=lambda i: (order[table.index[i].split(":")[0]], table.index[i]))]
     if len(frame):
@@ -138,7 +139,7 @@ def error_sources(forest: Forest, predicted_j: np.ndarray) -> pd.DataFrame:
         })
 
     rows = {}
-    for node_type in NODE_TYPE_NAMES:
+    for node_type in map(str, NODE_TYPES):
         of_type = parts[parts["node_type"] == node_type]
         if not len(of_type):
             continue
@@ -151,7 +152,7 @@ def error_sources(forest: Forest, predicted_j: np.ndarray) -> pd.DataFrame:
 
 
 def report_markdown(ratio_table: pd.DataFrame, sources: dict[str, pd.DataFrame],
-                    tanh_scalar: float = 10.0) -> str:
+                    tanh_scalar: float) -> str:
     """The diagnostics as one markdown document.
 
     Args:
@@ -160,13 +161,9 @@ def report_markdown(ratio_table: pd.DataFrame, sources: dict[str, pd.DataFrame],
         tanh_scalar: τ used for ``outside_tau_pct``.
     """
     def table_md(frame: pd.DataFrame) -> str:
-        header = [frame.index.name or "", *map(str, frame.columns)]
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        for idx, row in frame.iterrows():
-            cells = [f"{v:.0f}" if col == "nodes" else f"{v:.3f}" if col.startswith("ratio")
-                     or col == "children" else f"{v:.2f}" for col, v in row.items()]
-            lines.append("| " + " | ".join([str(idx), *cells]) + " |")
-        return "\n".join(lines)
+        formats = {str(c): ".0f" if c == "nodes" else ".3f" if str(c).startswith("ratio")
+                   or c == "children" else ".2f" for c in frame.columns}
+        return to_markdown(frame, formats)
 
     out = ["# Diagnostics", "",
            "## Measured parent ÷ sum of measured children", "",

@@ -16,12 +16,25 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Iterator
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from irene.io import atomic_write_text
+from irene.data.io import atomic_write_text
 
-NODE_TYPES = ("model", "module", "ml")
+
+class NodeType(StrEnum):
+    """The ``type`` of a node: the root, a module, or an ML primitive (a leaf)."""
+
+    MODEL = "model"
+    MODULE = "module"
+    ML = "ml"
+
+
+# Every node type; a node's position here is its code in :class:`irene.data.forest.Forest`.
+NODE_TYPES = tuple(NodeType)
+# Column order of every error table (the reference report's: leaves first).
+ERROR_COLUMNS = (NodeType.ML.value, NodeType.MODULE.value, NodeType.MODEL.value)
 REQUIRED_TREE_FIELDS = ("model_name", "batch_size", "seq_len", "frontend_tree")
 REQUIRED_NODE_FIELDS = ("id", "scope", "level", "instance_type", "type", "child_nodes_obj")
 # Features a node may carry, in the column order of the published data.
@@ -106,7 +119,7 @@ def validate_tree(
     root = tree["frontend_tree"]
     if not isinstance(root, dict):
         fail("frontend_tree", "must be a JSON object")
-    if root.get("type") != "model":
+    if root.get("type") != NodeType.MODEL:
         fail("type", f"the root must be of type 'model', got {root.get('type')!r}", root)
 
     seen_ids = set() if seen_ids is None else seen_ids
@@ -120,9 +133,9 @@ def validate_tree(
             fail("type", f"must be one of {list(NODE_TYPES)}, got {node['type']!r}", node)
         if not isinstance(node["child_nodes_obj"], list):
             fail("child_nodes_obj", "must be a list", node)
-        if not node["child_nodes_obj"] and node["type"] != "ml":
+        if not node["child_nodes_obj"] and node["type"] != NodeType.ML:
             fail("type", f"a leaf must be an 'ml' node, got {node['type']!r}", node)
-        if node["type"] == "ml" and node["child_nodes_obj"]:
+        if node["type"] == NodeType.ML and node["child_nodes_obj"]:
             fail("child_nodes_obj", "an 'ml' node must be a leaf", node)
         node_id = node["id"]
         if not isinstance(node_id, str) or not node_id:

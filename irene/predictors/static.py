@@ -19,8 +19,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from irene.forest import ALL_FEATURES, FEATURE_SETS, Forest, build_forest, fill_predictions
-from irene.tree import Tree, iter_nodes
+from irene.data.forest import ALL_FEATURES, FEATURE_SETS, Forest, build_forest, fill_predictions
+from irene.data.tree import Tree, iter_nodes
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def trace_static(model: str, shapes: Iterable[tuple[int, int]], *,
     ``.item()``) is rebuilt on the CPU with random weights.
 
     Args:
-        model: a name of ``irene.architectures.MODEL_REGISTRY`` or a local ``config.json``.
+        model: a name of ``irene.data.architectures.MODEL_REGISTRY`` or a local ``config.json``.
         shapes: (batch_size, seq_len) pairs.
         attn_implementation: forced attention implementation (``eager`` shows MatMul and
             Softmax leaves, like the published data).
@@ -54,7 +54,7 @@ def trace_static(model: str, shapes: Iterable[tuple[int, int]], *,
         One tree per shape, in order; nodes carry ``num_parameters``, ``flops`` (MFLOP) and
         ``mem_bytes`` (MiB) and no measurement.
     """
-    from irene.architectures import model_from_name
+    from irene.data.architectures import model_from_name
     from irene.measure.trace import check_convention, trace_tree
 
     check_convention(convention)

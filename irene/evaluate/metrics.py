@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from irene.forest import NODE_TYPE_CODES, Forest
-
-NODE_TYPES = ("ml", "module", "model")  # the reference report's column order
+from irene.data.forest import Forest, build_forest
+from irene.data.tree import ERROR_COLUMNS, NODE_TYPES, iter_nodes
 
 
 def percentage_errors(gold_j: np.ndarray, predicted_j: np.ndarray) -> np.ndarray:
@@ -18,10 +17,9 @@ def percentage_errors(gold_j: np.ndarray, predicted_j: np.ndarray) -> np.ndarray
 def node_errors(forest: Forest, predicted_j: np.ndarray) -> pd.DataFrame:
     """One row per measured node: model, node type, primitive type, % error."""
     measured = ~np.isnan(forest.gold_j)
-    names = {code: name for name, code in NODE_TYPE_CODES.items()}
     return pd.DataFrame({
         "model_name": forest.node_model_names()[measured],
-        "node_type": [names[c] for c in forest.node_type[measured]],
+        "node_type": np.asarray([str(t) for t in NODE_TYPES], dtype=object)[forest.node_type[measured]],
         "instance_type": forest.instance_type[measured],
         "error_pct": percentage_errors(forest.gold_j[measured], predicted_j[measured]),
     })
@@ -31,17 +29,29 @@ def errors_by_node_type(forest: Forest, predicted_j: np.ndarray) -> dict[str, fl
     """Mean % error of ml, module and model nodes (the reference evaluator's numbers)."""
     frame = node_errors(forest, predicted_j)
     means = frame.groupby("node_type")["error_pct"].mean()
-    return {t: float(means[t]) for t in NODE_TYPES if t in means}
+    return {t: float(means[t]) for t in ERROR_COLUMNS if t in means}
 
 
 def error_tables(forest: Forest, predicted_j: np.ndarray) -> dict[str, pd.DataFrame]:
     """Tables of mean % error: by node type, by model × node type, by primitive type."""
     frame = node_errors(forest, predicted_j)
     by_type = frame.groupby("node_type")["error_pct"].agg(["mean", "count"]).reindex(
-        [t for t in NODE_TYPES if t in set(frame["node_type"])])
+        [t for t in ERROR_COLUMNS if t in set(frame["node_type"])])
     by_model = frame.pivot_table(index="model_name", columns="node_type", values="error_pct",
                                  aggfunc="mean", sort=False)
-    by_model = by_model[[t for t in NODE_TYPES if t in by_model.columns]]
-    leaves = frame[frame["node_type"] == "ml"]
+    by_model = by_model[[t for t in ERROR_COLUMNS if t in by_model.columns]]
+    leaves = frame[frame["node_type"] == ERROR_COLUMNS[0]]
     by_op = leaves.groupby("instance_type")["error_pct"].agg(["mean", "count"])
     return {"by_node_type": by_type, "by_model": by_model, "by_primitive": by_op}
+
+
+def align_predictions(gold_trees: list, predicted_trees: list, where: str) -> tuple[Forest, np.ndarray]:
+    """Align predictions to gold by node id (as the public evaluator does)."""
+    predicted = {n["id"]: n.get("predicted_energy") for t in predicted_trees
+                 for n in iter_nodes(t["frontend_tree"])}
+    forest = build_forest(gold_trees)
+    missing = [i for i in forest.ids if predicted.get(i) is None]
+    if missing:
+        raise ValueError(f"{where}: field 'predicted_energy': missing for {len(missing)} nodes, "
+                         f"e.g. id {missing[0]!r}")
+    return forest, np.asarray([predicted[i] for i in forest.ids], dtype=float)

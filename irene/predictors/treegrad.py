@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from irene.forest import NODE_TYPE_CODES, Forest
+from irene.data.forest import Forest
 
 
 @dataclass
@@ -45,7 +45,7 @@ def tree_indices(forest: Forest) -> list[TreeIndex]:
             children = np.flatnonzero(depth == d)
             levels.append((children, parent[children]))
         nonroot = np.flatnonzero(parent >= 0)
-        is_leaf = forest.node_type[a:b] == NODE_TYPE_CODES["ml"]
+        is_leaf = forest.is_leaf[a:b]
         out.append(TreeIndex(start=a, stop=b, parent=parent, levels=levels,
                              edges=(nonroot, parent[nonroot]),
                              inner=np.flatnonzero(~is_leaf & measured[a:b]), is_leaf=is_leaf))

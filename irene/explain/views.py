@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from irene.tree import Tree, iter_nodes_with_parent
+from irene.data.tree import NodeType, Tree, iter_nodes_with_parent
 
 SOURCES = ("auto", "predicted", "measured")
 ENERGY_FIELDS = {"predicted": "predicted_energy", "measured": "ground_truth_energy"}
@@ -86,7 +86,7 @@ def node_frame(tree: Tree, source: str = "auto") -> pd.DataFrame:
     children = np.zeros(len(frame))
     has_parent = parent >= 0
     np.add.at(children, parent[has_parent], np.nan_to_num(energy[has_parent]))
-    is_inner = frame["node_type"].to_numpy() != "ml"
+    is_inner = frame["node_type"].to_numpy() != NodeType.ML
     frame["children_j"] = np.where(is_inner, children, 0.0)
     frame["unattributed_j"] = np.where(is_inner, energy - children, 0.0)
     frame["share"] = energy / energy[0]
@@ -116,7 +116,7 @@ def top_modules_text(tree: Tree, top_n: int = 10, source: str = "auto") -> str:
     fallback predictions says how many.
     """
     frame = node_frame(tree, source)
-    modules = frame[(frame["node_type"] == "module") & frame["energy_j"].notna()]
+    modules = frame[(frame["node_type"] == NodeType.MODULE) & frame["energy_j"].notna()]
     chosen = set(modules.nlargest(max(int(top_n), 0), "energy_j").index)
     shown = {0}
     for row in chosen:
@@ -143,7 +143,7 @@ def _text_lines(frame: pd.DataFrame, row: int, children: dict[int, list[int]],
     connector = "" if is_root else ("└─ " if last else "├─ ")
     text = (f"{prefix}{connector}{label} ({node['instance_type']})  "
             f"{node['energy_j']:.4g} J  {100 * node['share']:.1f}%")
-    if node["node_type"] != "ml":
+    if node["node_type"] != NodeType.ML:
         text += f"  unattributed {node['unattributed_j']:+.3g} J"
     if node["fallback_leaves"]:
         text += f"  [{int(node['fallback_leaves'])} fallback leaves]"
@@ -167,7 +167,7 @@ def icicle_rows(tree: Tree, source: str = "auto") -> pd.DataFrame:
     frame = node_frame(tree, source)
     parent = frame["parent"].to_numpy()
     energy = np.nan_to_num(frame["energy_j"].to_numpy())
-    inner = frame["node_type"].to_numpy() != "ml"
+    inner = frame["node_type"].to_numpy() != NodeType.ML
     drawn = np.where(inner, 0.0, np.maximum(energy, 0.0))
     drawn_children = np.zeros(len(frame))
     for row in range(len(frame) - 1, -1, -1):  # children before parents
@@ -212,7 +212,7 @@ def _hover(node: pd.Series, total_j: float) -> str:
             f"energy {node['energy_j']:.4g} J, {100 * node['energy_j'] / total_j:.1f}% of total")
     if not np.isnan(node["predicted_j"]) and not np.isnan(node["measured_j"]):
         text += f"<br>predicted {node['predicted_j']:.4g} J, measured {node['measured_j']:.4g} J"
-    if node["node_type"] != "ml":
+    if node["node_type"] != NodeType.ML:
         text += (f"<br>Σ children {node['children_j']:.4g} J, "
                  f"unattributed {node['unattributed_j']:+.4g} J")
         if node["unattributed_j"] < 0:
@@ -337,3 +337,37 @@ def view_stem(tree: Tree) -> str:
 
 __all__: Sequence[str] = ("icicle_figure", "icicle_rows", "node_frame", "top_modules_text",
                           "view_stem", "write_html", "write_png", "write_views")
+
+
+# ------------------------------------------------------------------------- tables
+def totals_table(trees: list[Tree]) -> pd.DataFrame:
+    """Total predicted (and measured, if any) energy per tree, with fallback counts."""
+    rows = []
+    for tree in trees:
+        root = tree["frontend_tree"]
+        frame = node_frame(tree, "predicted")
+        rows.append({"model": tree["model_name"], "batch_size": int(tree["batch_size"]),
+                     "seq_len": int(tree["seq_len"]),
+                     "predicted_energy_j": float(root["predicted_energy"]),
+                     "measured_energy_j": root.get("ground_truth_energy"),
+                     "nodes": len(frame), "fallback_nodes": int(frame["fallback"].sum())})
+    table = pd.DataFrame(rows)
+    if table["measured_energy_j"].isna().all():
+        table = table.drop(columns="measured_energy_j")
+    else:
+        table["error_pct"] = 100 * (table["predicted_energy_j"] / table["measured_energy_j"] - 1)
+    return table.set_index("model")
+
+
+def fallback_table(trees: list[Tree]) -> pd.DataFrame:
+    """Every node predicted by a fallback: tree, node id and type."""
+    rows = []
+    for tree in trees:
+        frame = node_frame(tree, "predicted")
+        for _, node in frame[frame["fallback"]].iterrows():
+            rows.append({"model": tree["model_name"], "batch_size": int(tree["batch_size"]),
+                         "seq_len": int(tree["seq_len"]), "scope": node["scope"],
+                         "instance_type": node["instance_type"],
+                         "predicted_energy_j": node["predicted_j"]})
+    return pd.DataFrame(rows, columns=["model", "batch_size", "seq_len", "scope",
+                                       "instance_type", "predicted_energy_j"])

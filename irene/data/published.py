@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from irene.architectures import model_class_name, parameter_counts
-from irene.tree import FEATURE_FIELDS, Tree
+from irene.data.architectures import model_class_name, parameter_counts
+from irene.data.tree import FEATURE_FIELDS, NodeType, Tree
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ PAPER_MODELS = (
     "distilgpt2",
     "openai-gpt",
 )
-SOURCES_FILE = Path(__file__).resolve().parents[1] / "datasets" / "published.json"
+SOURCES_FILE = Path(__file__).resolve().with_name("published.json")  # packaged with irene
 ENV_VAR = "IRENE_DATA_DIR"
 
 
@@ -108,13 +108,12 @@ def download_device(device: str, target: Path, *, timeout_s: float = 30.0) -> Pa
 
 
 def resolve_device_dir(path: str | Path | None, device: str = "device_1", *,
-                       datasets_dir: Path | None = None, download: bool = True) -> Path:
+                       datasets_dir: Path, download: bool = True) -> Path:
     """Find a device folder: ``path``, then ``$IRENE_DATA_DIR``, then ``datasets/<device>``.
 
     When none holds the four CSVs and ``download`` is set, fetch them into
     ``datasets/<device>`` from the public repository (sha256 checked).
     """
-    datasets_dir = datasets_dir or SOURCES_FILE.parent
     tried: list[str] = []
     candidates = [("config data.path", path), (f"${ENV_VAR}", os.environ.get(ENV_VAR)),
                   ("project datasets folder", datasets_dir / device)]
@@ -194,7 +193,7 @@ def _build_tree(model: str, batch_size: int, seq_len: int, rows: list[dict]) -> 
     ids = (model, batch_size, seq_len)
     counts = parameter_counts(model)
     model_row = next(row for row in rows if row["src_level"] == "model")
-    root = _make_node(model_row, "root", None, model_class_name(model), "model", counts[""], ids)
+    root = _make_node(model_row, "root", None, model_class_name(model), NodeType.MODEL, counts[""], ids)
     by_scope: dict[str, dict] = {"": root}
     nodes: list[tuple[str, dict]] = []  # (relative scope of the parent to look up, node)
     for row in (row for row in rows if row["src_level"] in ("module", "ml1")):
@@ -204,7 +203,7 @@ def _build_tree(model: str, batch_size: int, seq_len: int, rows: list[dict]) -> 
                 f"{csv_name(row['_level'])}:{row['_line']}: field 'level_name': scope {scope!r} "
                 f"is not a module of {model} in this transformers version"
             )
-        node_type = "module" if row["src_level"] == "module" else "ml"
+        node_type = NodeType.MODULE if row["src_level"] == "module" else NodeType.ML
         node = _make_node(row, f"root.{scope}", None, instance_type, node_type, counts[scope], ids)
         by_scope[scope] = node
         nodes.append((scope, node))
@@ -214,7 +213,7 @@ def _build_tree(model: str, batch_size: int, seq_len: int, rows: list[dict]) -> 
         k = op_counter[(scope, instance_type)]
         op_counter[(scope, instance_type)] += 1
         node = _make_node(row, f"root.{scope}.{instance_type.lower()}_{k}", None, instance_type,
-                          "ml", 0, ids)
+                          NodeType.ML, 0, ids)
         # an ml2 row's scope is its parent's scope: look up the parent by "scope + '.'"
         nodes.append((f"{scope}.{instance_type.lower()}_{k}", node))
 
@@ -236,8 +235,8 @@ def _build_tree(model: str, batch_size: int, seq_len: int, rows: list[dict]) -> 
 def _finish(node: dict, level: int) -> None:
     """Set tree depths; a module that ended up childless is a primitive (e.g. a ReLU module)."""
     node["level"] = level
-    if node["type"] == "module" and not node["child_nodes_obj"]:
-        node["type"] = "ml"
+    if node["type"] == NodeType.MODULE and not node["child_nodes_obj"]:
+        node["type"] = NodeType.ML.value
     for child in node["child_nodes_obj"]:
         _finish(child, level + 1)
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from irene.tree import FEATURE_FIELDS, Tree, iter_nodes, iter_nodes_with_parent
+from irene.data.tree import FEATURE_FIELDS, NODE_TYPES, NodeType, Tree, iter_nodes, iter_nodes_with_parent
 
-NODE_TYPE_CODES = {"model": 0, "module": 1, "ml": 2}
+NODE_TYPE_CODES = {str(t): code for code, t in enumerate(NODE_TYPES)}  # "model": 0, ...
 # Every feature a predictor may use: the tree's shape (input_size, batch_size, seq_len) and
 # the node's own fields. "always" features of the paper come first.
 ALL_FEATURES = ("num_parameters", "input_size", "batch_size", "seq_len") + tuple(
@@ -85,7 +85,7 @@ class Forest:
 
     @property
     def is_leaf(self) -> np.ndarray:
-        return self.node_type == NODE_TYPE_CODES["ml"]
+        return self.node_type == NODE_TYPE_CODES[NodeType.ML]
 
     def node_model_names(self) -> np.ndarray:
         return np.asarray(self.model_names, dtype=object)[self.tree_index]
@@ -205,34 +205,9 @@ def compose(forest: Forest, own_j: np.ndarray, child_weight: np.ndarray | None =
     return values
 
 
-def predict_leaves(forest: Forest, x: np.ndarray, models: dict, unseen, hint: str
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-primitive regressions on the leaves of ``forest``.
-
-    Args:
-        forest: the trees; x: its feature rows.
-        models: primitive type -> regressor with ``predict(x)``.
-        unseen: primitive type -> the regressor to use for a type not in ``models`` (the
-            leaf is then marked as a fallback), or None to refuse it.
-        hint: how to allow an unseen type, appended to the error.
-
-    Returns:
-        Leaf predictions for every node (0 on inner nodes) and the mask of fallback leaves.
-    """
-    pred = np.zeros(forest.num_nodes)
-    fallback = np.zeros(forest.num_nodes, dtype=bool)
-    for op in sorted(set(forest.op_type[forest.is_leaf])):
-        rows = forest.is_leaf & (forest.op_type == op)
-        model = models.get(op)
-        if model is None:
-            model = unseen(op)
-            if model is None:
-                first = forest.ids[int(np.flatnonzero(rows)[0])]
-                raise ValueError(f"primitive type {op!r} (node {first!r}) was never seen in "
-                                 f"training (known: {sorted(models)}); {hint}")
-            fallback |= rows
-        pred[rows] = model.predict(x[rows])
-    return pred, fallback
+def subtree_leaf_sum(forest: Forest, leaf_values: np.ndarray) -> np.ndarray:
+    """Σ of ``leaf_values`` over every node's leaf descendants (a leaf: its own value)."""
+    return compose(forest, np.where(forest.is_leaf, leaf_values, 0.0))
 
 
 def fill_predictions(trees: Sequence[Tree], forest: Forest, predicted_j: np.ndarray) -> list[Tree]:

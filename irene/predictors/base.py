@@ -1,0 +1,215 @@
+"""What every predictor is: a scikit-learn estimator over a :class:`~irene.data.forest.Forest`.
+
+The contract (scikit-learn's): ``__init__`` stores its hyperparameters under their own names
+and does nothing else, so ``get_params``, ``set_params`` and ``clone`` work; ``fit(forest)``
+validates them, learns, stores the learned state in attributes ending in ``_`` and returns
+``self``; ``predict(forest)`` returns one energy in joules per node, in forest order.
+
+This base adds what is the same for every predictor: declarative range checks of the
+hyperparameters (:meth:`Predictor.validate_params`, one-line messages with the valid range),
+the "not fitted" check, and one save layout: a single ``predictor.json`` holding the class,
+the hyperparameters and the learned state as plain JSON (nothing is pickled), read back by
+:func:`load`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from sklearn.base import BaseEstimator
+
+from irene import __version__
+from irene.data.forest import Forest, feature_list
+from irene.data.io import atomic_write_json
+
+FORMAT_VERSION = 2
+STATE_FILE = "predictor.json"
+
+
+class NotFittedError(RuntimeError):
+    """``predict`` or ``save`` before ``fit`` (or ``load``)."""
+
+
+class NotApplicableError(ValueError):
+    """A predictor cannot run with the selected features (e.g. physics on static features)."""
+
+
+# ---------------------------------------------------------------------- parameter checks
+@dataclass(frozen=True)
+class Range:
+    """A number in ``[low, high]`` (``low_open``: strictly above ``low``)."""
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+
+    def check(self, value: Any) -> str | None:
+        if (isinstance(value, bool) or not isinstance(value, int | float)
+                or (self.kind is int and not float(value).is_integer())):
+            return f"must be {'an integer' if self.kind is int else 'a number'}"
+        if not math.isfinite(value):
+            return "must be finite"
+        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        above = self.high is not None and value > self.high
+        return f"must be in {self.describe()}" if below or above else None
+
+    def describe(self) -> str:
+        left = "(" if self.low_open else "["
+        low = "-inf" if self.low is None else f"{self.low:g}"
+        high = "inf" if self.high is None else f"{self.high:g}"
+        return f"{left}{low}, {high}]"
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """One of ``values``."""
+
+    values: tuple
+
+    def check(self, value: Any) -> str | None:
+        return None if value in self.values else f"choose from {list(self.values)}"
+
+
+@dataclass(frozen=True)
+class Each:
+    """A non-empty list whose every item passes ``item``."""
+
+    item: Range | OneOf
+
+    def check(self, value: Any) -> str | None:
+        if isinstance(value, str) or not isinstance(value, Sequence) or len(value) == 0:
+            return "must be a non-empty list"
+        for entry in value:
+            problem = self.item.check(entry)
+            if problem:
+                return f"item {entry!r} {problem}"
+        return None
+
+
+Check = Range | OneOf | Each | Callable[[Any], "str | None"]
+
+
+def require_features(feature_sets: Sequence[str], needed: Sequence[str], predictor: str) -> None:
+    """Raise :class:`NotApplicableError` if ``needed`` features are not in ``feature_sets``."""
+    available = feature_list(list(feature_sets))
+    missing = [name for name in needed if name not in available]
+    if missing:
+        raise NotApplicableError(
+            f"predictor {predictor!r} needs the features {missing}, which the selected feature "
+            f"sets {list(feature_sets)} do not provide (they give {available}); choose "
+            "features=both or features=resource_utilization, or another predictor")
+
+
+def feature_sets_check(value: Any) -> str | None:
+    try:
+        feature_list(list(value))
+    except (ValueError, TypeError) as error:
+        return str(error)
+    return None
+
+
+# ------------------------------------------------------------------------------- the base
+class Predictor(BaseEstimator):
+    """Base of every predictor. Subclasses set :attr:`name` and :attr:`constraints` and
+    implement ``fit``, ``predict``, ``_get_state`` and ``_set_state``."""
+
+    #: short name, the same as its ``conf/predictor/<name>.yaml`` option
+    name: ClassVar[str] = ""
+    #: hyperparameter -> check; validated at the start of ``fit`` (stages call it at start-up)
+    constraints: ClassVar[dict[str, Check]] = {"feature_sets": feature_sets_check}
+
+    # ---------------------------------------------------------------- contract
+    def fit(self, forest: Forest) -> Predictor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def predict(self, forest: Forest, *, return_fallback: bool = False):  # pragma: no cover
+        raise NotImplementedError
+
+    def validate_params(self) -> None:
+        """Raise ``ValueError`` naming the first hyperparameter out of its valid range."""
+        checks: dict[str, Check] = {}
+        for klass in reversed(type(self).__mro__):
+            checks.update(getattr(klass, "constraints", {}) or {})
+        params = self.get_params(deep=False)
+        for key, check in checks.items():
+            if key not in params:
+                continue
+            value = params[key]
+            problem = check.check(value) if hasattr(check, "check") else check(value)
+            if problem:
+                raise ValueError(f"predictor.{key}={value!r}: {problem}")
+
+    def check_fitted(self) -> None:
+        """Raise :class:`NotFittedError` unless ``fit`` or ``load`` ran."""
+        if not any(k.endswith("_") and not k.startswith("_") for k in vars(self)):
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet: call fit() or load()")
+
+    @property
+    def features(self) -> list[str]:
+        """The feature names the predictor reads (after fitting: the ones it was fit on)."""
+        return list(getattr(self, "features_", None) or feature_list(list(self.feature_sets)))
+
+    # ------------------------------------------------------------- persistence
+    def _get_state(self) -> dict[str, Any]:  # pragma: no cover - abstract
+        """The learned state as JSON-able values."""
+        raise NotImplementedError
+
+    def _set_state(self, state: dict[str, Any]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``predictor.json`` (class, hyperparameters, learned state) into ``directory``."""
+        self.check_fitted()
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        cls = type(self)
+        atomic_write_json(directory / STATE_FILE, {
+            "format_version": FORMAT_VERSION, "irene_version": __version__, "predictor": cls.name,
+            "class": f"{cls.__module__}.{cls.__qualname__}",
+            "params": _jsonable(self.get_params(deep=False)), "state": _jsonable(self._get_state()),
+        })
+        return directory
+
+
+def load(directory: str | Path) -> Predictor:
+    """The predictor saved in ``directory`` by :meth:`Predictor.save`."""
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no saved predictor there (stage=train writes one)")
+    meta = json.loads(path.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: field 'format_version': expected {FORMAT_VERSION}, got "
+                         f"{meta.get('format_version')!r} (retrain with this version)")
+    module, _, qualname = str(meta.get("class", "")).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), qualname)
+    except (ImportError, AttributeError, ValueError):
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, Predictor)):
+        raise ValueError(f"{path}: field 'class': {meta.get('class')!r} is not a predictor class")
+    model = cls(**meta["params"])
+    model._set_state(meta["state"])
+    return model
+
+
+def _jsonable(value: Any) -> Any:
+    """numpy arrays and scalars, tuples and NaN as plain JSON (NaN -> null)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value

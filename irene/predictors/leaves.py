@@ -1,0 +1,239 @@
+"""The numerical parts predictors share: feature transforms and regressors with a plain,
+versionable state (no pickles), least squares on relative error, and the per-primitive leaf
+fit and prediction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import combinations_with_replacement
+
+import numpy as np
+
+from irene.data.forest import Forest
+
+
+@dataclass
+class Standardizer:
+    """``(x - mean_) / scale_``, constant columns left unscaled (as scikit-learn does)."""
+
+    mean_: np.ndarray
+    scale_: np.ndarray
+
+    @classmethod
+    def fit(cls, x: np.ndarray) -> Standardizer:
+        mean = x.mean(axis=0)
+        scale = x.std(axis=0)
+        # sklearn's rule: a (near-)zero variance column keeps scale 1
+        eps = 10 * np.finfo(np.float64).eps
+        scale = np.where(scale < eps * np.maximum(np.abs(mean), 1.0), 1.0, scale)
+        return cls(mean_=mean, scale_=scale)
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.mean_) / self.scale_
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean_.tolist(), "scale": self.scale_.tolist()}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> Standardizer:
+        return cls(mean_=np.asarray(state["mean"]), scale_=np.asarray(state["scale"]))
+
+
+def polynomial_powers(num_features: int, degree: int) -> list[tuple[int, ...]]:
+    """Column index tuples of a polynomial expansion, in scikit-learn's output order
+    (bias first, then degree 1, 2, ...; within a degree, combinations with replacement)."""
+    terms: list[tuple[int, ...]] = [()]
+    for d in range(1, degree + 1):
+        terms.extend(combinations_with_replacement(range(num_features), d))
+    return terms
+
+
+def polynomial_expand(x: np.ndarray, degree: int) -> np.ndarray:
+    """All monomials of the columns of ``x`` up to ``degree``, bias column included.
+
+    Equal to ``sklearn.preprocessing.PolynomialFeatures(degree).fit_transform(x)``; each
+    degree-k column is one product of a degree-(k-1) column with one input column.
+    """
+    n, f = x.shape
+    terms = polynomial_powers(f, degree)
+    out = np.empty((n, len(terms)), dtype=x.dtype)
+    position = {(): 0}
+    out[:, 0] = 1.0
+    for i, term in enumerate(terms[1:], start=1):
+        out[:, i] = out[:, position[term[:-1]]] * x[:, term[-1]]
+        position[term] = i
+    return out
+
+
+@dataclass
+class LinearLeafRegressor:
+    """Standardize, then ordinary least squares: the paper's per-primitive leaf model."""
+
+    scaler: Standardizer
+    coef_: np.ndarray
+    intercept_: float
+
+    @classmethod
+    def fit(cls, x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None
+            ) -> LinearLeafRegressor:
+        from sklearn.linear_model import LinearRegression
+
+        scaler = Standardizer.fit(x)
+        reg = LinearRegression().fit(scaler.transform(x), y, sample_weight=sample_weight)
+        return cls(scaler=scaler, coef_=np.asarray(reg.coef_, dtype=np.float64),
+                   intercept_=float(reg.intercept_))
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.scaler.transform(x) @ self.coef_ + self.intercept_
+
+    def to_dict(self) -> dict:
+        return {"scaler": self.scaler.to_dict(), "coef": self.coef_.tolist(),
+                "intercept": self.intercept_}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> LinearLeafRegressor:
+        return cls(scaler=Standardizer.from_dict(state["scaler"]),
+                   coef_=np.asarray(state["coef"]), intercept_=float(state["intercept"]))
+
+
+def log_features(x: np.ndarray) -> np.ndarray:
+    """``log1p`` of non-negative features: FLOP, bytes and sizes span decades (0 stays 0)."""
+    return np.log1p(np.maximum(x, 0.0))
+
+
+def relative_lstsq(design: np.ndarray, target_j: np.ndarray, *, lower: np.ndarray | None = None,
+                   ridge: float = 0.0, prior: np.ndarray | None = None) -> np.ndarray:
+    """Least squares on relative error: minimise Σ ((design·c − y)/y)² + ridge·|c − prior|².
+
+    Args:
+        design: n×k design matrix.
+        target_j: n positive targets.
+        lower: k lower bounds (``-inf`` for free); ``None``: unconstrained.
+        ridge: strength of the pull towards ``prior`` (0: none).
+        prior: k values the ridge term pulls towards (default 0).
+
+    Returns:
+        The k coefficients.
+    """
+    scale = 1.0 / target_j
+    a = design * scale[:, None]
+    b = target_j * scale
+    if ridge > 0:
+        k = design.shape[1]
+        a = np.vstack([a, np.sqrt(ridge) * np.eye(k)])
+        b = np.concatenate([b, np.sqrt(ridge) * (np.zeros(k) if prior is None else prior)])
+    if lower is None or np.all(np.isneginf(lower)):
+        return np.linalg.lstsq(a, b, rcond=None)[0]
+    from scipy.optimize import lsq_linear
+
+    return lsq_linear(a, b, bounds=(lower, np.full(len(lower), np.inf)), method="bvls").x
+
+
+@dataclass
+class LogPolyRegressor:
+    """Ridge regression on a polynomial of standardized features, in one of two spaces.
+
+    * ``space="log"``: ``log(energy)`` on ``log1p`` features. Least squares in log space is
+      least squares on relative error (for small errors), a power law
+      ``energy ∝ flops^α·bytes^β`` is linear in it, and the polynomial adds curvature (fixed
+      launch overhead at small sizes, saturation at large ones).
+    * ``space="linear"``: ``energy`` on raw features, each row weighted by 1/energy² (relative
+      error): the right form when energy is a sum of measured parts, e.g.
+      ``a·gpu_energy_mean + b·times_mean``.
+    """
+
+    degree: int
+    alpha: float
+    scaler: Standardizer
+    coef_: np.ndarray
+    space: str = "log"
+
+    @classmethod
+    def fit(cls, x: np.ndarray, energy_j: np.ndarray, *, degree: int = 2, alpha: float = 1e-3,
+            sample_weight: np.ndarray | None = None, space: str = "log") -> LogPolyRegressor:
+        """Fit on rows ``x`` (raw features) and positive energies ``energy_j``."""
+        if space not in ("log", "linear"):
+            raise ValueError(f"space {space!r}: choose from ['log', 'linear']")
+        inputs = log_features(x) if space == "log" else x
+        scaler = Standardizer.fit(inputs)
+        z = polynomial_expand(scaler.transform(inputs), max(degree, 1))
+        weight = np.ones(len(z)) if sample_weight is None else np.asarray(sample_weight, float)
+        if space == "log":
+            target = np.log(energy_j)
+        else:  # relative error: divide each row by its energy, the target becomes 1
+            z = z / energy_j[:, None]
+            target = np.ones(len(z))
+        zw = z * weight[:, None]
+        # alpha per unit of sample weight, so its meaning does not change with the data size
+        penalty = alpha * weight.sum() * np.eye(z.shape[1])
+        penalty[0, 0] = 0.0  # never shrink the intercept
+        coef = np.linalg.lstsq(zw.T @ z + penalty, zw.T @ target, rcond=None)[0]
+        return cls(degree=degree, alpha=alpha, scaler=scaler, coef_=coef, space=space)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        inputs = log_features(x) if self.space == "log" else x
+        z = polynomial_expand(self.scaler.transform(inputs), max(self.degree, 1)) @ self.coef_
+        if self.space == "linear":
+            return z
+        # clip the exponent: a polynomial far outside its data must not overflow
+        return np.exp(np.clip(z, -50.0, 50.0))
+
+    def to_dict(self) -> dict:
+        return {"space": self.space, "degree": self.degree, "alpha": self.alpha,
+                "scaler": self.scaler.to_dict(), "coef": self.coef_.tolist()}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> LogPolyRegressor:
+        return cls(degree=int(state["degree"]), alpha=float(state["alpha"]),
+                   scaler=Standardizer.from_dict(state["scaler"]), coef_=np.asarray(state["coef"]),
+                   space=state.get("space", "log"))
+
+
+def measured(forest: Forest) -> np.ndarray:
+    """Mask of nodes with a positive measured energy (the fit targets)."""
+    return ~np.isnan(forest.gold_j) & (np.nan_to_num(forest.gold_j) > 0)
+
+
+
+def fit_leaf_regressors(forest: Forest, x: np.ndarray) -> dict[str, LinearLeafRegressor]:
+    """The paper's leaf model: one standardized linear regression per primitive type, fit on
+    the measured leaves of ``forest`` (feature rows ``x``)."""
+    leaves = forest.is_leaf & ~np.isnan(forest.gold_j)
+    models = {op: LinearLeafRegressor.fit(x[leaves & (forest.op_type == op)],
+                                          forest.gold_j[leaves & (forest.op_type == op)])
+              for op in sorted(set(forest.op_type[leaves]))}
+    if not models:
+        raise ValueError("no measured leaf (ml) nodes to fit the leaf regressors on")
+    return models
+
+
+def predict_leaves(forest: Forest, x: np.ndarray, models: dict, unseen, hint: str
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-primitive regressions on the leaves of ``forest``.
+
+    Args:
+        forest: the trees; x: its feature rows.
+        models: primitive type -> regressor with ``predict(x)``.
+        unseen: primitive type -> the regressor to use for a type not in ``models`` (the
+            leaf is then marked as a fallback), or None to refuse it.
+        hint: how to allow an unseen type, appended to the error.
+
+    Returns:
+        Leaf predictions for every node (0 on inner nodes) and the mask of fallback leaves.
+    """
+    pred = np.zeros(forest.num_nodes)
+    fallback = np.zeros(forest.num_nodes, dtype=bool)
+    for op in sorted(set(forest.op_type[forest.is_leaf])):
+        rows = forest.is_leaf & (forest.op_type == op)
+        model = models.get(op)
+        if model is None:
+            model = unseen(op)
+            if model is None:
+                first = forest.ids[int(np.flatnonzero(rows)[0])]
+                raise ValueError(f"primitive type {op!r} (node {first!r}) was never seen in "
+                                 f"training (known: {sorted(models)}); {hint}")
+            fallback |= rows
+        pred[rows] = model.predict(x[rows])
+    return pred, fallback
+
+
