@@ -86,3 +86,33 @@ def make_tree(model: str = "toy", batch_size: int = 2, seq_len: int = 4, scale: 
 # Everything the stages write by default (run folders, MLflow store, caches, tables) goes to
 # a temporary folder, never into the checkout; set before any stage computes a path.
 os.environ["IRENE_OUTPUTS"] = tempfile.mkdtemp(prefix="irene-test-outputs-")
+
+# ------------------------------------------------------------------ the checkout stays clean
+_IGNORED_NOISE = (".venv/", ".ruff_cache/", ".pytest_cache/", "__pycache__/", ".egg-info/")
+
+
+def _untracked_and_ignored() -> set[str] | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "status", "--ignored", "--porcelain", "--untracked-files=all"],
+                             cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None  # not a git checkout (e.g. an sdist): nothing to compare
+    paths = {line[3:] for line in out.splitlines() if line[:2] in ("??", "!!")}
+    return {p for p in paths if not any(noise in p for noise in _IGNORED_NOISE)}
+
+
+def pytest_sessionstart(session):
+    session.config._files_before = _untracked_and_ignored()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = getattr(session.config, "_files_before", None)
+    after = _untracked_and_ignored()
+    if before is None or after is None:
+        return
+    new = sorted(after - before)
+    if new:  # a test wrote into the checkout: that fails the run
+        print(f"\nerror: the tests wrote into the checkout: {new[:10]}")
+        session.exitstatus = 1

@@ -135,7 +135,8 @@ def test_stage_predict_reads_the_predictor_from_a_train_run_and_packages_it(
     from pipelines import predict
 
     mlflow.set_tracking_uri(mlflow_uri)
-    mlflow.set_experiment("pytest_predict_run")
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment(
+        "pytest_predict_run", artifact_location=(tmp_path / "artifacts").as_uri()))
     with mlflow.start_run() as run:  # what stage=train logs: the folder as artifact "model"
         mlflow.log_artifacts(str(static_model_dir), "model")
     cfg = compose_cfg("stage=predict", "model=tiny/bert", f"model_run={run.info.run_id}",

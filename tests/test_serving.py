@@ -31,7 +31,8 @@ def pyfunc_model(small_trees, mlflow_uri, tmp_path_factory):
         build_forest(small_trees))
     predictor.save(model_dir)
     mlflow.set_tracking_uri(mlflow_uri)
-    mlflow.set_experiment("pytest_serving")
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment(
+        "pytest_serving", artifact_location=(model_dir.parent / "artifacts").as_uri()))
     with mlflow.start_run():
         info = log_pyfunc(model_dir)
     return info, predictors.load(model_dir)
