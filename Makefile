@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 DATA ?= device_1
 PRESETS := per_model feature_strategy_ablation weighting_ablation predictors
 
-.PHONY: setup crossvalidate test lint benchmark tables mlflow-ui clean
+.PHONY: setup crossvalidate test lint benchmark tables docs mlflow-ui serve clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ tables: setup  ## every paper table of a device from nothing: sweeps (parallel, 
 
 mlflow-ui: setup  ## browse the local store at http://127.0.0.1:5000
 	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///outputs/mlflow.db --host 127.0.0.1 --port 5000
+
+PORT ?= 5001
+serve: setup  ## serve a packaged predictor: make serve MODEL=models:/<id> (printed by stage=predict ... package=true)
+	@test -n "$(MODEL)" || { echo "usage: make serve MODEL=models:/<id>  (stage=predict ... package=true prints it)"; exit 2; }
+	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/outputs/mlflow.db $(VENV)/bin/mlflow models serve \
+	  -m "$(MODEL)" --env-manager local --host 127.0.0.1 --port $(PORT)
 
 clean:
 	rm -rf outputs/runs outputs/multirun outputs/cache

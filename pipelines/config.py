@@ -58,7 +58,6 @@ class TrackingConfig:
 
 @dataclass
 class ExplainConfig:
-    top_n: int = 10  # predict: modules listed by the terminal view
     max_depth: int = 6  # predict: tree levels drawn in the HTML / PNG icicle
     source: str = "auto"  # energy explained: auto (predicted, else measured) | predicted | measured
     max_trees: int = 4  # predict: trees explained (HTML, PNG, text): the first N predicted
@@ -94,7 +93,7 @@ class Config:
     sweep_name: str | None = None  # preset name, tagged on the runs of a sweep (report reads it)
     resume: bool = False  # skip a stage whose identical config already has a FINISHED run
     skip_not_applicable: bool = False  # a predictor that cannot use these features: skip, not fail
-    save_predictions: bool = True  # crossvalidate: write the out-of-fold predicted trees
+    save_predictions: bool = False  # crossvalidate: also write the out-of-fold predicted trees (14 MB)
     report: dict[str, Any] = field(default_factory=dict)  # report: table layout (see report.py)
     run_dir: str | None = None  # where the stage writes (default: Hydra's run folder)
     threads: int = 0  # torch threads (0: leave torch's default)

@@ -49,7 +49,7 @@ def run(cfg: DictConfig) -> CrossValidationReport:
     resumed = _resumed(cfg, out)
     if resumed is not None:
         return resumed
-    with tracked_run(cfg, "crossvalidate", run_params(cfg), run_name="crossvalidate"):
+    with tracked_run(cfg, "crossvalidate", run_params(cfg)):
         # a bad hyperparameter fails here, before any data is read, as a FAILED run
         predictor = build_predictor(cfg, show_progress=False)
         trees, source = load_trees(cfg)
@@ -63,7 +63,7 @@ def run(cfg: DictConfig) -> CrossValidationReport:
             log.info("left out %-24s ml %.2f  module %.2f  model %.2f", left_out,
                      *(errors.get(t, float("nan")) for t in ERROR_COLUMNS))
             with tracked_run(cfg, "crossvalidate-fold", {"left_out_model": left_out},
-                             run_name=f"leave-{left_out}", nested=True):
+                             name=f"fold {left_out}", nested=True):
                 log_metrics(errors)
 
         try:

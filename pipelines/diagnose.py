@@ -51,7 +51,7 @@ def run(cfg: DictConfig) -> DiagnosticsReport:
     label = f"{predictor_class(cfg).name} ({cfg.features.name})"
     params = {**run_params(cfg), "num_trees": forest.num_trees,
               "predictions": str(cfg.predictions) if cfg.predictions else "leave-one-model-out"}
-    with tracked_run(cfg, "diagnose", params, run_name="diagnose"):
+    with tracked_run(cfg, "diagnose", params):
         ratios = child_ratio_table(forest, tanh_scalar=tanh_scalar)
         if cfg.predictions:
             forest, predicted = align_predictions(trees, read_trees(cfg.predictions),

@@ -69,12 +69,15 @@ def write_views(cfg: DictConfig, trees: list[Tree], directory: Path) -> list[Pat
     if not ecfg.views:
         return []
     paths = []
-    for tree in trees[: max(int(ecfg.max_trees), 0)]:
+    explained = trees[: max(int(ecfg.max_trees), 0)]
+    for tree in explained:
         views = explain.write_views(tree, directory, explain.view_stem(tree),
-                                    top_n=int(ecfg.top_n), source=str(ecfg.source),
-                                    max_depth=int(ecfg.max_depth))
+                                    source=str(ecfg.source), max_depth=int(ecfg.max_depth))
         print(views["text"].read_text())
         paths.extend(views.values())
+    if len(explained) < len(trees):
+        print(f"explained {len(explained)} of {len(trees)} trees (the first ones); "
+              f"explain.max_trees={len(trees)} explains all of them")
     return paths
 
 
@@ -83,7 +86,6 @@ def package(model_dir: Path, unseen_op: str | None, trace_convention: str) -> st
     from irene.serving import log_pyfunc
 
     info = log_pyfunc(model_dir, unseen_op=unseen_op, trace_convention=trace_convention)
-    print(f"pyfunc model: {info.model_uri}")
     return info.model_uri
 
 
@@ -94,14 +96,14 @@ def run(cfg: DictConfig) -> Path:
     folder = run_dir(cfg)
     out = Path(cfg.output) if cfg.output else folder / "predictions.jsonl"
     params = {"model_dir": str(cfg.model_dir), "model_run": str(cfg.get("model_run")),
-              "model": str(cfg.get("model")), "unseen_op": str(cfg.get("unseen_op"))}
+              "model": str(cfg.get("model")), "unseen_op": unseen_policy(cfg) or ""}
     with tracked_run(cfg, "predict", params):
         predictor, model_dir = load_predictor(cfg, folder / "downloaded")
-        policy = unseen_policy(cfg)
+        policy, model_uri = unseen_policy(cfg), None
         if cfg.get("package"):
             if not cfg.tracking.enabled:
                 raise ValueError("package=true logs an MLflow model: it needs tracking.enabled=true")
-            package(model_dir, policy, cfg.trace_convention)
+            model_uri = package(model_dir, policy, cfg.trace_convention)
         trees, source, traced = input_trees(cfg)
         log_params({"trees": str(source or "traced"), "predictor": type(predictor).__name__})
         filled, forest, fallback = predict_trees(predictor, trees, policy, static_only=traced)
@@ -128,4 +130,6 @@ def run(cfg: DictConfig) -> Path:
         if view_paths:
             log_artifact(folder / "views", "views")
     print(f"predictions: {out}")
+    if model_uri:  # last: what `make serve MODEL=...` takes
+        print(f"pyfunc model: {model_uri}  (serve it: make serve MODEL={model_uri})")
     return out

@@ -183,4 +183,6 @@ def _log_to_sweep(cfg: DictConfig, name: str, out: Path, paths: list[Path]) -> N
         client.set_terminated(run_id)
     for path in paths:
         client.log_artifact(run_id, str(path), f"tables/{cfg.data.name}")
+    markdown = next(p for p in paths if p.suffix == ".md").read_text()
+    client.set_tag(run_id, "mlflow.note.content", f"{markdown}\nData: {cfg.data.name}.")
     log.info("tables logged to run %s", run_id)

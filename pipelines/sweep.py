@@ -37,6 +37,11 @@ class MlflowSweepCallback(Callback):
         if config.get("sweep_name"):
             tags["preset"] = str(config.sweep_name)
         name = f"sweep {config.get('sweep_name') or ''}".strip()
+        preset = config.get("sweep_name")
+        tags["mlflow.note.content"] = (
+            f"Multirun of preset `{preset}`: its jobs are the child runs. "
+            f"`python run.py stage=report experiment={preset}` adds the table here (tables/)."
+            if preset else f"Multirun in {config.hydra.sweep.dir}: its jobs are the child runs.")
         run = mlflow.MlflowClient().create_run(experiment_id, run_name=name, tags=tags)
         self.run_id = run.info.run_id
         os.environ[PARENT_ENV] = self.run_id

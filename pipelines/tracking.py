@@ -39,12 +39,39 @@ def ensure_experiment(cfg: DictConfig) -> str:
         return experiment.experiment_id
     root = cfg.tracking.get("artifact_root") or (outputs_dir() / "mlartifacts").as_uri()
     try:
-        return mlflow.create_experiment(name, artifact_location=f"{str(root).rstrip('/')}/{name}")
+        return mlflow.create_experiment(name, artifact_location=f"{str(root).rstrip('/')}/{name}",
+                                        tags=EXPERIMENT_TAGS)
     except Exception:  # another job created it first
         experiment = mlflow.get_experiment_by_name(name)
         if experiment is None:
             raise
         return experiment.experiment_id
+
+
+# The UI opens the experiment on its runs (a model-development experiment, not a GenAI one)
+# and shows what it holds.
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",
+    "mlflow.note.content": (
+        "IrEne pipeline runs: one run per stage (`cv ...` = leave-one-model-out cross-validation, "
+        "with one child run per left-out model; `train`, `predict`, ...). A sweep (`sweep <preset>`) "
+        "is a parent run whose children are its jobs; its `tables/` artifacts hold the preset's "
+        "table. Group or compare runs by the params `features`, `strategy`, `weighting`, `predictor`."),
+}
+STAGE_SHORT = {"crossvalidate": "cv"}
+
+
+def run_name(cfg: DictConfig, stage: str) -> str:
+    """What a run is, readable in the run list: ``cv irene both/end2end/close_to_one device_1``."""
+    from pipelines.config import predictor_class, run_params
+
+    if stage not in ("crossvalidate", "train", "diagnose"):
+        return f"{stage} {cfg.data.name}"
+    params = run_params(cfg)
+    name = predictor_class(cfg).name
+    axes = (f"{params['features']}/{params['strategy']}/{params['weighting']}" if name == "irene"
+            else params["features"])
+    return f"{STAGE_SHORT.get(stage, stage)} {name} {axes} {cfg.data.name}"
 
 
 def _flat_params(params: dict[str, Any]) -> dict[str, str]:
@@ -53,7 +80,7 @@ def _flat_params(params: dict[str, Any]) -> dict[str, str]:
 
 @contextlib.contextmanager
 def tracked_run(cfg: DictConfig, stage: str, params: dict[str, Any] | None = None, *,
-                run_name: str | None = None, nested: bool = False,
+                name: str | None = None, nested: bool = False,
                 tags: dict[str, str] | None = None) -> Iterator[Any]:
     """An MLflow run around a stage (or ``None`` when tracking is off).
 
@@ -72,7 +99,7 @@ def tracked_run(cfg: DictConfig, stage: str, params: dict[str, Any] | None = Non
     parent = os.environ.get("IRENE_PARENT_RUN_ID")
     if parent and not nested and mlflow.active_run() is None:
         all_tags["mlflow.parentRunId"] = parent
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name or stage,
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name or run_name(cfg, stage),
                           nested=nested, tags=all_tags) as run:
         if params:
             mlflow.log_params(_flat_params(params))

@@ -18,7 +18,7 @@ def run(cfg: DictConfig) -> Path:
     """Returns the model folder (``model_dir``, default ``<run folder>/model``)."""
     setup(cfg)
     out = Path(cfg.model_dir) if cfg.model_dir else run_dir(cfg) / "model"
-    with tracked_run(cfg, "train", run_params(cfg)):
+    with tracked_run(cfg, "train", run_params(cfg)) as run:
         predictor = build_predictor(cfg)
         trees, _ = load_trees(cfg)
         forest = build_forest(trees)
@@ -32,5 +32,7 @@ def run(cfg: DictConfig) -> Path:
             log_metrics({"train_loss": loss}, step=epoch)
         model.save(out)
         log_artifact(out, "model")
-    print(f"model: {out}")
+    if run is not None:  # what stage=predict model_run=... takes
+        print(f"MLflow run: {run.info.run_id}  (stage=predict model_run={run.info.run_id})")
+    print(f"model: {out}  (stage=predict model_dir={out})")
     return out

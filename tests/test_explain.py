@@ -42,16 +42,23 @@ def test_node_frame_unattributed_is_parent_minus_children(measured_bert):
     assert (frame.loc[frame["node_type"] == "ml", "unattributed_j"] == 0).all()
 
 
-def test_top_modules_text_is_a_tree_with_shares(negative_tree):
-    text = explain.top_modules_text(negative_tree, top_n=3)
+def test_tree_text_groups_identical_siblings_and_hides_nothing(negative_tree):
+    text = explain.tree_text(negative_tree)
     lines = text.splitlines()
     assert lines[0].startswith("bert-base-uncased 8x128: predicted")
     assert "(measured 14.25 J)" in lines[0]
     assert lines[1].startswith("root (BertModel)") and "100.0%" in lines[1]
     assert "unattributed -" in lines[1]  # the halved root is below its children
-    assert sum("(BertLayer)" in line for line in lines) == 3 - ("encoder (" in text)
+    layers = [line for line in lines if "(BertLayer)" in line]
+    assert len(layers) == 1 and "layer.0-11 ×12" in layers[0], layers  # one line for 12 layers
+    frame = explain.node_frame(negative_tree)
+    total = frame.loc[frame["instance_type"] == "BertLayer", "energy_j"].sum()
+    assert f"{total:.4g} J" in layers[0]  # the group's line holds all twelve layers' energy
+    assert len(lines) < 60  # fits a screen
     assert any(line.lstrip("│ ").startswith(("├─", "└─")) for line in lines)
     assert "1 fallback leaves" in text
+    shallow = explain.tree_text(negative_tree, max_depth=1)
+    assert "nodes below (explain.max_depth=2 shows them)" in shallow
 
 
 def test_icicle_boxes_never_need_negative_areas(negative_tree):

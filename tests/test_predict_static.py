@@ -97,7 +97,7 @@ def test_stage_predict_traces_every_shape_and_logs_views(static_model_dir, mlflo
     cfg = compose_cfg("stage=predict", "model=bert-base-uncased", "shapes=[[8,128],[16,64]]",
                       f"model_dir={static_model_dir}", f"tracking.uri={mlflow_uri}",
                       "tracking.experiment=pytest_predict", f"run_dir={tmp_path}",
-                      "explain.top_n=3", "trace_convention=physical")
+                      "trace_convention=physical")
     out = predict.run(cfg)
     trees = read_trees(out)
     assert [(t["batch_size"], t["seq_len"]) for t in trees] == [(8, 128), (16, 64)]
@@ -152,13 +152,26 @@ def test_stage_predict_reads_the_predictor_from_a_train_run_and_packages_it(
         pd.DataFrame({"model": ["tiny/bert"], "batch_size": [2], "seq_len": [8]}))["is_total"].sum() == 1
 
 
-def test_stage_predict_without_a_predictor_says_how_to_give_one(tmp_path):
+def test_stage_predict_without_a_predictor_trains_the_static_one_once(small_trees, tmp_path,
+                                                                       caplog):
+    import logging
+
+    from irene.data.tree import write_trees
     from pipelines import predict
 
-    cfg = compose_cfg("stage=predict", "model=tiny/bert", "tracking.enabled=false",
-                      f"run_dir={tmp_path}")
+    trees = write_trees(tmp_path / "small.jsonl", small_trees)
+    base = ("stage=predict", "model=tiny/bert", "tracking.enabled=false", f"data.trees={trees}",
+            "explain.views=false", "batch_size=2", "seq_len=8")
+    with caplog.at_level(logging.INFO, logger="irene"):
+        first = predict.run(compose_cfg(*base, f"run_dir={tmp_path / 'a'}"))
+        second = predict.run(compose_cfg(*base, f"run_dir={tmp_path / 'b'}"))
+    said = [r.getMessage() for r in caplog.records if "no model_dir/model_run given" in r.getMessage()]
+    assert len(said) == 2 and "training the static IrEne+" in said[0] and "earlier" in said[1], said
+    energy = [read_trees(p)[0]["frontend_tree"]["predicted_energy"] for p in (first, second)]
+    assert energy[0] == energy[1] > 0
     with pytest.raises(ValueError, match="model_dir=.*model_run="):
-        predict.run(cfg)
+        predict.run(compose_cfg("stage=predict", "tracking.enabled=false", f"data.trees={trees}",
+                                f"run_dir={tmp_path / 'c'}", "model_dir=null"))
 
 
 def test_stage_whatif_writes_a_comparison_table_and_plot(static_model_dir, tmp_path):

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from irene.data.architectures import model_class_name, parameter_counts
 from irene.data.tree import FEATURE_FIELDS, NodeType, Tree
 
 log = logging.getLogger(__name__)
@@ -191,6 +190,8 @@ def _make_node(row, scope: str, parent: str | None, instance_type: str, node_typ
 def _build_tree(model: str, batch_size: int, seq_len: int, rows: list[dict]) -> Tree:
     """One tree from all rows of one (model, batch_size, seq_len)."""
     ids = (model, batch_size, seq_len)
+    from irene.data.architectures import model_class_name, parameter_counts  # transformers: slow
+
     counts = parameter_counts(model)
     model_row = next(row for row in rows if row["src_level"] == "model")
     root = _make_node(model_row, "root", None, model_class_name(model), NodeType.MODEL, counts[""], ids)

@@ -2,7 +2,7 @@
 
 For any tree with predicted and/or measured energy:
 
-* :func:`top_modules_text`: the top-N modules by energy with their share of the total, drawn as
+* :func:`tree_text`: the whole tree with identical siblings grouped, shares of the total, drawn as
   a tree (for the terminal);
 * :func:`icicle_figure` / :func:`write_html`: an interactive icicle chart (plotly), saved as
   one self-contained HTML file with plotly's JavaScript embedded, so it opens offline;
@@ -17,6 +17,7 @@ label and hover text, and :func:`node_frame` keeps the exact numbers.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -108,50 +109,83 @@ def _subtree_sum(parent: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- terminal view
-def top_modules_text(tree: Tree, top_n: int = 10, source: str = "auto") -> str:
-    """The ``top_n`` modules by energy, with share of total, as an indented tree.
+_NUMBERED = re.compile(r"^(.*?)([._])(\d+)$")
 
-    The root is always shown, and so are the ancestors of a chosen module (in brackets when
-    not among the top N themselves) so the lines form a tree. A module whose subtree holds
+
+def _group_key(frame: pd.DataFrame, row: int) -> tuple[str, str]:
+    """Siblings that differ only by a trailing index (``layer.0``, ``layer.1``) and have the
+    same class form one group."""
+    name = frame.at[row, "scope"].rsplit(".", 1)[-1] if frame.at[row, "depth"] else "root"
+    match = _NUMBERED.match(str(frame.at[row, "scope"]))
+    stem = match.group(1) + match.group(2) + "#" if match else name
+    return stem.rsplit(".", 1)[-1], str(frame.at[row, "instance_type"])
+
+
+def tree_text(tree: Tree, max_depth: int = 6, source: str = "auto") -> str:
+    """The whole tree as indented text, identical siblings grouped so that it fits a screen.
+
+    Siblings of one class whose names differ only by a trailing index form one line
+    (``layer.0-11 ×12 (BertLayer)  13.1 J  92.0%  1.09 J each``) and the group's first member
+    stands for all of them below it; nothing is dropped: every node is in a line or in a
+    group. Lines deeper than ``max_depth`` levels are summarised by a count. A subtree with
     fallback predictions says how many.
     """
     frame = node_frame(tree, source)
-    modules = frame[(frame["node_type"] == NodeType.MODULE) & frame["energy_j"].notna()]
-    chosen = set(modules.nlargest(max(int(top_n), 0), "energy_j").index)
-    shown = {0}
-    for row in chosen:
-        while row >= 0:
-            shown.add(row)
-            row = int(frame.at[row, "parent"])
     children: dict[int, list[int]] = {}
-    for row in sorted(shown - {0}):
+    for row in range(1, len(frame)):
         children.setdefault(int(frame.at[row, "parent"]), []).append(row)
     root = frame.iloc[0]
     head = f"{frame.attrs['label']}: {frame.attrs['source']} {root['energy_j']:.4g} J"
     if frame.attrs["source"] == "predicted" and not np.isnan(root["measured_j"]):
         head += f" (measured {root['measured_j']:.4g} J)"
-    lines = [head + f"; top {len(chosen)} modules by energy"]
-    lines.extend(_text_lines(frame, 0, children, chosen, prefix="", last=True, is_root=True))
+    lines = [head + f"; {len(frame)} nodes, identical siblings grouped"]
+    lines.extend(_text_lines(frame, [0], children, "", True, 0, max_depth))
     return "\n".join(lines)
 
 
-def _text_lines(frame: pd.DataFrame, row: int, children: dict[int, list[int]],
-                chosen: set[int], prefix: str, last: bool, is_root: bool = False) -> list[str]:
-    node = frame.iloc[row]
-    name = node["scope"] if is_root else node["scope"].removeprefix("root.")
-    label = name if (row in chosen or is_root) else f"[{name}]"
-    connector = "" if is_root else ("└─ " if last else "├─ ")
-    text = (f"{prefix}{connector}{label} ({node['instance_type']})  "
-            f"{node['energy_j']:.4g} J  {100 * node['share']:.1f}%")
-    if node["node_type"] != NodeType.ML:
-        text += f"  unattributed {node['unattributed_j']:+.3g} J"
-    if node["fallback_leaves"]:
-        text += f"  [{int(node['fallback_leaves'])} fallback leaves]"
+def _text_lines(frame: pd.DataFrame, rows: list[int], children: dict[int, list[int]],
+                prefix: str, last: bool, depth: int, max_depth: int) -> list[str]:
+    """Lines of one node, or of a group of identical siblings ``rows``, and below it."""
+    first = frame.iloc[rows[0]]
+    energy = frame["energy_j"].to_numpy()[rows]
+    scope = str(first["scope"])
+    if depth > 1:  # the name below its parent (the parent's line is right above)
+        parent_scope = str(frame.at[int(first["parent"]), "scope"])
+        scope = scope.removeprefix(parent_scope + ".")
+    scope = scope.removeprefix("root.")
+    if len(rows) > 1:
+        tail = _NUMBERED.match(str(frame.at[rows[-1], "scope"]))
+        scope = f"{scope}-{tail.group(3) if tail else len(rows) - 1} ×{len(rows)}"
+    connector = "" if depth == 0 else ("└─ " if last else "├─ ")
+    total = float(np.nansum(energy))
+    text = (f"{prefix}{connector}{scope} ({first['instance_type']})  {total:.4g} J  "
+            f"{100 * total / frame['energy_j'].iat[0]:.1f}%")
+    if len(rows) > 1:
+        low, high = np.nanmin(energy), np.nanmax(energy)
+        text += (f"  {low:.3g} J each" if np.isclose(low, high, rtol=5e-3)
+                 else f"  {low:.3g}–{high:.3g} J each")
+    if first["node_type"] != NodeType.ML and len(rows) == 1:
+        text += f"  unattributed {first['unattributed_j']:+.3g} J"
+    fallback = int(frame["fallback_leaves"].to_numpy()[rows].sum())
+    if fallback:
+        text += f"  [{fallback} fallback leaves]"
     lines = [text]
-    kids = sorted(children.get(row, []), key=lambda r: -float(frame.at[r, "energy_j"]))
-    child_prefix = prefix if is_root else prefix + ("   " if last else "│  ")
-    for i, kid in enumerate(kids):
-        lines.extend(_text_lines(frame, kid, children, chosen, child_prefix, i == len(kids) - 1))
+    kids = children.get(rows[0], [])
+    if not kids:
+        return lines
+    child_prefix = "" if depth == 0 else prefix + ("   " if last else "│  ")
+    if depth + 1 > max_depth:
+        below = sum(len(children.get(r, [])) for r in rows)
+        return lines + [f"{child_prefix}└─ … {below} nodes below (explain.max_depth={depth + 1} shows them)"]
+    groups: dict[tuple[str, str], list[int]] = {}
+    for kid in kids:
+        groups.setdefault(_group_key(frame, kid), []).append(kid)
+    ordered = sorted(groups.values(), key=lambda g: -float(np.nansum(frame["energy_j"].to_numpy()[g])))
+    if len(rows) > 1:
+        lines[-1] += f"; below: the first of the {len(rows)}"
+    for i, group in enumerate(ordered):
+        lines.extend(_text_lines(frame, group, children, child_prefix, i == len(ordered) - 1,
+                                 depth + 1, max_depth))
     return lines
 
 
@@ -316,14 +350,14 @@ def _shorten(text: str, width: int) -> str:
 
 
 # -------------------------------------------------------------------------------- all views
-def write_views(tree: Tree, directory: str | Path, stem: str, *, top_n: int = 10,
-                source: str = "auto", max_depth: int = 6) -> dict[str, Path]:
-    """Write ``<stem>.txt`` (top-N text), ``<stem>.html`` and ``<stem>.png`` into
+def write_views(tree: Tree, directory: str | Path, stem: str, *, source: str = "auto",
+                max_depth: int = 6) -> dict[str, Path]:
+    """Write ``<stem>.txt`` (grouped tree text), ``<stem>.html`` and ``<stem>.png`` into
     ``directory``; returns the paths by kind (``text``, ``html``, ``png``)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     text_path = directory / f"{stem}.txt"
-    text_path.write_text(top_modules_text(tree, top_n, source) + "\n")
+    text_path.write_text(tree_text(tree, max_depth, source) + "\n")
     return {"text": text_path,
             "html": write_html(tree, directory / f"{stem}.html", source, max_depth),
             "png": write_png(tree, directory / f"{stem}.png", source, max_depth)}
@@ -335,7 +369,7 @@ def view_stem(tree: Tree) -> str:
     return f"{name}_{tree['batch_size']}x{tree['seq_len']}"
 
 
-__all__: Sequence[str] = ("icicle_figure", "icicle_rows", "node_frame", "top_modules_text",
+__all__: Sequence[str] = ("icicle_figure", "icicle_rows", "node_frame", "tree_text",
                           "view_stem", "write_html", "write_png", "write_views")
 
 
