@@ -39,6 +39,13 @@ tables: setup  ## every paper table of a device from nothing: sweeps (parallel, 
 	  $(PY) run.py stage=report experiment=$$preset data=$(DATA) $(ARGS) || exit 1; \
 	done; echo "tables: outputs/tables/$(DATA)/"
 
+OUT = $(or $(IRENE_OUTPUTS),outputs)
+WHATIF = 'models=[bert-base-uncased,distilbert-base-uncased,bert-large-uncased]' 'batch_sizes=[8,16,32]' 'seq_lens=[64,128,256]'
+docs: tables  ## regenerate every results table in README.md and docs/ from fresh runs
+	$(PY) run.py stage=whatif $(WHATIF) run_dir=$(OUT)/runs/docs-whatif $(ARGS)
+	cp $(OUT)/runs/docs-whatif/whatif_energy.md $(OUT)/tables/$(DATA)/whatif.md
+	$(PY) scripts/update_docs.py --tables $(OUT)/tables
+
 mlflow-ui: setup  ## browse the local store at http://127.0.0.1:5000
 	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///outputs/mlflow.db --host 127.0.0.1 --port 5000
 

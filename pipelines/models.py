@@ -27,7 +27,7 @@ def resolve_model_dir(cfg: DictConfig, into: Path) -> Path:
         local = mlflow.artifacts.download_artifacts(run_id=str(cfg.model_run),
                                                     artifact_path="model", dst_path=str(into))
         return Path(local)
-    if cfg.get("model"):
+    if cfg.get("model") or cfg.get("models"):  # traced models: static features suffice
         return default_static_predictor(cfg)
     raise ValueError(f"stage={cfg.stage} needs a trained predictor: model_dir=<folder written by "
                      "stage=train> or model_run=<MLflow run id of stage=train> (or model=<name> "
