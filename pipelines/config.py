@@ -11,6 +11,7 @@ from typing import Any  # noqa: UP035 - OmegaConf needs typing.Optional
 
 from hydra.core.config_store import ConfigStore
 
+from irene.measure.settings import MeterSettings, ProtocolSettings, SettingsError
 from irene.published import PAPER_MODELS
 
 
@@ -72,6 +73,34 @@ class ExplainConfig:
 
 
 @dataclass
+class MeasureConfig(ProtocolSettings, MeterSettings):
+    """``stage=measure``: the protocol and meter fields (and their defaults) are inherited from
+    :class:`irene.measure.settings.ProtocolSettings` and :class:`~irene.measure.settings.MeterSettings`;
+    the stage's own fields follow. The block is instantiated (``OmegaConf.to_object``) into
+    the settings the protocol and the meter factory take."""
+
+    device: str = "auto"  # where the model runs: auto (CUDA when available, else CPU) | cpu | cuda | cuda:N
+    attn_implementation: str = "eager"  # eager: MatMul/Softmax leaves | sdpa: one attention leaf
+    convention: str = "physical"  # static features: physical | irene (the published mem_bytes formulas)
+    measure: bool = True  # false: trace static features only (num_parameters, flops, mem_bytes)
+    seed: int = 0  # seed of the random input token ids
+    output: str = "${oc.env:PWD}/outputs/measured/trees.jsonl"  # the trees file a sweep appends to
+    track: bool = True  # log the run to MLflow (pipelines.common.tracked_run)
+
+    def validate(self, prefix: str = "measure.") -> MeasureConfig:
+        """Every range of the block; a :class:`SettingsError` names the first bad field."""
+        ProtocolSettings.validate(self, prefix)
+        MeterSettings.validate(self, prefix)
+        device = self.device.split(":")
+        if not (self.device in ("auto", "cpu", "cuda") or (device[0] == "cuda" and len(device) == 2
+                                                            and device[1].isdigit())):
+            raise SettingsError(f"{prefix}device: must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.convention not in ("physical", "irene"):
+            raise SettingsError(f"{prefix}convention: must be physical or irene, got {self.convention!r}")
+        return self
+
+
+@dataclass
 class Config:
     stage: str = "crossvalidate"  # one of run.py STAGES (train, predict, whatif, crossvalidate...)
     data: DataConfig = field(default_factory=DataConfig)
@@ -80,7 +109,7 @@ class Config:
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    measure: dict[str, Any] = field(default_factory=dict)  # the measure stage's protocol
+    measure: MeasureConfig = field(default_factory=MeasureConfig)  # stage=measure: protocol, meter, output
     model: str | None = None  # measure, predict: registry name (e.g. bert-base-uncased) or config.json
     batch_size: int = 8  # measure, predict: input batch size
     seq_len: int = 128  # measure, predict: input sequence length
