@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from irene.measure.leakage import check_no_leaked_target
 from irene.model import IreneConfig
 from irene.published import CSV_FILES, csv_name, import_device, resolve_device_dir, sha256_of
 from irene.tree import Tree, read_trees, write_trees
@@ -87,7 +88,9 @@ def load_trees(cfg: DictConfig, *, require_energy: bool = True) -> tuple[list[Tr
     if data.trees:
         path = Path(data.trees)
         log.info("reading trees from %s", path)
-        return read_trees(path, require_energy=require_energy), path
+        trees = read_trees(path, require_energy=require_energy)
+        check_no_leaked_target(trees, cfg.features.sets, path)  # a feature that is the target: refused
+        return trees, path
     folder = resolve_device_dir(data.path, data.name, download=data.download)
     models = None if data.models is None else list(data.models)
     cache = _import_cache_path(folder, models)
