@@ -241,6 +241,7 @@ class NodeMeasurement:
         windows: the windows measured.
         measuring_s: seconds spent on this node (warm-up, calibration, alignment, windows).
         attempts: measurements taken (more than one: re-measured for its spread).
+        chunk: calls between two counter reads (aligned; 0 for fixed windows).
     """
 
     times_mean: float
@@ -252,6 +253,7 @@ class NodeMeasurement:
     windows: list[Window] = field(default_factory=list)
     measuring_s: float = 0.0
     attempts: int = 1
+    chunk: int = 0
 
     @classmethod
     def from_windows(cls, windows: list[Window], *, energy: bool, gpu: bool,
@@ -509,8 +511,10 @@ def _measure_aligned(fn: Callable[[], object], meters: MeterSet, settings: Proto
         windows = _aligned_windows(_Poller(fn, chunk, meters, sync, clock), settings.windows, window_s)
     finally:
         sampler.stop()
-    return NodeMeasurement.from_windows(windows, energy=meters.measures_energy, gpu=meters.gpu_feature,
-                                        utilisation=sampler.means(), measuring_s=clock() - start_s)
+    result = NodeMeasurement.from_windows(windows, energy=meters.measures_energy, gpu=meters.gpu_feature,
+                                          utilisation=sampler.means(), measuring_s=clock() - start_s)
+    result.chunk = chunk
+    return result
 
 
 def _measure_fixed(fn: Callable[[], object], meters: MeterSet, settings: ProtocolSettings, *,
