@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import platform
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -94,10 +95,12 @@ def measure_configuration(
     Returns:
         The record; ``ground_truth_energy`` is present only where a meter measured it. A
         measured record carries a ``measurement`` block (protocol, meters, tick, steady state,
-        device states, drift, flagged nodes, time spent; see docs/measure.md).
+        device states, drift, flagged nodes, seconds measuring and ``total_seconds`` with the
+        model's build and trace; see docs/measure.md).
     """
     meter = meter or NullMeter()
     settings = settings or ProtocolSettings()
+    start_s = time.perf_counter()
     model = model_from_name(model_name, attn_implementation, device=device)
     trace = trace_model(model, batch_size, seq_len, model_name, capture_inputs=measure, seed=seed,
                         convention=convention)
@@ -113,7 +116,8 @@ def measure_configuration(
         if bar is not None:
             bar.close()
     record = trace_to_record(trace, result.fields)
-    record["measurement"] = {"device": device, **result.report}
+    record["measurement"] = {"device": device, **result.report,
+                             "total_seconds": time.perf_counter() - start_s}
     return record
 
 
