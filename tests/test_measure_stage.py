@@ -174,8 +174,8 @@ def test_stage_static_or_measured(tmp_path, measure):
     assert "ground_truth_energy" not in tree
 
 
-def test_real_config_with_mlflow(tmp_path):
-    """Compose the project's config; the run logs protocol, versions and the trees artifact."""
+def test_real_config_with_mlflow(tmp_path, capsys):
+    """Compose the project's config; the run logs protocol, versions, the summary and the trees."""
     mlflow = pytest.importorskip("mlflow")
     from pipelines import measure as stage
 
@@ -185,24 +185,39 @@ def test_real_config_with_mlflow(tmp_path):
             "model=tiny/gpt2",
             "batch_size=1",
             "seq_len=4",
-            "measure.meter=none",
+            "measure=simulated",
             "measure.device=cpu",
-            "measure.measure=false",
+            "measure.simulated.tick_s=0.005",
+            "measure.min_window_s=0.01",
+            "measure.windows=2",
+            "measure.settle_min_s=0.05",
+            "measure.settle_max_s=0.5",
+            "measure.max_remeasure=0",
+            "measure.drift_action=flag",
             f"measure.output={tmp_path / 'trees.jsonl'}",
+            "show_progress=false",
             "tracking=sqlite",
             f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
             f"tracking.artifact_root={(tmp_path / 'artifacts').as_uri()}",
         ]
     )
-    assert cfg.measure.min_window_s == 0.2 and cfg.measure.reuse_identical is True
+    assert cfg.measure.reuse_identical is True
     path = stage.run(cfg)
     assert read_keys(path) == {("tiny/gpt2", 1, 4)}
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1] == f"trees: {path}" and out[-2].startswith("tiny/gpt2 1x4: 15/30 nodes measured, root ")
+    record = json.loads(path.read_text())
+    block = record["measurement"]
+    assert block["ground_truth_meter"] == "simulated" and block["tick_s"] == pytest.approx(0.005, rel=0.2)
+    assert block["protocol"] == "aligned" and block["device"] == "cpu" and "settle" in block
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")
     assert len(runs) == 1
-    params = runs[0].data.params
-    assert params["meter"] == "none" and params["protocol.min_window_s"] == "0.2"
-    assert params["protocol.protocol"] == "aligned" and params["meter.simulated.tick_s"] == "0.1"
+    params, metrics = runs[0].data.params, runs[0].data.metrics
+    assert params["meter"] == "simulated" and params["protocol.min_window_s"] == "0.01"
+    assert params["protocol.protocol"] == "aligned" and params["meter.simulated.tick_s"] == "0.005"
     assert {"torch_version", "transformers_version", "device"} <= set(params)
+    assert metrics["root_energy_j"] == pytest.approx(record["frontend_tree"]["ground_truth_energy"])
+    assert metrics["nodes_measured"] == 15 and "window_spread_median" in metrics and "tick_s" in metrics
     artifacts = mlflow.artifacts.list_artifacts(run_id=runs[0].info.run_id)
     assert "trees.jsonl" in {a.path for a in artifacts}
