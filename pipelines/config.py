@@ -21,6 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from irene.data.published import PAPER_MODELS
+from irene.measure.settings import MeterSettings, ProtocolSettings, SettingsError
 
 
 @dataclass
@@ -51,9 +52,9 @@ class WeightingConfig:
 @dataclass
 class TrackingConfig:
     enabled: bool = True  # log to MLflow
-    uri: str | None = None  # default: sqlite:///<project>/outputs/mlflow.db ($MLFLOW_TRACKING_URI wins)
+    uri: str | None = None  # default: sqlite:///<outputs>/mlflow.db ($MLFLOW_TRACKING_URI wins)
     experiment: str = "irene"  # MLflow experiment name
-    artifact_root: str | None = None  # default: <project>/outputs/mlartifacts
+    artifact_root: str | None = None  # default: <outputs>/mlartifacts
 
 
 @dataclass
@@ -65,6 +66,34 @@ class ExplainConfig:
 
 
 @dataclass
+class MeasureConfig(ProtocolSettings, MeterSettings):
+    """``stage=measure``: the protocol and meter fields (and their defaults) are inherited from
+    :class:`irene.measure.settings.ProtocolSettings` and :class:`~irene.measure.settings.MeterSettings`;
+    the stage's own fields follow. The block is instantiated (``OmegaConf.to_object``) into
+    the settings the protocol and the meter factory take."""
+
+    device: str = "auto"  # where the model runs: auto (CUDA when available, else CPU) | cpu | cuda | cuda:N
+    attn_implementation: str = "eager"  # eager: MatMul/Softmax leaves | sdpa: one attention leaf
+    convention: str = "physical"  # static features: physical | irene (the published mem_bytes formulas)
+    measure: bool = True  # false: trace static features only (num_parameters, flops, mem_bytes)
+    seed: int = 0  # seed of the random input token ids
+    output: str = "${outputs:}/measured/trees.jsonl"  # the trees file a sweep appends to
+    track: bool = True  # log the run to MLflow (pipelines.tracking.tracked_run)
+
+    def validate(self, prefix: str = "measure.") -> MeasureConfig:
+        """Every range of the block; a :class:`SettingsError` names the first bad field."""
+        ProtocolSettings.validate(self, prefix)
+        MeterSettings.validate(self, prefix)
+        device = self.device.split(":")
+        if not (self.device in ("auto", "cpu", "cuda") or (device[0] == "cuda" and len(device) == 2
+                                                            and device[1].isdigit())):
+            raise SettingsError(f"{prefix}device: must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.convention not in ("physical", "irene"):
+            raise SettingsError(f"{prefix}convention: must be physical or irene, got {self.convention!r}")
+        return self
+
+
+@dataclass
 class Config:
     stage: str = "crossvalidate"  # one of run.py STAGES (train, predict, whatif, crossvalidate...)
     data: DataConfig = field(default_factory=DataConfig)
@@ -73,7 +102,7 @@ class Config:
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     predictor: Any = None  # a predictor's hyperparameters + _target_ (schema from its signature)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    measure: dict[str, Any] = field(default_factory=dict)  # the measure stage's protocol
+    measure: MeasureConfig = field(default_factory=MeasureConfig)  # stage=measure: protocol, meter, output
     model: str | None = None  # measure, predict: registry name (e.g. bert-base-uncased) or config.json
     batch_size: int = 8  # measure, predict: input batch size
     seq_len: int = 128  # measure, predict: input sequence length

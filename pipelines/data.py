@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from irene.data.published import CSV_FILES, csv_name, import_device, resolve_device_dir, sha256_of
 from irene.data.tree import Tree, read_trees, write_trees
+from irene.measure.leakage import check_no_leaked_target
 from pipelines.paths import datasets_dir, log, outputs_dir
 
 CACHE_VERSION = 1  # bump when the import's output changes
@@ -32,7 +33,9 @@ def load_trees(cfg: DictConfig, *, require_energy: bool = True) -> tuple[list[Tr
     if data.trees:
         path = Path(data.trees)
         log.info("reading trees from %s", path)
-        return read_trees(path, require_energy=require_energy), path
+        trees = read_trees(path, require_energy=require_energy)
+        check_no_leaked_target(trees, cfg.features.sets, path)  # a feature that is the target: refused
+        return trees, path
     folder = resolve_device_dir(data.path, data.name, datasets_dir=datasets_dir(),
                                 download=data.download)
     models = None if data.models is None else list(data.models)

@@ -2,40 +2,56 @@
 
 A sweep is a Hydra multirun over ``model``, ``batch_size`` and ``seq_len``; every job appends
 its line to the shared ``measure.output`` file, and a job whose line already exists returns at
-once, so a killed sweep is resumed by running it again.
+once, so a killed sweep is resumed by running it again. A job prints a progress bar over its
+nodes (with an ETA), one summary line (nodes, root energy and time, Σ children / parent,
+window spread, drift), logged to MLflow as metrics, and, last, the trees file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from irene.measure.meters import make_meter
-from irene.measure.protocol import ProtocolSettings
-from irene.measure.runner import environment, measure_into
+from irene.measure.meters import NullMeter, meter_from_settings
+from irene.measure.runner import environment, measure_into, resolve_device
+from irene.measure.settings import MeterSettings, ProtocolSettings
 from irene.measure.store import has_record
-from pipelines.tracking import tracked_run
+from irene.measure.summary import summarize, summary_line, summary_metrics
+from pipelines.config import MeasureConfig
+from pipelines.tracking import log_metrics, tracked_run
 
 log = logging.getLogger(__name__)
 
 
-def protocol_settings(mcfg: DictConfig) -> ProtocolSettings:
-    """The protocol settings of the ``measure`` config block."""
-    return ProtocolSettings(
-        min_window_s=float(mcfg.min_window_s),
-        windows=int(mcfg.windows),
-        warmup=int(mcfg.warmup),
-        reuse_identical=bool(mcfg.reuse_identical),
-        sample_interval_s=float(mcfg.sample_interval_s),
-    )
+def measure_settings(cfg: DictConfig) -> MeasureConfig:
+    """The ``measure`` block as a validated :class:`MeasureConfig` (also from an untyped config).
+
+    Raises:
+        SettingsError: one line naming the first out-of-range field and its valid range.
+    """
+    node = OmegaConf.merge(OmegaConf.structured(MeasureConfig), cfg.measure)
+    return OmegaConf.to_object(node).validate()
 
 
-def _tracking(cfg: DictConfig, params: dict[str, Any]) -> contextlib.AbstractContextManager:
-    if not cfg.measure.get("track", True):
+def protocol_params(settings: MeasureConfig) -> dict[str, Any]:
+    """Every protocol and meter setting, as MLflow parameters (``protocol.*``, ``meter.*``)."""
+    params = {f"protocol.{f.name}": getattr(settings, f.name) for f in dataclasses.fields(ProtocolSettings)}
+    for f in dataclasses.fields(MeterSettings):
+        value = getattr(settings, f.name)
+        if dataclasses.is_dataclass(value):
+            params.update({f"meter.{f.name}.{k}": v for k, v in dataclasses.asdict(value).items()})
+        else:
+            params[f"meter.{f.name}"] = value
+    return params
+
+
+def _tracking(cfg: DictConfig, track: bool, params: dict[str, Any]) -> contextlib.AbstractContextManager:
+    if not track:
         return contextlib.nullcontext()
     return tracked_run(cfg, stage="measure", params=params)
 
@@ -45,7 +61,7 @@ def run(cfg: DictConfig) -> Path:
 
     Args:
         cfg: the composed config: top-level ``model``, ``batch_size``, ``seq_len`` and the
-            ``measure`` block (see ``conf/measure/default.yaml``).
+            ``measure`` block (schema: ``MeasureConfig`` in ``pipelines/config.py``).
 
     Returns:
         The path of the trees file.
@@ -53,30 +69,30 @@ def run(cfg: DictConfig) -> Path:
     if not cfg.model:
         raise ValueError("stage=measure needs model=<registry name or config.json path>, "
                          "e.g. model=bert-base-uncased batch_size=8 seq_len=128")
-    mcfg = cfg.measure
-    output = Path(str(mcfg.output))
+    settings = measure_settings(cfg)
+    output = Path(settings.output)
     model, batch_size, seq_len = str(cfg.model), int(cfg.batch_size), int(cfg.seq_len)
     if has_record(output, (model, batch_size, seq_len)):
         log.info("%s %dx%d already measured in %s: skipped", model, batch_size, seq_len, output)
+        print(f"trees: {output}")
         return output
-    meter = make_meter(str(mcfg.meter), gpu_index=int(mcfg.gpu_index), rapl_root=str(mcfg.rapl_root))
-    device = str(mcfg.device)
-    if device == "cuda":
-        device = f"cuda:{int(mcfg.gpu_index)}"
-    settings = protocol_settings(mcfg)
+    device = resolve_device(settings.device, settings.gpu_index)
+    meter = meter_from_settings(settings, device) if settings.measure else NullMeter()
     params = {
         "model": model,
         "batch_size": batch_size,
         "seq_len": seq_len,
-        "attn_implementation": str(mcfg.attn_implementation),
-        "convention": str(mcfg.get("convention", "physical")),
-        "measured": bool(mcfg.measure),
-        **{f"protocol.{k}": v for k, v in vars(settings).items()},
+        "attn_implementation": settings.attn_implementation,
+        "convention": settings.convention,
+        "measured": settings.measure,
+        **protocol_params(settings),
         **environment(device, meter),
     }
+    log.info("measuring %s %dx%d on %s, meter %s, %s protocol", model, batch_size, seq_len, device,
+             meter.name, settings.protocol)
     try:
-        with _tracking(cfg, params):
-            measure_into(
+        with _tracking(cfg, settings.track, params):
+            record = measure_into(
                 output,
                 model,
                 batch_size,
@@ -84,16 +100,24 @@ def run(cfg: DictConfig) -> Path:
                 meter=meter,
                 settings=settings,
                 device=device,
-                attn_implementation=str(mcfg.attn_implementation),
-                measure=bool(mcfg.measure),
-                gpu_index=int(mcfg.gpu_index),
-                seed=int(mcfg.seed),
-                convention=str(mcfg.get("convention", "physical")),
+                attn_implementation=settings.attn_implementation,
+                measure=settings.measure,
+                gpu_index=settings.gpu_index,
+                seed=settings.seed,
+                convention=settings.convention,
+                show_progress=bool(cfg.get("show_progress", True)),
             )
-            if mcfg.get("track", True):
+            if record is not None and settings.measure:
+                summary = summarize(record)
+                line = summary_line(summary)
+                log.info("%s", line)
+                print(line)
+                log_metrics(summary_metrics(summary))
+            if settings.track:
                 _log_artifact(output)
     finally:
         meter.close()
+    print(f"trees: {output}")
     return output
 
 

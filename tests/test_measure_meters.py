@@ -158,3 +158,72 @@ def test_nvml_meter_reads_millijoules_after_synchronize(monkeypatch):
 def test_nvml_unavailable_without_cuda(monkeypatch):
     monkeypatch.setattr(nvml_module, "_torch_cuda_available", lambda: False)
     assert not NvmlMeter.available()
+
+
+def test_nvml_device_state_names_throttle_reasons(monkeypatch):
+    fake = _FakeNvml()
+    fake.NVML_TEMPERATURE_GPU = 0
+    fake.nvmlDeviceGetTemperature = lambda handle, sensor: 61
+    fake.nvmlDeviceGetPowerUsage = lambda handle: 503_000
+    fake.nvmlClocksEventReasonSwPowerCap, fake.nvmlClocksEventReasonHwSlowdown = 0x4, 0x8
+    fake.nvmlDeviceGetCurrentClocksEventReasons = lambda handle: 0x4
+    monkeypatch.setattr(nvml_module, "_pynvml", lambda: fake)
+    meter = NvmlMeter(0, synchronize=False)
+    state = meter.device_state()
+    assert state["gpu_temperature_c"] == 61.0 and state["gpu_power_w"] == 503.0
+    assert state["gpu_sm_clock_mhz"] == 1410.0 and state["gpu_throttle_reasons"] == "SwPowerCap"
+    assert "gpu_power_limit_w" not in state  # not offered by this fake: left out
+
+
+def test_auto_matches_the_device(powercap, monkeypatch, caplog):
+    monkeypatch.setattr(NvmlMeter, "available", classmethod(lambda cls, **kw: False))
+    assert isinstance(make_meter("auto", rapl_root=powercap[0], device="cpu"), RaplMeter)
+    with caplog.at_level(logging.WARNING):
+        meter = make_meter("auto", rapl_root=powercap[0], device="cuda:0")  # RAPL cannot see a GPU
+    assert isinstance(meter, NullMeter) and "NVML cannot read GPU 0" in caplog.text
+
+
+def test_rapl_plus_nvml_sums_both(powercap, monkeypatch):
+    fake = _FakeNvml()
+    monkeypatch.setattr(nvml_module, "_pynvml", lambda: fake)
+    meter = make_meter("rapl+nvml", rapl_root=powercap[0], device="cuda:0")
+    monkeypatch.setattr(meter.parts()[1], "synchronize", False)
+    assert meter.name == "rapl+nvml" and [p.name for p in meter.parts()] == ["rapl", "nvml"]
+    before = meter.read_energy_j()
+    (powercap[1] / "energy_uj").write_text("3000000\n")  # CPU +2 J
+    fake.energy_mj += 1_500  # GPU +1.5 J
+    assert meter.read_energy_j() - before == pytest.approx(3.5)
+    assert meter.describe()["meter"] == "rapl+nvml" and "rapl_domains" in meter.describe()
+
+
+def test_simulated_counter_publishes_only_at_ticks():
+    from irene.measure.meters import SimulatedMeter
+    from irene.measure.settings import SimulatedMeterSettings
+
+    now = [0.0]
+    meter = SimulatedMeter(SimulatedMeterSettings(tick_s=0.1, power_w=100.0, noise=0.0, resolution_j=0.001),
+                           clock=lambda: now[0])
+    first_tick = meter.counter.next_tick_s
+    assert 0 < first_tick <= 0.1
+    now[0] = first_tick - 1e-6
+    assert meter.read_energy_j() == 0.0  # nothing published before the first tick
+    now[0] = first_tick + 0.05
+    assert meter.read_energy_j() == pytest.approx(100.0 * first_tick, abs=0.001)
+    now[0] = first_tick + 0.1  # the next tick: 10 J more, whatever the read times
+    assert meter.read_energy_j() == pytest.approx(100.0 * (first_tick + 0.1), abs=0.001)
+    value = meter.read_energy_j()
+    assert value == round(value, 3)  # millijoule resolution
+
+
+def test_simulated_device_truth_and_virtual_clock():
+    from irene.measure.meters import SimulatedDevice
+    from irene.measure.settings import SimulatedMeterSettings
+
+    device = SimulatedDevice(SimulatedMeterSettings(tick_s=0.0, noise=0.0, resolution_j=0.0), 1e-3, 200.0,
+                             read_s=1e-5, gap_power_w=100.0)
+    start = device.clock()
+    for _ in range(100):
+        device.call()
+    assert device.clock() - start == pytest.approx(0.1)
+    assert device.meter.read_energy_j() == pytest.approx(100 * device.energy_per_call_j + 1e-5 * 100.0)
+    assert device.energy_per_call_j == pytest.approx(0.2) and device.reads == 1

@@ -19,31 +19,89 @@ from irene.measure.store import append_record, read_keys
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _compose(overrides):
+    from hydra import compose, initialize_config_dir
+
+    from pipelines.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
 def _cfg(tmp_path, **measure):
+    """The real config, shrunk: no meter, tiny windows, no settling, no tracking."""
+    values = {"meter": "none", "device": "cpu", "min_window_s": 0.002, "windows": 1, "warmup": 0,
+              "sample_interval_s": 0.001, "settle_min_s": 0, "track": False,
+              "output": str(tmp_path / "trees.jsonl"), **measure}
+    overrides = [f"measure.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()]
+    return _compose(["stage=measure", "model=tiny/bert", "batch_size=2", "seq_len=8", "show_progress=false",
+                     *overrides])
+
+
+def test_defaults_live_in_the_schema_only():
+    """conf/measure/default.yaml repeats no default: the schema (and the settings it inherits)
+    holds each one once."""
     block = OmegaConf.load(ROOT / "conf" / "measure" / "default.yaml")
-    block.output = str(tmp_path / "trees.jsonl")
-    block.update(
-        {
-            "meter": "none",
-            "min_window_s": 0.002,
-            "windows": 1,
-            "warmup": 0,
-            "sample_interval_s": 0.001,
-            "track": False,
-            **measure,
-        }
-    )
-    return OmegaConf.create({"model": "tiny/bert", "batch_size": 2, "seq_len": 8, "measure": block})
+    assert block is None or len(block) == 0
+    cfg = _compose(["stage=measure"])
+    assert cfg.measure.meter == "auto" and cfg.measure.device == "auto"
+    assert cfg.measure.protocol == "aligned" and cfg.measure.windows == 3
+    assert cfg.measure.reuse_identical is True and cfg.measure.attn_implementation == "eager"
 
 
-def test_default_config_keys():
-    block = OmegaConf.load(ROOT / "conf" / "measure" / "default.yaml")
-    assert block.meter == "auto" and block.min_window_s == 2.0 and block.windows == 3
-    assert block.reuse_identical is True and block.attn_implementation == "eager"
-    assert block.device == "cpu"
+@pytest.mark.parametrize("override", ["measure.windows=abc", "measure.min_window_s=fast",
+                                      "measure.reuse_identical=maybe", "measure.widnows=3"])
+def test_bad_type_or_key_fails_at_compose_time(override):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException):
+        _compose(["stage=measure", override])
 
 
-def test_stage_appends_once_and_skips_on_rerun(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("override", "message"), [
+    ("measure.windows=0", "measure.windows: must be an integer >= 1, got 0"),
+    ("measure.min_window_s=0", "measure.min_window_s: must be a number > 0, got 0.0"),
+    ("measure.protocol=sloppy", "measure.protocol: must be one of aligned, fixed, got 'sloppy'"),
+    ("measure.meter=wattmeter", "measure.meter: must be one of auto, nvml, rapl, rapl+nvml, simulated, none"),
+    ("measure.simulated.tick_s=-1", "measure.simulated.tick_s: must be a number >= 0, got -1.0"),
+    ("measure.settle_max_s=0.5", "measure.settle_max_s: must be a number >= settle_min_s (1.0), got 0.5"),
+    ("measure.device=tpu", "measure.device: must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+])
+def test_out_of_range_fails_at_start_in_one_line(tmp_path, override, message):
+    from irene.measure.settings import SettingsError
+    from pipelines import measure as stage
+
+    cfg = _compose(["stage=measure", "model=tiny/bert", f"measure.output={tmp_path / 't.jsonl'}", override])
+    with pytest.raises(SettingsError) as error:
+        stage.run(cfg)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+    assert not (tmp_path / "t.jsonl").exists()
+
+
+def test_settings_instantiate_the_protocol_and_the_meter():
+    from irene.measure.meters import SimulatedMeter, meter_from_settings
+    from irene.measure.settings import ProtocolSettings
+    from pipelines.measure import measure_settings
+
+    cfg = _compose(["stage=measure", "measure=simulated", "measure.simulated.tick_s=0.05",
+                    "measure.windows=5"])
+    settings = measure_settings(cfg)
+    assert isinstance(settings, ProtocolSettings) and settings.windows == 5
+    meter = meter_from_settings(settings, "cpu")
+    assert isinstance(meter, SimulatedMeter) and meter.settings.tick_s == 0.05
+
+
+def test_meter_must_measure_the_device_the_model_runs_on():
+    from irene.measure.meters import MeterUnavailableError, make_meter
+
+    with pytest.raises(MeterUnavailableError, match="reads the GPU but the model runs on cpu"):
+        make_meter("nvml", device="cpu")
+    with pytest.raises(MeterUnavailableError, match=r"rapl\+nvml"):
+        make_meter("rapl", device="cuda:0")
+
+
+def test_stage_appends_once_and_skips_on_rerun(tmp_path, monkeypatch, capsys):
     from pipelines import measure as stage
 
     cfg = _cfg(tmp_path)
@@ -61,6 +119,7 @@ def test_stage_appends_once_and_skips_on_rerun(tmp_path, monkeypatch):
     cfg.seq_len = 4
     monkeypatch.undo()
     stage.run(cfg)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"trees: {path}"
     assert read_keys(path) == {("tiny/bert", 2, 8), ("tiny/bert", 2, 4)}
 
 
@@ -115,19 +174,8 @@ def test_stage_static_or_measured(tmp_path, measure):
     assert "ground_truth_energy" not in tree
 
 
-def _compose(overrides):
-    pytest.importorskip("pipelines.config")
-    from hydra import compose, initialize_config_dir
-
-    from pipelines.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=overrides)
-
-
-def test_real_config_with_mlflow(tmp_path):
-    """Compose the project's config; the run logs protocol, versions and the trees artifact."""
+def test_real_config_with_mlflow(tmp_path, capsys):
+    """Compose the project's config; the run logs protocol, versions, the summary and the trees."""
     mlflow = pytest.importorskip("mlflow")
     from pipelines import measure as stage
 
@@ -137,22 +185,40 @@ def test_real_config_with_mlflow(tmp_path):
             "model=tiny/gpt2",
             "batch_size=1",
             "seq_len=4",
-            "measure.meter=none",
-            "measure.measure=false",
+            "measure=simulated",
+            "measure.device=cpu",
+            "measure.simulated.tick_s=0.005",
+            "measure.min_window_s=0.01",
+            "measure.windows=2",
+            "measure.settle_min_s=0.05",
+            "measure.settle_max_s=0.5",
+            "measure.max_remeasure=0",
+            "measure.drift_action=flag",
             f"measure.output={tmp_path / 'trees.jsonl'}",
+            "show_progress=false",
             "tracking=sqlite",
             f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
             f"tracking.artifact_root={(tmp_path / 'artifacts').as_uri()}",
         ]
     )
-    assert cfg.measure.min_window_s == 2.0 and cfg.measure.reuse_identical is True
+    assert cfg.measure.reuse_identical is True
     path = stage.run(cfg)
     assert read_keys(path) == {("tiny/gpt2", 1, 4)}
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1] == f"trees: {path}" and out[-2].startswith("tiny/gpt2 1x4: 15/30 nodes measured, root ")
+    record = json.loads(path.read_text())
+    block = record["measurement"]
+    # the probe reads a real-time counter: on a loaded machine it may see updates late
+    assert block["ground_truth_meter"] == "simulated" and 0.0025 < block["tick_s"] < 0.05
+    assert block["protocol"] == "aligned" and block["device"] == "cpu" and "settle" in block
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")
     assert len(runs) == 1
-    params = runs[0].data.params
-    assert params["meter"] == "none" and params["protocol.min_window_s"] == "2.0"
+    params, metrics = runs[0].data.params, runs[0].data.metrics
+    assert params["meter"] == "simulated" and params["protocol.min_window_s"] == "0.01"
+    assert params["protocol.protocol"] == "aligned" and params["meter.simulated.tick_s"] == "0.005"
     assert {"torch_version", "transformers_version", "device"} <= set(params)
+    assert metrics["root_energy_j"] == pytest.approx(record["frontend_tree"]["ground_truth_energy"])
+    assert metrics["nodes_measured"] == 15 and "window_spread_median" in metrics and "tick_s" in metrics
     artifacts = mlflow.artifacts.list_artifacts(run_id=runs[0].info.run_id)
     assert "trees.jsonl" in {a.path for a in artifacts}

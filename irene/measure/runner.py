@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import platform
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,24 +14,51 @@ import transformers
 
 from irene.data.architectures import model_from_name
 from irene.measure.meters import EnergyMeter, NullMeter, NvmlMeter
-from irene.measure.protocol import ProtocolSettings, device_sync, measure_trace
+from irene.measure.protocol import ProgressCallback, ProtocolSettings, device_sync, measure_nodes
 from irene.measure.store import append_record, has_record
 from irene.measure.trace import trace_model, trace_to_record
 
 log = logging.getLogger(__name__)
 
 
-def gpu_companion(meter: EnergyMeter, device: str, gpu_index: int) -> NvmlMeter | None:
-    """The NVML meter that supplies ``gpu_energy_mean`` and GPU utilisation, if any.
+def resolve_device(device: str, gpu_index: int = 0) -> str:
+    """``auto``: ``cuda:<gpu_index>`` when CUDA is available, else ``cpu``; ``cuda``: ``cuda:<gpu_index>``."""
+    if device == "auto":
+        return f"cuda:{gpu_index}" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        return f"cuda:{gpu_index}"
+    return device
 
-    The ground-truth meter itself when it is NVML; a second NVML meter when the model runs
-    on a GPU under another ground-truth meter; ``None`` on CPU.
+
+def gpu_companion(meter: EnergyMeter, device: str, gpu_index: int) -> EnergyMeter | None:
+    """The GPU counter that supplies GPU utilisation and, unless it is the ground truth itself,
+    ``gpu_energy_mean``.
+
+    The ground-truth meter's GPU part when it has one (``nvml``, ``rapl+nvml``); a separate NVML
+    meter when the model runs on a GPU under another meter; ``None`` on CPU.
     """
-    if isinstance(meter, NvmlMeter):
-        return meter
+    for part in meter.parts():
+        if part.is_gpu and isinstance(part, NvmlMeter):
+            return part
     if torch.device(device).type == "cuda" and NvmlMeter.available(gpu_index=gpu_index):
         return NvmlMeter(gpu_index)
     return None
+
+
+def _progress_bar(label: str, enabled: bool) -> tuple[ProgressCallback | None, Any]:
+    """A tqdm bar over the nodes of one configuration (with an ETA), as a progress callback."""
+    if not enabled:
+        return None, None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=1, desc=label, unit="node", file=sys.stderr, dynamic_ncols=True)
+
+    def update(done: int, total: int, scope: str) -> None:
+        bar.total = total
+        bar.set_postfix_str(scope[-40:], refresh=False)
+        bar.update(done - bar.n)
+
+    return update, bar
 
 
 def measure_configuration(
@@ -45,6 +74,7 @@ def measure_configuration(
     gpu_index: int = 0,
     seed: int = 0,
     convention: str = "physical",
+    show_progress: bool = False,
 ) -> dict:
     """Trace, measure and return one ``trees.jsonl`` record.
 
@@ -54,32 +84,45 @@ def measure_configuration(
         seq_len: sequence length of the input.
         meter: ground-truth energy meter (default: none, i.e. no energy).
         settings: protocol settings (default: :class:`ProtocolSettings`).
-        device: ``"cpu"`` or ``"cuda"`` (``"cuda:N"``).
+        device: ``"cpu"`` or ``"cuda:N"`` (see :func:`resolve_device`).
         attn_implementation: forced attention implementation.
         measure: False records static features only (no run of the protocol).
         gpu_index: NVML index of the GPU used.
         seed: seed of the random input ids.
         convention: static-feature convention of the trace (``physical`` or ``irene``).
+        show_progress: a progress bar over the nodes, with an ETA, on stderr.
 
     Returns:
-        The record; ``ground_truth_energy`` is present only where a meter measured it.
+        The record; ``ground_truth_energy`` is present only where a meter measured it. A
+        measured record carries a ``measurement`` block (protocol, meters, tick, steady state,
+        device states, drift, flagged nodes, seconds measuring and ``total_seconds`` with the
+        model's build and trace; see docs/measure.md).
     """
     meter = meter or NullMeter()
     settings = settings or ProtocolSettings()
+    start_s = time.perf_counter()
     model = model_from_name(model_name, attn_implementation, device=device)
     trace = trace_model(model, batch_size, seq_len, model_name, capture_inputs=measure, seed=seed,
                         convention=convention)
-    measured = None
-    if measure:
-        gpu_meter = gpu_companion(meter, device, gpu_index)
-        probes = [gpu_meter.utilisation] if gpu_meter is not None else None
-        measured = measure_trace(
-            trace, meter, settings, sync=device_sync(device), gpu_meter=gpu_meter, probes=probes
-        )
-    return trace_to_record(trace, measured)
+    if not measure:
+        return trace_to_record(trace)
+    gpu_meter = gpu_companion(meter, device, gpu_index)
+    probes = [gpu_meter.utilisation] if isinstance(gpu_meter, NvmlMeter) else None
+    on_progress, bar = _progress_bar(f"{model_name} {batch_size}x{seq_len}", show_progress)
+    try:
+        result = measure_nodes(trace, meter, settings, sync=device_sync(device), gpu_meter=gpu_meter,
+                               probes=probes, on_progress=on_progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    record = trace_to_record(trace, result.fields)
+    record["measurement"] = {"device": device, **result.report,
+                             "total_seconds": time.perf_counter() - start_s}
+    return record
 
 
-def measure_into(path: str | Path, model_name: str, batch_size: int, seq_len: int, **kwargs: Any) -> bool:
+def measure_into(path: str | Path, model_name: str, batch_size: int, seq_len: int, **kwargs: Any
+                 ) -> dict | None:
     """Measure one configuration into a trees file unless its line is already there.
 
     Args:
@@ -90,13 +133,13 @@ def measure_into(path: str | Path, model_name: str, batch_size: int, seq_len: in
         **kwargs: passed to :func:`measure_configuration`.
 
     Returns:
-        True when a line was added, False when the configuration was already measured.
+        The record added, or ``None`` when the configuration was already in the file.
     """
     if has_record(path, (model_name, batch_size, seq_len)):
         log.info("%s (%d x %d) already in %s: skipped", model_name, batch_size, seq_len, path)
-        return False
+        return None
     record = measure_configuration(model_name, batch_size, seq_len, **kwargs)
-    return append_record(path, record)
+    return record if append_record(path, record) else None
 
 
 def environment(device: str, meter: EnergyMeter) -> dict[str, str]:

@@ -29,6 +29,7 @@ class NvmlMeter(EnergyMeter):
     """
 
     name = "nvml"
+    is_gpu = True
 
     def __init__(self, gpu_index: int = 0, synchronize: bool = True) -> None:
         self.gpu_index = gpu_index
@@ -76,6 +77,31 @@ class NvmlMeter(EnergyMeter):
             "gpu_mem_clk": float(nvml.nvmlDeviceGetClockInfo(self.handle, nvml.NVML_CLOCK_MEM)),
         }
 
+    def device_state(self) -> dict[str, float | str]:
+        """Temperature (°C), SM and memory clocks (MHz), power and its limit (W), throttle reasons.
+
+        Each field that NVML cannot give on this GPU is left out.
+        """
+        nvml = self._nvml
+        state: dict[str, float | str] = {}
+        handle = self.handle
+        for key, call in (
+            ("gpu_temperature_c", lambda: nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)),
+            ("gpu_sm_clock_mhz", lambda: nvml.nvmlDeviceGetClockInfo(self.handle, nvml.NVML_CLOCK_SM)),
+            ("gpu_mem_clock_mhz", lambda: nvml.nvmlDeviceGetClockInfo(self.handle, nvml.NVML_CLOCK_MEM)),
+            ("gpu_power_w", lambda: nvml.nvmlDeviceGetPowerUsage(self.handle) / 1000.0),
+            ("gpu_power_limit_w", lambda: nvml.nvmlDeviceGetEnforcedPowerLimit(self.handle) / 1000.0),
+        ):
+            try:
+                state[key] = float(call())
+            except Exception:  # noqa: BLE001 - descriptive only
+                pass
+        try:
+            state["gpu_throttle_reasons"] = throttle_reasons(nvml, self.handle)
+        except Exception:  # noqa: BLE001
+            pass
+        return state
+
     def describe(self) -> dict[str, str]:
         """Meter, GPU index and name, driver and CUDA driver versions."""
         nvml = self._nvml
@@ -98,3 +124,23 @@ class NvmlMeter(EnergyMeter):
             self._nvml.nvmlShutdown()
         except Exception:  # noqa: BLE001
             pass
+
+
+# NVML's clock-event (formerly "throttle") reason bits, by the name pynvml gives them.
+_REASONS = ("GpuIdle", "ApplicationsClocksSetting", "SwPowerCap", "HwSlowdown", "SyncBoost",
+            "SwThermalSlowdown", "HwThermalSlowdown", "HwPowerBrakeSlowdown", "DisplayClockSetting")
+
+
+def throttle_reasons(nvml: Any, handle: Any) -> str:
+    """The active clock-limiting reasons as ``"SwPowerCap,HwSlowdown"`` (``"none"`` if none)."""
+    getter = getattr(nvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
+        nvml.nvmlDeviceGetCurrentClocksThrottleReasons
+    mask = int(getter(handle))
+    names = []
+    for reason in _REASONS:
+        bit = getattr(nvml, f"nvmlClocksEventReason{reason}", None)
+        if bit is None:
+            bit = getattr(nvml, f"nvmlClocksThrottleReason{reason}", 0)
+        if bit and mask & int(bit):
+            names.append(reason)
+    return ",".join(names) or "none"

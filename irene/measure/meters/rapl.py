@@ -92,6 +92,25 @@ class RaplMeter(EnergyMeter):
             domain.last_uj = now
         return sum(d.total_uj for d in self.domains) / 1e6
 
+    def device_state(self) -> dict[str, float | str]:
+        """CPU clock (MHz) and the hottest package/core temperature (°C), where the OS exposes them."""
+        import psutil
+
+        state: dict[str, float | str] = {}
+        try:
+            freq = psutil.cpu_freq()
+            if freq is not None:
+                state["cpu_clock_mhz"] = float(freq.current)
+        except Exception:  # noqa: BLE001 - descriptive only
+            pass
+        try:
+            readings = [t.current for group in psutil.sensors_temperatures().values() for t in group]
+            if readings:
+                state["cpu_temperature_c"] = float(max(readings))
+        except Exception:  # noqa: BLE001 - not on every OS
+            pass
+        return state
+
     def describe(self) -> dict[str, str]:
         """Meter and the package domains it sums."""
         names = []
