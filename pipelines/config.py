@@ -88,6 +88,9 @@ class MeasureConfig(ProtocolSettings, MeterSettings):
         if not (self.device in ("auto", "cpu", "cuda") or (device[0] == "cuda" and len(device) == 2
                                                             and device[1].isdigit())):
             raise SettingsError(f"{prefix}device: must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if len(device) == 2 and int(device[1]) != self.gpu_index:
+            raise SettingsError(f"{prefix}device: {self.device} is not the GPU the meter reads "
+                                f"({prefix}gpu_index={self.gpu_index}): use device=cuda and gpu_index=N")
         if self.convention not in ("physical", "irene"):
             raise SettingsError(f"{prefix}convention: must be physical or irene, got {self.convention!r}")
         return self

@@ -207,7 +207,7 @@ def test_every_node_measured_with_fake_meter(tiny_trace):
 def test_report_and_order(tiny_trace):
     order = []
     settings = ProtocolSettings(min_window_s=0.004, windows=2, warmup=0, sample_interval_s=0.01,
-                                settle_min_s=0.05, settle_max_s=5.0, settle_tolerance=10.0,
+                                settle_min_s=0.05, settle_max_s=30.0, settle_tolerance=10.0,
                                 max_remeasure=0, drift_threshold=10.0)
     result = measure_nodes(tiny_trace, SimulatedMeter(SimulatedMeterSettings(tick_s=0.0)), settings,
                            on_progress=lambda done, total, scope: order.append((done, total, scope)))
@@ -224,64 +224,53 @@ def test_report_and_order(tiny_trace):
     assert report["tick_s"] is not None and report["seconds"] > 0
 
 
-class CallMeter(EnergyMeter):
-    """Energy is counted per call (exactly ``joules`` per call of a fake node, times ``factor``)."""
+def _fake_trace(device: SimulatedDevice) -> Trace:
+    """A root and four leaves whose calls last 3, 0.5, 1.5, 2.5, 3.5 ms on the virtual clock."""
 
-    name = "calls"
-
-    def __init__(self) -> None:
-        self.energy_j, self.factor = 0.0, 1.0
-
-    @classmethod
-    def available(cls, **kwargs: object) -> bool:
-        return True
-
-    def read_energy_j(self) -> float:
-        return self.energy_j
-
-    def node(self, scope: str, parent: TraceNode | None, joules: float) -> TraceNode:
+    def node(scope: str, parent: TraceNode | None, call_s: float) -> TraceNode:
         def call() -> None:
-            self.energy_j += joules * self.factor
+            device.advance(call_s, device.busy_power_w)
 
         level = 0 if parent is None else parent.level + 1
-        node = TraceNode(scope, parent, level, "Fake", "model" if parent is None else "ml", func=call,
+        made = TraceNode(scope, parent, level, "Fake", "model" if parent is None else "ml", func=call,
                          args=(), kwargs={}, signature=scope)
         if parent is not None:
-            parent.children.append(node)
-        return node
+            parent.children.append(made)
+        return made
 
-
-def _fake_trace(meter: CallMeter) -> Trace:
-    root = meter.node("root", None, 3.0)
+    root = node("root", None, 3e-3)
     for i in range(4):
-        meter.node(f"root.leaf_{i}", root, 0.5 + i)
+        node(f"root.leaf_{i}", root, (0.5 + i) * 1e-3)
     return Trace("fake", 1, 1, root)
 
 
 @pytest.mark.parametrize("action", ["flag", "remeasure"])
 def test_drift_is_detected_flagged_and_remeasured(action):
-    meter = CallMeter()
+    """On a virtual clock: the device's power doubles after the root's first measurement."""
+    counter = SimulatedMeterSettings(tick_s=0.01, noise=0.0, resolution_j=0.0)
+    device = SimulatedDevice(counter, 1e-3, 100.0, read_s=1e-5)
 
     def on_progress(done: int, total: int, scope: str) -> None:
-        if done == 1:  # after the root's first measurement the device draws twice the energy
-            meter.factor = 2.0
+        if done == 1:
+            device.busy_power_w = device.gap_power_w = 200.0
 
-    settings = ProtocolSettings(min_window_s=0.002, windows=2, warmup=0, sample_interval_s=0.01,
-                                tick_s=1e-3, settle_min_s=0, max_remeasure=0, drift_action=action)
-    result = measure_nodes(_fake_trace(meter), meter, settings, on_progress=on_progress)
+    settings = ProtocolSettings(min_window_s=0.02, windows=2, warmup=1, sample_interval_s=1.0,
+                                settle_min_s=0, max_remeasure=0, drift_action=action)
+    result = measure_nodes(_fake_trace(device), device.meter, settings, clock=device.clock,
+                           on_progress=on_progress)
     report = result.report
-    # (energies within 10 %: the protocol charges a window's energy to its calls pro rata of
-    # time, and this fake counter's energy is in the calls only)
-    assert report["drift_first_pass"] == pytest.approx(1.0, rel=0.1)
-    assert result.fields["root.leaf_1"]["ground_truth_energy"] == pytest.approx(3.0, rel=0.1)
+    assert report["tick_s"] == pytest.approx(0.01, rel=1e-3)
+    assert report["drift_first_pass"] == pytest.approx(1.0, rel=1e-3)
+    assert result.fields["root.leaf_1"]["ground_truth_energy"] == pytest.approx(200.0 * 1.5e-3, rel=1e-3)
     if action == "flag":
-        assert report["passes"] == 1 and report["drift_flagged"]
-        assert report["measurements"] == 6
+        assert report["passes"] == 1 and report["drift_flagged"] and report["measurements"] == 6
+        # the root pools its measurements before and after the change
+        assert result.fields["root"]["ground_truth_energy"] == pytest.approx(150.0 * 3e-3, rel=0.05)
     else:
         assert report["passes"] == 2 and report["measurements"] == 11
-        assert abs(report["drift"]) < 0.1 and not report["drift_flagged"]
+        assert report["drift"] == pytest.approx(0.0, abs=1e-3) and not report["drift_flagged"]
         assert report["moved"] == []  # every leaf was measured after the change, both times
-        assert result.fields["root"]["ground_truth_energy"] == pytest.approx(6.0, rel=0.1)
+        assert result.fields["root"]["ground_truth_energy"] == pytest.approx(200.0 * 3e-3, rel=1e-3)
 
 
 def test_reuse_can_be_disabled(tiny_trace):

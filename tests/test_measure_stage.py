@@ -67,6 +67,7 @@ def test_bad_type_or_key_fails_at_compose_time(override):
     ("measure.simulated.tick_s=-1", "measure.simulated.tick_s: must be a number >= 0, got -1.0"),
     ("measure.settle_max_s=0.5", "measure.settle_max_s: must be a number >= settle_min_s (1.0), got 0.5"),
     ("measure.device=tpu", "measure.device: must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    ("measure.device=cuda:1", "measure.device: cuda:1 is not the GPU the meter reads (measure.gpu_index=0)"),
 ])
 def test_out_of_range_fails_at_start_in_one_line(tmp_path, override, message):
     from irene.measure.settings import SettingsError
