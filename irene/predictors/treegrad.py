@@ -107,7 +107,7 @@ def tree_loss_and_grad(theta: np.ndarray, x: np.ndarray, leaf_pred: np.ndarray, 
 class Adam:
     """torch.optim.Adam's update (default betas and eps, no weight decay) on a flat array."""
 
-    def __init__(self, params: np.ndarray, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+    def __init__(self, params: np.ndarray, lr: float, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8):
         self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
         self.m = np.zeros_like(params)
