@@ -85,7 +85,6 @@ def download_device(device: str, target: Path, *, timeout_s: float = 30.0) -> Pa
             f"no public source known for device {device!r}; known: {sorted(sources['devices'])}"
         )
     entry = sources["devices"][device]
-    target.mkdir(parents=True, exist_ok=True)
     for level in CSV_FILES:
         name = csv_name(level)
         url = f"{sources['base_url']}/{device}/{name}"
@@ -94,7 +93,9 @@ def download_device(device: str, target: Path, *, timeout_s: float = 30.0) -> Pa
         log.info("downloading %s", url)
         try:
             with urllib.request.urlopen(url, timeout=timeout_s) as response:
-                partial.write_bytes(response.read())
+                content = response.read()
+            target.mkdir(parents=True, exist_ok=True)  # only once there is something to keep
+            partial.write_bytes(content)
         except (urllib.error.URLError, OSError) as error:
             partial.unlink(missing_ok=True)
             raise DataNotFoundError(f"could not download {url}: {error}") from error
@@ -147,8 +148,12 @@ def _env_folder(device: str, env_dir: str) -> tuple[Path | None, str]:
     holds = published_device(root)
     if holds == device:
         return root, f"${ENV_VAR} (the published {device} files)"
-    named = holds or (root.name if root.name in load_sources()["devices"] else None)
-    reason = f"holds {named}" if named else f"is not named {device} and has no {device}/ folder"
+    if holds:
+        reason = f"holds the published {holds} files"
+    elif root.name in load_sources()["devices"]:
+        reason = f"is the folder of {root.name}"
+    else:
+        reason = f"is not named {device} and has no {device}/ folder"
     return None, f"${ENV_VAR}={root} skipped: it {reason}"
 
 

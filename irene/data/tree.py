@@ -231,8 +231,9 @@ def read_trees(path: str | Path, *, require_energy: bool = False) -> list[Tree]:
             try:
                 tree = json.loads(line)
             except json.JSONDecodeError as error:
+                problem = error.msg.removesuffix(" at")  # "Unterminated string starting at"
                 raise TreeFormatError(
-                    f"{where}: invalid JSON ({error.msg} at character {error.pos + 1}); "
+                    f"{where}: invalid JSON ({problem} at character {error.pos + 1}); "
                     "is the file truncated?"
                 ) from None
             except RecursionError:

@@ -63,9 +63,12 @@ class Range:
         return f"must be in {self.describe()}" if below or above else None
 
     def describe(self) -> str:
+        def number(value: float) -> str:
+            return str(int(value)) if self.kind is int else f"{value:g}"
+
         left = "(" if self.low_open else "["
-        low = "-inf" if self.low is None else f"{self.low:g}"
-        high = "inf" if self.high is None else f"{self.high:g}"
+        low = "-inf" if self.low is None else number(self.low)
+        high = "inf" if self.high is None else number(self.high)
         return f"{left}{low}, {high}]"
 
 
