@@ -8,9 +8,9 @@ then carries ``mlflow.parentRunId`` and the sweep's tags.
 
 Faults:
 
-* a job that meets a user error writes its one ``error: ...`` line into its log, its
-  folder (``error.txt``) and stderr, and returns; the other jobs go on, and the sweep ends
-  with those lines and exit code 2 (see ``run.py``);
+* a job that meets a user error writes its one ``error: ...`` line into its log and its
+  folder (``error.txt``) and returns; the other jobs go on, and the sweep ends with one line
+  per failed job (``error: job <n>: ...``) and exit code 2 (see ``run.py``);
 * the parent run always ends: FINISHED, FAILED (a job failed, or the sweep raised) or
   KILLED (the sweep was terminated);
 * SIGTERM to the sweep is passed on to its local jobs (which end their runs KILLED) before
@@ -144,8 +144,8 @@ def job_errors(sweep_dir: Path, since: float = 0.0) -> list[tuple[str, str]]:
 
 
 def record_job_error(message: str) -> None:
-    """A job's user error: appended to the job's log, written to ``error.txt`` in its folder
-    (the sweep collects them) and printed to stderr, each as the one line ``message``."""
+    """A job's user error: appended to the job's log and written to ``error.txt`` in its
+    folder, as the one line ``message``; the sweep prints the lines of its jobs at its end."""
     from hydra.core.hydra_config import HydraConfig
 
     from irene.data.io import atomic_write_text
@@ -159,7 +159,6 @@ def record_job_error(message: str) -> None:
     if log_file.is_file():
         with log_file.open("a", encoding="utf-8") as handle:
             handle.write(message + "\n")
-    print(message, file=sys.stderr, flush=True)
 
 
 _WATCHING: list[int] = []

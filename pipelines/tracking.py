@@ -183,7 +183,7 @@ def close_stale_runs(experiment_id: str) -> list[str]:
             elsewhere += 1
             continue
         pid, started = int(tags[PID_TAG]), float(tags.get(PID_START_TAG, "-1"))
-        if pid == os.getpid() or _alive(pid, started):
+        if _alive(pid, started):
             continue
         client.set_tag(run.info.run_id, "irene.closed_by",
                        f"stale-run check of process {os.getpid()} on {host}")
