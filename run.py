@@ -69,4 +69,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (Terminated, KeyboardInterrupt) as stop:  # a sweep's own process; its jobs said theirs
+        print(f"error: {stop or 'interrupted'}; the sweep's runs are marked KILLED", file=sys.stderr)
+        raise SystemExit(143 if isinstance(stop, Terminated) else 130) from None

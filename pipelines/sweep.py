@@ -112,11 +112,18 @@ class MlflowSweepCallback(Callback):
 
 
 def terminate_children(grace_s: float) -> None:
-    """SIGTERM to this process's children (local jobs end their runs KILLED), then SIGKILL
-    to those still there after ``grace_s``."""
+    """SIGTERM to this process's job processes (they end their runs KILLED), then SIGKILL to
+    those still there after ``grace_s``. Resource trackers are left to clean up after the
+    sweep, as they do when it exits."""
     import psutil
 
-    children = psutil.Process().children(recursive=True)
+    children = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if not any("resource_tracker" in part for part in child.cmdline()):
+                children.append(child)
+        except psutil.Error:
+            continue
     for child in children:
         try:
             child.terminate()
@@ -164,7 +171,7 @@ def record_job_error(message: str) -> None:
 _WATCHING: list[int] = []
 
 
-def watch_sweep_process(poll_s: float = 1.0, grace_s: float = 30.0) -> bool:
+def watch_sweep_process(poll_s: float = 1.0, grace_s: float = 15.0) -> bool:
     """In a job process started by a local sweep (joblib's workers, submitit's local jobs),
     watch the sweep: when it dies, however it died, this process sends itself SIGTERM (its
     run ends KILLED) and exits after ``grace_s``, instead of idling for ever.
