@@ -60,6 +60,8 @@ def write_config(folder: Path, tests: list[str]) -> None:
     lines += ["pytest_add_cli_args_test_selection ="] + [f"    {t}" for t in tests]
     lines += ["pytest_add_cli_args =", "    -p", "    no:cacheprovider", "    -q",
               "    -m", "    not slow"]
+    # torch is not fork-safe once its thread pools ran: fork from a clean server process
+    lines += ["process_isolation = forkserver"]
     with (folder / "setup.cfg").open("a") as handle:
         handle.write("\n" + "\n".join(lines) + "\n")
 
@@ -116,7 +118,8 @@ def main() -> int:
         copy_tree(args.rev, work)
         tests = [t for t in args.tests if (work / t).is_file()]
         write_config(work, tests)
-        env = {**os.environ, "PYTHONPATH": str(work / "mutants")}
+        env = {**os.environ, "PYTHONPATH": str(work / "mutants"), "OMP_NUM_THREADS": "1",
+               "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
         subprocess.run([sys.executable, "-c", GENERATE], cwd=work, check=True, env=env,
                        capture_output=True)
         everything = mutant_names(work)
