@@ -34,7 +34,7 @@ MUTATE = ("irene/predictors/*", "irene/evaluate/metrics.py")
 FAST_TESTS = ("tests/test_model.py", "tests/test_predictors_plus.py",
               "tests/test_predictors_baselines.py", "tests/test_crossval.py",
               "tests/test_predict_static.py", "tests/test_mutation_guards.py",
-              "tests/test_metrics.py")
+              "tests/test_metrics.py", "tests/test_predictor_contract.py")
 
 
 def copy_tree(rev: str | None, into: Path) -> None:
