@@ -62,6 +62,9 @@ def write_config(folder: Path, tests: list[str]) -> None:
               "    -m", "    not slow"]
     # torch is not fork-safe once its thread pools ran: fork from a clean server process
     lines += ["process_isolation = forkserver"]
+    # mutmut's wall-clock limit is (estimate + constant) × multiplier: on a shared machine a
+    # test's estimate undercounts fixtures and load, so a slow mutant is not a "timeout"
+    lines += ["timeout_constant = 20", "timeout_multiplier = 30"]
     with (folder / "setup.cfg").open("a") as handle:
         handle.write("\n" + "\n".join(lines) + "\n")
 
@@ -107,9 +110,9 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary copy")
     args = parser.parse_args()
 
-    import mutmut  # noqa: F401 - fail early and clearly when it is missing
-
     from importlib.metadata import version
+
+    import mutmut  # noqa: F401 - fail early and clearly when it is missing
 
     if version("mutmut") != MUTMUT_VERSION:
         print(f"warning: written for mutmut {MUTMUT_VERSION}, found {version('mutmut')}")
