@@ -1,8 +1,16 @@
-"""Entry point: ``python run.py stage=<name> [group=option ...]`` (add ``-m`` for a sweep)."""
+"""Entry point: ``python run.py stage=<name> [group=option ...]`` (add ``-m`` for a sweep).
+
+A user error (:class:`irene.errors.UserError`: a bad setting, a bad or missing input file, a
+non-finite result) ends a single run with one line ``error: <message>`` on stderr and exit
+code 2; in a sweep, the job writes that line to its log and ``error.txt``, the other jobs go
+on, and the sweep ends with the lines and exit code 2. ``HYDRA_FULL_ERROR=1`` shows the
+traceback instead. Anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import hydra
@@ -10,30 +18,59 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from irene.data.published import DataFormatError, DataNotFoundError
-from irene.data.tree import TreeFormatError
-from pipelines.config import register_configs
+from irene.errors import SettingsError, UserError, one_line
+from pipelines.config import STAGES, register_configs
+from pipelines.sweep import record_job_error, watch_sweep_process
+from pipelines.tracking import Terminated
 
-STAGES = ("featurize", "train", "predict", "evaluate", "crossvalidate", "diagnose", "measure", "report",
-          "whatif")
-# bad input: one line, no traceback (a single run; a sweep's jobs report their own failures)
-INPUT_ERRORS = (DataFormatError, DataNotFoundError, TreeFormatError, FileNotFoundError)
+# bad input: one line, no traceback (FileNotFoundError: a path the user named is not there)
+USER_ERRORS = (UserError, FileNotFoundError)
 
 register_configs()
 
 
+def run_stage(cfg: DictConfig) -> None:
+    """Run ``cfg.stage``; a user error raises :class:`~irene.errors.UserError`."""
+    if cfg.stage not in STAGES:
+        raise SettingsError(f"stage={cfg.stage!r}: choose from {list(STAGES)}")
+    importlib.import_module(f"pipelines.{cfg.stage}").run(cfg)
+
+
+def report_user_error(error: BaseException, multirun: bool) -> None:
+    """The one line of a user error: exit code 2 for a single run; in a sweep's job, the
+    job's log and ``error.txt`` (the sweep exits 2 at its end)."""
+    message = f"error: {one_line(error)}"
+    if multirun:
+        record_job_error(message)
+        return
+    print(message, file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def execute(cfg: DictConfig, *, multirun: bool = False) -> None:
+    """Run the stage; a user error becomes its one line (see the module docstring)."""
+    try:
+        run_stage(cfg)
+    except USER_ERRORS as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        report_user_error(error, multirun)
+    except (Terminated, KeyboardInterrupt) as stop:
+        print(f"error: {stop or 'interrupted'}; the run is marked KILLED", file=sys.stderr)
+        raise SystemExit(143 if isinstance(stop, Terminated) else 130) from None
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    if cfg.stage not in STAGES:
-        raise SystemExit(f"unknown stage {cfg.stage!r}: choose from {', '.join(STAGES)}")
-    try:
-        importlib.import_module(f"pipelines.{cfg.stage}").run(cfg)
-    except INPUT_ERRORS as error:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    if multirun:
+        watch_sweep_process()
+    execute(cfg, multirun=multirun)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (Terminated, KeyboardInterrupt) as stop:  # a sweep's own process; its jobs said theirs
+        print(f"error: {stop or 'interrupted'}; the sweep's runs are marked KILLED", file=sys.stderr)
+        raise SystemExit(143 if isinstance(stop, Terminated) else 130) from None

@@ -13,6 +13,7 @@ one place, the constructor's signature; :func:`build_predictor` instantiates it.
 from __future__ import annotations
 
 import inspect
+import re
 import typing
 from dataclasses import MISSING, dataclass, field, make_dataclass
 from typing import Any  # noqa: UP035 - OmegaConf needs typing.Optional
@@ -20,16 +21,19 @@ from typing import Any  # noqa: UP035 - OmegaConf needs typing.Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from irene.data.published import PAPER_MODELS
-from irene.measure.settings import MeterSettings, ProtocolSettings, SettingsError
+from irene.errors import SettingsError
+from irene.measure.settings import MeterSettings, ProtocolSettings
+
+STAGES = ("featurize", "train", "predict", "evaluate", "crossvalidate", "diagnose", "measure",
+          "report", "whatif")
 
 
 @dataclass
 class DataConfig:
     name: str = "device_1"  # device name; also the download source in datasets/published.json
-    path: str | None = None  # folder of the four CSVs (default: $IRENE_DATA_DIR, datasets/<name>)
+    path: str | None = None  # folder of the four CSVs (wins over $IRENE_DATA_DIR, datasets/<name>)
     trees: str | None = None  # a trees jsonl to use instead of the CSVs
-    models: list[str] | None = field(default_factory=lambda: list(PAPER_MODELS))  # None: all
+    models: list[str] | None = None  # these models (null: the CSVs' paper six, a trees file's all)
     download: bool = True  # fetch the CSVs from the public repository when not found
 
 
@@ -98,7 +102,7 @@ class MeasureConfig(ProtocolSettings, MeterSettings):
 
 @dataclass
 class Config:
-    stage: str = "crossvalidate"  # one of run.py STAGES (train, predict, whatif, crossvalidate...)
+    stage: str = "crossvalidate"  # one of STAGES (train, predict, whatif, crossvalidate...)
     data: DataConfig = field(default_factory=DataConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
@@ -161,12 +165,99 @@ def build_predictor(cfg: DictConfig, **overrides: Any):
     """The configured predictor, unfitted, its hyperparameters checked (a bad value fails
     here, before any data is read). ``overrides`` of hyperparameters the predictor does not
     have (e.g. ``show_progress`` of a predictor without a progress bar) are ignored."""
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     overrides = {k: v for k, v in overrides.items() if k in cfg.predictor}
-    predictor = instantiate(cfg.predictor, _convert_="all", **overrides)
+    try:
+        predictor = instantiate(cfg.predictor, _convert_="all", **overrides)
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, SettingsError):
+            raise cause from None
+        raise SettingsError(f"predictor: {str(error).splitlines()[0]}") from error
     predictor.validate_params()
     return predictor
+
+
+# ------------------------------------------------------------------------- settings
+MAX_BATCH_SIZE = 65_536  # predict / whatif / measure: inputs per forward pass, at most
+MAX_SEQ_LEN = 1_048_576  # tokens per input, at most (a model's own limit is checked when traced)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # a device name is a folder name
+
+
+def _settings_checks() -> dict[str, Any]:
+    """Setting (dotted path) -> check: every number and choice a user can set outside the
+    predictor (whose hyperparameters check themselves: ``Predictor.constraints``)."""
+    from irene.predictors.base import Each, OneOf, Range
+    from irene.predictors.irene import STRATEGIES, WEIGHTINGS
+
+    shape = {"batch_size": Range(int, 1, MAX_BATCH_SIZE), "seq_len": Range(int, 1, MAX_SEQ_LEN)}
+
+    def device_name(value: Any) -> str | None:
+        ok = isinstance(value, str) and _NAME.match(value) and value not in (".", "..")
+        return None if ok else "must be a folder name (letters, digits, '_', '.', '+', '-')"
+
+    def model_list(value: Any) -> str | None:
+        if value is None:
+            return None
+        if isinstance(value, str) or not isinstance(value, list) or not value:
+            return "must be a non-empty list of model names, or null"
+        if any(not isinstance(m, str) or not m for m in value):
+            return "every model name must be a non-empty string"
+        duplicates = sorted({m for m in value if value.count(m) > 1})
+        return f"names {duplicates} more than once" if duplicates else None
+
+    def shapes(value: Any) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, list) or not value:
+            return "must be a non-empty list of [batch_size, seq_len] pairs, or null"
+        for pair in value:
+            if not isinstance(pair, list) or len(pair) != 2:
+                return f"every entry is [batch_size, seq_len], got {pair!r}"
+            for key, number in zip(("batch_size", "seq_len"), pair, strict=True):
+                problem = shape[key].check(number)
+                if problem:
+                    return f"{key} {number!r} {problem}"
+        return None
+
+    def optional(check):
+        return lambda value: None if value is None else check.check(value)
+
+    return {
+        "stage": OneOf(STAGES),
+        "data.name": device_name,
+        "data.models": model_list,
+        "features.sets": Each(OneOf(("model_specs", "resource_utilization"))),
+        "strategy.name": OneOf(STRATEGIES),
+        "weighting.name": OneOf((*WEIGHTINGS, "paper")),
+        "tracking.experiment": lambda v: None if isinstance(v, str) and v.strip() else
+        "must be a non-empty name",
+        "batch_size": shape["batch_size"],
+        "seq_len": shape["seq_len"],
+        "shapes": shapes,
+        "batch_sizes": optional(Each(shape["batch_size"])),
+        "seq_lens": optional(Each(shape["seq_len"])),
+        "threads": Range(int, 0, 4096),
+        "trace_convention": OneOf(("irene", "physical")),
+        "explain.top_n": Range(int, 0, 100_000),
+        "explain.max_depth": Range(int, 1, 1000),
+        "explain.max_trees": Range(int, 0, 100_000),
+        "explain.source": OneOf(("auto", "predicted", "measured")),
+    }
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Check every setting a user can give outside the predictor; raise
+    :class:`~irene.errors.SettingsError` naming the first bad one and its valid values
+    (``strategy.name='bogus': choose from [...]``)."""
+    for key, check in _settings_checks().items():
+        node = OmegaConf.select(cfg, key, default=None)
+        value = OmegaConf.to_container(node) if OmegaConf.is_config(node) else node
+        problem = check.check(value) if hasattr(check, "check") else check(value)
+        if problem:
+            raise SettingsError(f"{key}={value!r}: {problem}")
 
 
 def run_params(cfg: DictConfig) -> dict[str, Any]:

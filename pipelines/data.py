@@ -1,5 +1,11 @@
 """The data set of a stage: trees from ``data.trees``, or a device's CSVs imported once and
-cached under ``outputs/cache/`` (keyed by the CSVs' sha256 and the model list)."""
+cached under ``outputs/cache/`` (keyed by the CSVs' sha256 and the model list).
+
+Where the data come from follows one rule (:func:`irene.data.published.locate_device`, and
+``docs/trust.md``); every stage that reads them tags its MLflow run with the location, how it
+was found and the sha256 of each file read (``data.location``, ``data.source``,
+``data.sha256.<file>``), so a table can be traced to its bytes.
+"""
 
 from __future__ import annotations
 
@@ -8,42 +14,82 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from irene.data.published import CSV_FILES, csv_name, import_device, resolve_device_dir, sha256_of
+from irene.data.published import (
+    CSV_FILES,
+    PAPER_MODELS,
+    DataFormatError,
+    csv_name,
+    import_device,
+    locate_device,
+    sha256_of,
+)
 from irene.data.tree import Tree, read_trees, write_trees
 from irene.measure.leakage import check_no_leaked_target
 from pipelines.paths import datasets_dir, log, outputs_dir
+from pipelines.tracking import set_tags
 
 CACHE_VERSION = 1  # bump when the import's output changes
 
 
-def _import_cache_path(folder: Path, models: list[str] | None) -> Path:
+def _import_cache_path(digests: dict[str, str], models: list[str] | None) -> Path:
     digest = hashlib.sha256(f"v{CACHE_VERSION}|{models}".encode())
     for level in CSV_FILES:
-        digest.update(sha256_of(folder / csv_name(level)).encode())
+        digest.update(digests[csv_name(level)].encode())
     return outputs_dir() / "cache" / f"trees-{digest.hexdigest()[:16]}.jsonl"
+
+
+def wanted_models(cfg: DictConfig) -> list[str] | None:
+    """``data.models`` as a list, or None when not set (see :func:`load_trees`)."""
+    models = cfg.data.get("models")
+    return None if models is None else [str(m) for m in models]
+
+
+def select_models(trees: list[Tree], models: list[str], where: Path) -> list[Tree]:
+    """The trees of ``models`` (file order kept); every model asked for must be there."""
+    available = list(dict.fromkeys(t["model_name"] for t in trees))
+    absent = [m for m in models if m not in available]
+    if absent:
+        raise DataFormatError(f"data.models: {absent} not in {where}; it has {available} "
+                              "(data.models=null keeps every model of the file)")
+    return [t for t in trees if t["model_name"] in models]
+
+
+def record_input(name: str, path: Path, *, source: str) -> str:
+    """Tag the active run with an input file's location and sha256; returns the digest."""
+    digest = sha256_of(path)
+    set_tags({f"{name}.location": str(Path(path).absolute()), f"{name}.source": source,
+              f"{name}.sha256.{Path(path).name}": digest})
+    return digest
 
 
 def load_trees(cfg: DictConfig, *, require_energy: bool = True) -> tuple[list[Tree], Path]:
     """The data set's trees and the file they came from.
 
-    ``data.trees`` is read as it is; otherwise the device's CSVs are imported once and the
-    trees cached under ``outputs/cache/``.
+    ``data.trees`` is read as it is; otherwise the device's CSVs are located
+    (:func:`~irene.data.published.locate_device`), imported once and the trees cached under
+    ``outputs/cache/``. ``data.models`` selects models from either source; when it is not set
+    a trees file gives every model it has and the CSVs give the paper's six.
     """
     data = cfg.data
+    models = wanted_models(cfg)
     if data.trees:
         path = Path(data.trees)
         log.info("reading trees from %s", path)
         trees = read_trees(path, require_energy=require_energy)
         check_no_leaked_target(trees, cfg.features.sets, path)  # a feature that is the target: refused
-        return trees, path
-    folder = resolve_device_dir(data.path, data.name, datasets_dir=datasets_dir(),
-                                download=data.download)
-    models = None if data.models is None else list(data.models)
-    cache = _import_cache_path(folder, models)
+        record_input("data", path, source="data.trees")
+        return (trees if models is None else select_models(trees, models, path)), path
+    location = locate_device(data.path, data.name, datasets_dir=datasets_dir(),
+                             download=data.download)
+    log.info("data of %s: %s (found through %s)", data.name, location.folder, location.source)
+    set_tags({"data.location": str(location.folder.absolute()), "data.source": location.source,
+              **{f"data.sha256.{name}": digest for name, digest in location.sha256.items()}})
+    models = list(PAPER_MODELS) if models is None else models
+    cache = _import_cache_path(location.sha256, models)
     if cache.exists():
-        log.info("reading trees of %s from cache %s", folder, cache)
+        log.info("reading trees of %s from cache %s", location.folder, cache)
         return read_trees(cache, require_energy=require_energy), cache
-    log.info("importing the published CSVs of %s (models: %s)", folder, models or "all")
-    trees = import_device(folder, models)
+    log.info("importing the published CSVs of %s (models: %s)", location.folder, models)
+    trees = import_device(location.folder, models)
     write_trees(cache, trees)
     return trees, cache

@@ -28,9 +28,9 @@ from irene.evaluate.metrics import align_predictions
 from irene.predictors.irene import IreneModel
 from irene.tables import write_table
 from pipelines.config import build_predictor, predictor_class, run_params
-from pipelines.data import load_trees
+from pipelines.data import load_trees, record_input
 from pipelines.paths import log, run_dir, setup
-from pipelines.tracking import log_artifact, log_metrics, tracked_run
+from pipelines.tracking import log_artifact, log_metrics, log_params, tracked_run
 
 
 @dataclass
@@ -43,17 +43,19 @@ class DiagnosticsReport:
 def run(cfg: DictConfig) -> DiagnosticsReport:
     setup(cfg)
     out = run_dir(cfg)
-    trees, _ = load_trees(cfg)
-    forest = build_forest(trees)
     predictor = build_predictor(cfg, show_progress=False)
     # τ of the close_to_one weights: the predictor's, else IrEne's default
     tanh_scalar = predictor.get_params().get("tanh_scalar", IreneModel().tanh_scalar)
     label = f"{predictor_class(cfg).name} ({cfg.features.name})"
-    params = {**run_params(cfg), "num_trees": forest.num_trees,
+    params = {**run_params(cfg),
               "predictions": str(cfg.predictions) if cfg.predictions else "leave-one-model-out"}
     with tracked_run(cfg, "diagnose", params):
+        trees, _ = load_trees(cfg)  # inside the run: its location and sha256 are logged
+        forest = build_forest(trees)
+        log_params({"num_trees": forest.num_trees})
         ratios = child_ratio_table(forest, tanh_scalar=tanh_scalar)
         if cfg.predictions:
+            record_input("predictions", Path(cfg.predictions), source="predictions")
             forest, predicted = align_predictions(trees, read_trees(cfg.predictions),
                                                    str(cfg.predictions))
         else:

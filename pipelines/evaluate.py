@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import DictConfig
 
 from irene.data.tree import read_trees
+from irene.errors import SettingsError
 from irene.evaluate.metrics import align_predictions, error_tables
 from irene.tables import to_markdown, write_table
-from pipelines.data import load_trees
+from pipelines.data import load_trees, record_input
 from pipelines.paths import run_dir, setup
 from pipelines.tracking import log_artifact, log_metrics, tracked_run
 
@@ -15,12 +18,16 @@ from pipelines.tracking import log_artifact, log_metrics, tracked_run
 def run(cfg: DictConfig) -> dict:
     setup(cfg)
     if not cfg.predictions:
-        raise ValueError("stage=evaluate needs predictions=<predicted trees jsonl>")
+        raise SettingsError("stage=evaluate needs predictions=<predicted trees jsonl>")
     out = run_dir(cfg)
     with tracked_run(cfg, "evaluate", {"predictions": str(cfg.predictions)}):
-        gold_trees = (read_trees(cfg.trees, require_energy=True) if cfg.trees
-                      else load_trees(cfg)[0])
+        if cfg.trees:
+            gold_trees = read_trees(cfg.trees, require_energy=True)
+            record_input("trees", Path(cfg.trees), source="trees")
+        else:
+            gold_trees = load_trees(cfg)[0]
         predicted_trees = read_trees(cfg.predictions)
+        record_input("predictions", Path(cfg.predictions), source="predictions")
         forest, predicted = align_predictions(gold_trees, predicted_trees, cfg.predictions)
         tables = error_tables(forest, predicted)
         for name, table in tables.items():

@@ -9,6 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from irene import predictors
+from irene.errors import SettingsError
 from irene.predictors.base import STATE_FILE
 from pipelines.paths import log, outputs_dir
 from pipelines.tracking import tracking_uri
@@ -29,9 +30,9 @@ def resolve_model_dir(cfg: DictConfig, into: Path) -> Path:
         return Path(local)
     if cfg.get("model") or cfg.get("models"):  # traced models: static features suffice
         return default_static_predictor(cfg)
-    raise ValueError(f"stage={cfg.stage} needs a trained predictor: model_dir=<folder written by "
-                     "stage=train> or model_run=<MLflow run id of stage=train> (or model=<name> "
-                     "to trace a model and use the default static predictor)")
+    raise SettingsError(f"stage={cfg.stage} needs a trained predictor: model_dir=<folder written by "
+                        "stage=train> or model_run=<MLflow run id of stage=train> (or model=<name> "
+                        "to trace a model and use the default static predictor)")
 
 
 def default_static_predictor(cfg: DictConfig) -> Path:
@@ -65,8 +66,13 @@ def default_static_predictor(cfg: DictConfig) -> Path:
 
 def load_predictor(cfg: DictConfig, into: Path):
     """The trained predictor and where it came from (for the run's params)."""
+    from pipelines.data import record_input
+
     model_dir = resolve_model_dir(cfg, into)
-    return predictors.load(model_dir), model_dir
+    predictor = predictors.load(model_dir)
+    record_input("model", model_dir / predictors.base.STATE_FILE, source="model_dir" if
+                 cfg.get("model_dir") else f"model_run={cfg.model_run}")
+    return predictor, model_dir
 
 
 def unseen_policy(cfg: DictConfig) -> str | None:

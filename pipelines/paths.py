@@ -46,7 +46,11 @@ def run_dir(cfg: DictConfig) -> Path:
 
 
 def setup(cfg: DictConfig) -> None:
-    """Logging format and thread count, once per stage."""
+    """Check the settings (one line naming the first bad one), then set the logging format
+    and thread count, once per stage."""
+    from pipelines.config import check_settings
+
+    check_settings(cfg)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s",
                         datefmt="%H:%M:%S")
     threads = int(cfg.get("threads") or 0)

@@ -32,11 +32,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from irene.data.tree import Tree, read_trees, tree_key, write_trees
+from irene.errors import SettingsError
 from irene.explain import views as explain
 from irene.explain.views import fallback_table, totals_table
 from irene.predictors.static import fallback_summary, parse_shapes, predict_trees, trace_static
 from irene.tables import write_table
-from pipelines.data import load_trees
+from pipelines.data import load_trees, record_input
 from pipelines.models import load_predictor, unseen_policy
 from pipelines.paths import log, run_dir, setup
 from pipelines.tracking import log_artifact, log_metrics, log_params, tracked_run
@@ -53,7 +54,9 @@ def input_trees(cfg: DictConfig) -> tuple[list[Tree], Path | None, bool]:
         return trace_static(str(cfg.model), shapes, convention=convention), None, True
     if cfg.get("trees"):
         source = Path(cfg.trees)
-        return read_trees(source), source, False
+        trees = read_trees(source)
+        record_input("trees", source, source="trees")
+        return trees, source, False
     trees, source = load_trees(cfg, require_energy=False)
     return trees, source, False
 
@@ -102,7 +105,7 @@ def run(cfg: DictConfig) -> Path:
         policy, model_uri = unseen_policy(cfg), None
         if cfg.get("package"):
             if not cfg.tracking.enabled:
-                raise ValueError("package=true logs an MLflow model: it needs tracking.enabled=true")
+                raise SettingsError("package=true logs an MLflow model: it needs tracking.enabled=true")
             model_uri = package(model_dir, policy, cfg.trace_convention)
         trees, source, traced = input_trees(cfg)
         log_params({"trees": str(source or "traced"), "predictor": type(predictor).__name__})

@@ -17,6 +17,7 @@ runs give byte-identical tables.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from irene.data.io import atomic_write_text
 from irene.data.tree import ERROR_COLUMNS
+from irene.errors import MissingInputError, SettingsError
 from irene.tables import to_latex, to_markdown
 from pipelines.paths import log, outputs_dir, run_dir, setup
 from pipelines.tracking import ensure_experiment
@@ -69,7 +71,7 @@ def runs_table(runs: list, rows: list[str], order: dict) -> pd.DataFrame:
         records.append({**dict(zip(rows, key, strict=True)),
                         **{level: metrics.get(f"overall_{level}") for level in LEVELS}})
     if not records:
-        raise ValueError("no FINISHED crossvalidate runs found for this preset and data set")
+        raise MissingInputError("no FINISHED crossvalidate runs found for this preset and data set")
     frame = pd.DataFrame.from_records(records)
 
     def rank(column: str):
@@ -89,9 +91,11 @@ def folds_table(cfg: DictConfig, run) -> pd.DataFrame:
         {"left_out_model": c.data.params["left_out_model"],
          **{level: c.data.metrics.get(level) for level in LEVELS}} for c in children])
     frame = frame.drop_duplicates("left_out_model").set_index("left_out_model")
-    models = OmegaConf.to_container(cfg.data.models) if cfg.data.models else sorted(frame.index)
+    # rows in the data's model order: data.models, else the order the run cross-validated
+    models = (OmegaConf.to_container(cfg.data.models) if cfg.data.models
+              else json.loads(run.data.params.get("models", "[]")) or sorted(frame.index))
     frame = frame.reindex([m for m in models if m in frame.index])
-    frame.loc["overall"] = frame.mean(axis=0)
+    frame.loc["overall"] = frame.mean(axis=0, skipna=False)
     if cfg.data.name == "device_1":
         for i, level in enumerate(LEVELS):
             frame[f"reference {level}"] = [REFERENCE_DEVICE_1.get(m, (None,) * 3)[i]
@@ -132,7 +136,9 @@ def build_table(cfg: DictConfig, name: str, layout: dict) -> pd.DataFrame:
     runs = _search(cfg, base)
     if layout.get("kind", "runs") == "folds":
         if not runs:
-            raise ValueError(f"no FINISHED crossvalidate run of preset {name!r} on {cfg.data.name}")
+            raise MissingInputError(f"no FINISHED crossvalidate run of preset {name!r} on "
+                                    f"{cfg.data.name}: run its sweep first (python run.py -m "
+                                    f"experiment={name})")
         return folds_table(cfg, runs[0])
     return runs_table(runs, list(layout["rows"]), dict(layout.get("order", {})))
 
@@ -141,10 +147,10 @@ def run(cfg: DictConfig) -> ReportResult:
     setup(cfg)
     name = cfg.get("sweep_name")
     if not name:
-        raise ValueError("stage=report needs a preset: python run.py stage=report experiment=<name>")
+        raise SettingsError("stage=report needs a preset: python run.py stage=report experiment=<name>")
     layout = OmegaConf.to_container(cfg.report, resolve=True) if cfg.report else {}
     if not cfg.tracking.enabled:
-        raise ValueError("stage=report reads MLflow runs: tracking must be enabled")
+        raise SettingsError("stage=report reads MLflow runs: tracking must be enabled")
     table = build_table(cfg, name, layout)
     title = layout.get("title", name)
     # best per column: meaningful across configurations, not across left-out models

@@ -20,6 +20,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from irene.data.tree import Tree, write_trees
+from irene.errors import SettingsError
 from irene.explain.views import totals_table
 from irene.predictors.static import predict_trees, trace_static
 from irene.tables import write_table
@@ -32,7 +33,7 @@ def grid(cfg: DictConfig) -> tuple[list[str], list[int], list[int]]:
     """Models, batch sizes and sequence lengths of the comparison."""
     models = list(cfg.models or ([cfg.model] if cfg.get("model") else []))
     if not models:
-        raise ValueError("stage=whatif needs models=[name,...] (or model=<name>)")
+        raise SettingsError("stage=whatif needs models=[name,...] (or model=<name>)")
     batch_sizes = [int(b) for b in (cfg.batch_sizes or [cfg.batch_size])]
     seq_lens = [int(s) for s in (cfg.seq_lens or [cfg.seq_len])]
     return [str(m) for m in models], batch_sizes, seq_lens

@@ -89,10 +89,14 @@ def test_missing_data_explains_where_it_looked(tmp_path, monkeypatch):
 
     monkeypatch.setattr(published.urllib.request, "urlopen", offline)
     with pytest.raises(DataNotFoundError) as error:
-        resolve_device_dir(tmp_path / "nowhere", "device_1", datasets_dir=tmp_path / "ds")
+        resolve_device_dir(None, "device_1", datasets_dir=tmp_path / "ds")
     text = str(error.value)
-    assert "nowhere" in text and "raw.githubusercontent.com" in text and "IRENE_DATA_DIR" in text
+    assert str(tmp_path / "ds" / "device_1") in text and "raw.githubusercontent.com" in text
+    assert "IRENE_DATA_DIR" in text and "\n" not in text
     assert not (tmp_path / "ds" / "device_1" / "model_level_features.csv").exists()
+    # an explicit folder never falls back to another one
+    with pytest.raises(DataNotFoundError, match=r"^data.path=\S*nowhere: no such folder$"):
+        resolve_device_dir(tmp_path / "nowhere", "device_1", datasets_dir=tmp_path / "ds")
 
 
 def test_download_checks_sha256(tmp_path, monkeypatch):

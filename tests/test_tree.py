@@ -63,9 +63,19 @@ def test_truncated_json(tmp_path):
 
 
 def test_duplicate_ids_across_lines(tmp_path):
-    path = write_lines(tmp_path / "dup.jsonl", [make_tree(), make_tree()])
+    other = make_tree(batch_size=3)
+    other["frontend_tree"]["id"] = make_tree()["frontend_tree"]["id"]
+    path = write_lines(tmp_path / "dup.jsonl", [make_tree(), other])
     with pytest.raises(TreeFormatError, match=r"dup\.jsonl:2: .*duplicate node id"):
         read_trees(path)
+
+
+def test_second_tree_of_the_same_shape_is_refused(tmp_path):
+    path = write_lines(tmp_path / "dup.jsonl", [make_tree(), make_tree(model="b"), make_tree()])
+    with pytest.raises(TreeFormatError) as error:
+        read_trees(path)
+    assert str(error.value) == (f"{path}:3: field 'model_name': a second tree for "
+                                "('toy', 2, 4) (the first is on line 1)")
 
 
 def test_energy_required_only_when_asked(tmp_path):

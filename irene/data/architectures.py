@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 import transformers as tf
 
+from irene.errors import SettingsError
+
 
 def _bert_base() -> tf.PretrainedConfig:
     return tf.BertConfig()
@@ -141,7 +143,8 @@ def config_from_name(name_or_path: str) -> tf.PretrainedConfig:
     if path.exists():
         return tf.AutoConfig.from_pretrained(str(path), local_files_only=True)
     known = ", ".join(sorted(MODEL_REGISTRY))
-    raise ValueError(f"unknown model {name_or_path!r}: use one of {known} or a config.json path")
+    raise SettingsError(f"model={name_or_path!r}: unknown model; use one of {known} or a "
+                        "config.json path")
 
 
 def model_from_name(
@@ -178,6 +181,20 @@ def model_from_name(
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(attn_implementation)
     return model.eval()
+
+
+def max_positions(name_or_path: str) -> int | None:
+    """The longest input (tokens) a model's position embeddings take; None when unbounded
+    (relative positions, e.g. T5)."""
+    config = config_from_name(name_or_path)
+    for attribute in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, attribute, None)
+        if isinstance(value, int) and value > 0:
+            if config.model_type in ("roberta", "xlm-roberta", "camembert"):
+                # positions start after the padding index: 514 embeddings take 512 tokens
+                value -= int(config.pad_token_id or 0) + 1
+            return value
+    return None
 
 
 def model_class_name(name_or_path: str) -> str:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from irene.data.tree import FEATURE_FIELDS, NODE_TYPES, NodeType, Tree, iter_nodes, iter_nodes_with_parent
+from irene.errors import InputError, SettingsError
 
 NODE_TYPE_CODES = {str(t): code for code, t in enumerate(NODE_TYPES)}  # "model": 0, ...
 # Every feature a predictor may use: the tree's shape (input_size, batch_size, seq_len) and
@@ -36,7 +37,8 @@ def feature_list(feature_sets: Sequence[str]) -> list[str]:
     """
     unknown = [name for name in feature_sets if name not in FEATURE_SETS]
     if unknown or not feature_sets:
-        raise ValueError(f"unknown feature sets {unknown}; choose from {sorted(FEATURE_SETS)}")
+        raise SettingsError(f"features.sets={list(feature_sets)!r}: unknown feature sets {unknown}; "
+                            f"choose a non-empty list from {sorted(FEATURE_SETS)}")
     names = list(ALWAYS_FEATURES)
     for name in ("model_specs", "resource_utilization"):  # fixed order, whatever was given
         if name in feature_sets:
@@ -97,7 +99,8 @@ class Forest:
         if np.isnan(values).any():
             row, col = np.argwhere(np.isnan(values))[0]
             node = np.arange(self.num_nodes)[rows][row]
-            raise ValueError(f"node {self.ids[node]!r} lacks feature {names[col]!r}")
+            raise InputError(f"node {self.ids[node]!r} lacks feature {names[col]!r} (the selected "
+                             "feature sets read it; features=model_specs reads only static ones)")
         return values
 
     def subset(self, tree_mask: np.ndarray) -> Forest:

@@ -9,6 +9,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from irene.errors import SettingsError
+
 
 def atomic_write_text(path: str | Path, text: str, *, protect: Iterable[str | Path] = ()) -> Path:
     """Write ``text`` to ``path`` through a temporary file and ``os.replace``.
@@ -22,12 +24,12 @@ def atomic_write_text(path: str | Path, text: str, *, protect: Iterable[str | Pa
         The destination path.
 
     Raises:
-        ValueError: if ``path`` is one of the ``protect`` files.
+        SettingsError: if ``path`` is one of the ``protect`` files (a ``ValueError``).
     """
     path = Path(path)
     for other in protect:
         if Path(other).exists() and path.exists() and path.resolve() == Path(other).resolve():
-            raise ValueError(f"refusing to overwrite input file {path}: choose another output path")
+            raise SettingsError(f"refusing to overwrite input file {path}: choose another output path")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from irene.data.io import atomic_write_text
+from irene.errors import InputError, MissingInputError
 
 
 class NodeType(StrEnum):
@@ -55,9 +56,48 @@ FEATURE_FIELDS = (
 Tree = dict[str, Any]
 Node = dict[str, Any]
 
+# Physically possible values of every numeric field of a node, in its unit: (low, high, unit).
+# The bounds are generous (a GPU's utilisation is a percentage; no forward pass takes 1 GJ)
+# and keep every later product finite; a value outside is a broken measurement or file.
+FIELD_BOUNDS: dict[str, tuple[float, float, str]] = {
+    "num_parameters": (0.0, 1e13, "parameters"),
+    "flops": (0.0, 1e15, "MFLOP"),
+    "mem_bytes": (0.0, 1e12, "MiB"),
+    "cpu": (0.0, 1e5, "%"),  # per-core percentages may add up beyond 100
+    "mem": (0.0, 100.0, "%"),
+    "gpu": (0.0, 100.0, "%"),
+    "gpu_mem": (0.0, 100.0, "%"),
+    "gpu_clk": (0.0, 1e5, "MHz"),
+    "gpu_mem_clk": (0.0, 1e5, "MHz"),
+    "times_mean": (0.0, 1e6, "s"),
+    "gpu_energy_mean": (0.0, 1e9, "J"),
+    "ground_truth_energy": (0.0, 1e9, "J"),  # and strictly positive
+}
+MAX_SHAPE = 2**31 - 1  # batch_size and seq_len: positive integers up to this
 
-class TreeFormatError(ValueError):
+
+class TreeFormatError(InputError):
     """Bad input, reported in one line as ``file:line: node 'scope': field 'name': problem``."""
+
+
+def value_problem(field: str, value: Any) -> str | None:
+    """Why ``value`` cannot be the ``field`` of a node (None when it can).
+
+    ``field`` is a feature of :data:`FIELD_BOUNDS`, ``ground_truth_energy`` (strictly
+    positive) or ``batch_size`` / ``seq_len`` (positive integers).
+    """
+    if field == "ground_truth_energy" and not (_is_finite_number(value) and value > 0):
+        return f"must be a finite positive number, got {value!r}"
+    if not _is_finite_number(value):
+        return f"must be a finite number, got {value!r}"
+    if field in ("batch_size", "seq_len"):
+        if value <= 0 or int(value) != value or value > MAX_SHAPE:
+            return f"must be a positive integer, got {value!r}"
+        return None
+    low, high, unit = FIELD_BOUNDS[field]
+    if not low <= value <= high:
+        return f"must be in [{low:g}, {high:g}] {unit}, got {value!r}"
+    return None
 
 
 def iter_nodes(node: Node) -> Iterator[Node]:
@@ -113,9 +153,9 @@ def validate_tree(
     if not isinstance(tree["model_name"], str) or not tree["model_name"]:
         fail("model_name", f"must be a non-empty string, got {tree['model_name']!r}")
     for field in ("batch_size", "seq_len"):
-        value = tree[field]
-        if not _is_finite_number(value) or value <= 0 or int(value) != value:
-            fail(field, f"must be a positive integer, got {value!r}")
+        problem = value_problem(field, tree[field])
+        if problem:
+            fail(field, problem)
     root = tree["frontend_tree"]
     if not isinstance(root, dict):
         fail("frontend_tree", "must be a JSON object")
@@ -143,15 +183,22 @@ def validate_tree(
         if node_id in seen_ids:
             fail("id", f"duplicate node id {node_id!r}", node)
         seen_ids.add(node_id)
+        for field in ("scope", "instance_type"):
+            if not isinstance(node[field], str) or not node[field]:
+                fail(field, f"must be a non-empty string, got {node[field]!r}", node)
         for field in FEATURE_FIELDS:
-            if field in node and node[field] is not None and not _is_finite_number(node[field]):
-                fail(field, f"must be a finite number, got {node[field]!r}", node)
+            if field in node and node[field] is not None:
+                problem = value_problem(field, node[field])
+                if problem:
+                    fail(field, problem, node)
         energy = node.get("ground_truth_energy")
         if energy is None:
             if require_energy:
                 fail("ground_truth_energy", "missing (a measured energy is required here)", node)
-        elif not _is_finite_number(energy) or energy <= 0:
-            fail("ground_truth_energy", f"must be a finite positive number, got {energy!r}", node)
+        else:
+            problem = value_problem("ground_truth_energy", energy)
+            if problem:
+                fail("ground_truth_energy", problem, node)
         predicted = node.get("predicted_energy")
         if predicted is not None and not _is_finite_number(predicted):
             fail("predicted_energy", f"must be a finite number, got {predicted!r}", node)
@@ -161,31 +208,56 @@ def read_trees(path: str | Path, *, require_energy: bool = False) -> list[Tree]:
     """Read and validate a trees jsonl file.
 
     Raises:
-        FileNotFoundError: the file does not exist.
-        TreeFormatError: the first problem found, as ``file:line: ... field 'x': ...``.
+        MissingInputError: the file does not exist (a ``FileNotFoundError``).
+        TreeFormatError: the first problem found, as ``file:line: ... field 'x': ...``; two
+            trees of the same (model_name, batch_size, seq_len) are one.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"trees file not found: {path}")
+        raise MissingInputError(f"trees file not found: {path}")
     trees: list[Tree] = []
     seen_ids: set[str] = set()
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    first_line: dict[tuple, int] = {}
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            where = f"{path}:{line_number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise TreeFormatError(f"{where}: not UTF-8 text (byte {error.start + 1}); "
+                                      "is this a trees jsonl file?") from None
             if not line.strip():
                 continue
-            where = f"{path}:{line_number}"
             try:
                 tree = json.loads(line)
             except json.JSONDecodeError as error:
+                problem = error.msg.removesuffix(" at")  # "Unterminated string starting at"
                 raise TreeFormatError(
-                    f"{where}: invalid JSON ({error.msg} at character {error.pos + 1}); "
+                    f"{where}: invalid JSON ({problem} at character {error.pos + 1}); "
                     "is the file truncated?"
                 ) from None
+            except RecursionError:
+                raise TreeFormatError(f"{where}: JSON nested too deeply") from None
+            key = _shape_key(tree)
+            if key is not None and key in first_line:
+                raise TreeFormatError(f"{where}: field 'model_name': a second tree for {key} "
+                                      f"(the first is on line {first_line[key]})")
             validate_tree(tree, where, require_energy=require_energy, seen_ids=seen_ids)
+            first_line[tree_key(tree)] = line_number
             trees.append(tree)
     if not trees:
         raise TreeFormatError(f"{path}: no trees in file")
     return trees
+
+
+def _shape_key(tree: Any) -> tuple | None:
+    """``(model_name, batch_size, seq_len)`` of a decoded line, if it has them (unvalidated)."""
+    if not isinstance(tree, dict):
+        return None
+    key = (tree.get("model_name"), tree.get("batch_size"), tree.get("seq_len"))
+    if not isinstance(key[0], str) or not all(_is_finite_number(v) for v in key[1:]):
+        return None
+    return key[0], int(key[1]), int(key[2])
 
 
 def dumps_trees(trees: Iterable[Tree]) -> str:

@@ -7,6 +7,7 @@ import pandas as pd
 
 from irene.data.forest import Forest, build_forest
 from irene.data.tree import ERROR_COLUMNS, NODE_TYPES, iter_nodes
+from irene.errors import InputError, NonFiniteResultError
 
 
 def percentage_errors(gold_j: np.ndarray, predicted_j: np.ndarray) -> np.ndarray:
@@ -14,8 +15,25 @@ def percentage_errors(gold_j: np.ndarray, predicted_j: np.ndarray) -> np.ndarray
     return 100.0 * np.abs(gold_j - predicted_j) / gold_j
 
 
+def check_finite(forest: Forest, predicted_j: np.ndarray) -> None:
+    """Raise :class:`~irene.errors.NonFiniteResultError` if a prediction is NaN or infinite,
+    naming how many and the first node."""
+    bad = ~np.isfinite(np.asarray(predicted_j, dtype=np.float64))
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise NonFiniteResultError(
+            f"{int(bad.sum())} of {forest.num_nodes} predicted energies are not finite, e.g. "
+            f"node {forest.ids[first]!r}: {float(predicted_j[first])!r} (training diverged or "
+            "the input is far outside the training data; a smaller predictor.lr may help)")
+
+
 def node_errors(forest: Forest, predicted_j: np.ndarray) -> pd.DataFrame:
-    """One row per measured node: model, node type, primitive type, % error."""
+    """One row per measured node: model, node type, primitive type, % error.
+
+    Raises:
+        NonFiniteResultError: a prediction is NaN or infinite (never averaged away).
+    """
+    check_finite(forest, predicted_j)
     measured = ~np.isnan(forest.gold_j)
     return pd.DataFrame({
         "model_name": forest.node_model_names()[measured],
@@ -26,10 +44,19 @@ def node_errors(forest: Forest, predicted_j: np.ndarray) -> pd.DataFrame:
 
 
 def errors_by_node_type(forest: Forest, predicted_j: np.ndarray) -> dict[str, float]:
-    """Mean % error of ml, module and model nodes (the reference evaluator's numbers)."""
+    """Mean % error of ml, module and model nodes (the reference evaluator's numbers).
+
+    Raises:
+        NonFiniteResultError: a prediction or a mean is NaN or infinite.
+    """
     frame = node_errors(forest, predicted_j)
     means = frame.groupby("node_type")["error_pct"].mean()
-    return {t: float(means[t]) for t in ERROR_COLUMNS if t in means}
+    errors = {t: float(means[t]) for t in ERROR_COLUMNS if t in means}
+    for node_type, value in errors.items():
+        if not np.isfinite(value):
+            raise NonFiniteResultError(f"the mean % error of {node_type} nodes is {value!r}: "
+                                       "predictions too large to compare")
+    return errors
 
 
 def error_tables(forest: Forest, predicted_j: np.ndarray) -> dict[str, pd.DataFrame]:
@@ -52,6 +79,6 @@ def align_predictions(gold_trees: list, predicted_trees: list, where: str) -> tu
     forest = build_forest(gold_trees)
     missing = [i for i in forest.ids if predicted.get(i) is None]
     if missing:
-        raise ValueError(f"{where}: field 'predicted_energy': missing for {len(missing)} nodes, "
+        raise InputError(f"{where}: field 'predicted_energy': missing for {len(missing)} nodes, "
                          f"e.g. id {missing[0]!r}")
     return forest, np.asarray([predicted[i] for i in forest.ids], dtype=float)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from irene import errors
+
 PROTOCOLS = ("aligned", "fixed")
 DRIFT_ACTIONS = ("flag", "remeasure")
 METERS = ("auto", "nvml", "rapl", "rapl+nvml", "simulated", "none")
 
 
-class SettingsError(ValueError):
+class SettingsError(errors.SettingsError):
     """An out-of-range setting; the message is one line: ``measure.<field>: must be ..., got ...``."""
 
 

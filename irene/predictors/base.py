@@ -28,6 +28,7 @@ from sklearn.base import BaseEstimator
 from irene import __version__
 from irene.data.forest import Forest, feature_list
 from irene.data.io import atomic_write_json
+from irene.errors import InputError, MissingInputError, SettingsError
 
 FORMAT_VERSION = 2
 STATE_FILE = "predictor.json"
@@ -37,7 +38,7 @@ class NotFittedError(RuntimeError):
     """``predict`` or ``save`` before ``fit`` (or ``load``)."""
 
 
-class NotApplicableError(ValueError):
+class NotApplicableError(SettingsError):
     """A predictor cannot run with the selected features (e.g. physics on static features)."""
 
 
@@ -62,9 +63,12 @@ class Range:
         return f"must be in {self.describe()}" if below or above else None
 
     def describe(self) -> str:
+        def number(value: float) -> str:
+            return str(int(value)) if self.kind is int else f"{value:g}"
+
         left = "(" if self.low_open else "["
-        low = "-inf" if self.low is None else f"{self.low:g}"
-        high = "inf" if self.high is None else f"{self.high:g}"
+        low = "-inf" if self.low is None else number(self.low)
+        high = "inf" if self.high is None else number(self.high)
         return f"{left}{low}, {high}]"
 
 
@@ -134,7 +138,8 @@ class Predictor(BaseEstimator):
         raise NotImplementedError
 
     def validate_params(self) -> None:
-        """Raise ``ValueError`` naming the first hyperparameter out of its valid range."""
+        """Raise :class:`~irene.errors.SettingsError` (a ``ValueError``) naming the first
+        hyperparameter out of its valid range."""
         checks: dict[str, Check] = {}
         for klass in reversed(type(self).__mro__):
             checks.update(getattr(klass, "constraints", {}) or {})
@@ -145,7 +150,7 @@ class Predictor(BaseEstimator):
             value = params[key]
             problem = check.check(value) if hasattr(check, "check") else check(value)
             if problem:
-                raise ValueError(f"predictor.{key}={value!r}: {problem}")
+                raise SettingsError(f"predictor.{key}={value!r}: {problem}")
 
     def check_fitted(self) -> None:
         """Raise :class:`NotFittedError` unless ``fit`` or ``load`` ran."""
@@ -180,23 +185,40 @@ class Predictor(BaseEstimator):
 
 
 def load(directory: str | Path) -> Predictor:
-    """The predictor saved in ``directory`` by :meth:`Predictor.save`."""
+    """The predictor saved in ``directory`` by :meth:`Predictor.save`.
+
+    Raises:
+        MissingInputError: no ``predictor.json`` there.
+        InputError: the file is not a predictor this version wrote, naming the field.
+    """
     path = Path(directory) / STATE_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no saved predictor there (stage=train writes one)")
-    meta = json.loads(path.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: field 'format_version': expected {FORMAT_VERSION}, got "
-                         f"{meta.get('format_version')!r} (retrain with this version)")
+        raise MissingInputError(f"{path}: no saved predictor there (stage=train writes one)")
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{path}: not a predictor.json ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0]})") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise InputError(f"{path}: field 'format_version': expected {FORMAT_VERSION}, got "
+                         f"{version!r} (retrain with this version)")
     module, _, qualname = str(meta.get("class", "")).rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), qualname)
     except (ImportError, AttributeError, ValueError):
         cls = None
     if not (isinstance(cls, type) and issubclass(cls, Predictor)):
-        raise ValueError(f"{path}: field 'class': {meta.get('class')!r} is not a predictor class")
-    model = cls(**meta["params"])
-    model._set_state(meta["state"])
+        raise InputError(f"{path}: field 'class': {meta.get('class')!r} is not a predictor class")
+    try:
+        model = cls(**meta["params"])
+        model.validate_params()
+        model._set_state(meta["state"])
+    except SettingsError as error:
+        raise InputError(f"{path}: field 'params': {error}") from None
+    except (KeyError, TypeError, ValueError) as error:
+        raise InputError(f"{path}: field 'state': unreadable ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''})") from None
     return model
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from irene.data.forest import Forest, compose, feature_list
 from irene.data.tree import NODE_TYPES
+from irene.errors import InputError
 from irene.predictors.base import OneOf, Predictor, Range, require_features
 from irene.predictors.leaves import (
     LinearLeafRegressor,
@@ -112,7 +113,7 @@ class FlatPredictor(Predictor):
 
     name = "flat"
     constraints = {"space": OneOf(("linear", "log")), "degree": Range(int, 1, 4),
-                   "alpha": Range(float, 0, None), "group_by": OneOf(("node_type", "none"))}
+                   "alpha": Range(float, 0, 1e6), "group_by": OneOf(("node_type", "none"))}
 
     def __init__(self, feature_sets: list[str] = ALL_FEATURE_SETS, space: str = "linear",
                  degree: int = 1, alpha: float = 1e-3, group_by: str = "node_type"):
@@ -151,7 +152,7 @@ class FlatPredictor(Predictor):
                 self.models_[group] = LinearLeafRegressor.fit(
                     xp, forest.gold_j[mask], sample_weight=1.0 / forest.gold_j[mask] ** 2)
         if not self.models_:
-            raise ValueError("no measured node to fit the flat regression on")
+            raise InputError("no measured node to fit the flat regression on")
         return self
 
     def predict(self, forest: Forest, *, return_fallback: bool = False):
@@ -164,7 +165,7 @@ class FlatPredictor(Predictor):
                 continue
             model = self.models_.get(group)
             if model is None:
-                raise ValueError(f"no regression for node type {group!r}: none was in training")
+                raise InputError(f"no regression for node type {group!r}: none was in training")
             if self.space == "log":
                 pred[mask] = model.predict(x[mask])
             else:

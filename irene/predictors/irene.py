@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from irene.data.forest import Forest, compose, feature_list
+from irene.errors import SettingsError
 from irene.predictors.base import Each, OneOf, Predictor, Range
 from irene.predictors.leaves import (
     LinearLeafRegressor,
@@ -148,7 +149,7 @@ class IreneModel(Predictor):
         inputs = len(polynomial_powers(len(feature_list(list(self.feature_sets))),
                                        max(int(self.polynomial_degree), 1)))
         if self.polynomial_degree > 1 and inputs > MAX_WEIGHTING_INPUTS:
-            raise ValueError(
+            raise SettingsError(
                 f"predictor.polynomial_degree={self.polynomial_degree!r}: gives {inputs} weighting "
                 f"inputs for {len(feature_list(list(self.feature_sets)))} features, more than "
                 f"{MAX_WEIGHTING_INPUTS}; use a smaller degree")

@@ -36,6 +36,7 @@ import pandas as pd
 
 from irene.data.forest import Forest, children_sum, compose, feature_list
 from irene.data.tree import NODE_TYPES
+from irene.errors import InputError
 from irene.predictors.base import Each, OneOf, Predictor, Range
 from irene.predictors.leaves import LogPolyRegressor, measured, predict_leaves, relative_lstsq
 
@@ -69,9 +70,9 @@ class IrenePlusPredictor(Predictor):
     name = "irene_plus"
     constraints = {
         "leaf_degrees": Each(Range(int, 1, 3)),
-        "leaf_alphas": Each(Range(float, 0, None)),
+        "leaf_alphas": Each(Range(float, 0, 1e6)),
         "leaf_spaces": Each(OneOf(("log", "linear"))),
-        "inner_ridge": Range(float, 0, None),
+        "inner_ridge": Range(float, 0, 1e6),
         "refit_iterations": Range(int, 0, 100),
     }
 
@@ -116,7 +117,7 @@ class IrenePlusPredictor(Predictor):
     def _fit_leaves(self, forest: Forest, x: np.ndarray) -> None:
         leaves = forest.is_leaf & measured(forest)
         if not leaves.any():
-            raise ValueError("no measured leaf (ml) nodes to fit the leaf regressors on")
+            raise InputError("no measured leaf (ml) nodes to fit the leaf regressors on")
         groups = forest.node_model_names()
         self.leaf_models_: dict[str, LogPolyRegressor] = {}
         self.leaf_cv_error_pct_: dict[str, float] = {}

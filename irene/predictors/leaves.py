@@ -10,6 +10,7 @@ from itertools import combinations_with_replacement
 import numpy as np
 
 from irene.data.forest import Forest
+from irene.errors import InputError
 
 
 @dataclass
@@ -203,7 +204,7 @@ def fit_leaf_regressors(forest: Forest, x: np.ndarray) -> dict[str, LinearLeafRe
                                           forest.gold_j[leaves & (forest.op_type == op)])
               for op in sorted(set(forest.op_type[leaves]))}
     if not models:
-        raise ValueError("no measured leaf (ml) nodes to fit the leaf regressors on")
+        raise InputError("no measured leaf (ml) nodes to fit the leaf regressors on")
     return models
 
 
@@ -230,7 +231,7 @@ def predict_leaves(forest: Forest, x: np.ndarray, models: dict, unseen, hint: st
             model = unseen(op)
             if model is None:
                 first = forest.ids[int(np.flatnonzero(rows)[0])]
-                raise ValueError(f"primitive type {op!r} (node {first!r}) was never seen in "
+                raise InputError(f"primitive type {op!r} (node {first!r}) was never seen in "
                                  f"training (known: {sorted(models)}); {hint}")
             fallback |= rows
         pred[rows] = model.predict(x[rows])

@@ -21,12 +21,14 @@ import numpy as np
 
 from irene.data.forest import ALL_FEATURES, FEATURE_SETS, Forest, build_forest, fill_predictions
 from irene.data.tree import Tree, iter_nodes
+from irene.errors import InputError, SettingsError
 
 log = logging.getLogger(__name__)
 
 # Features a traced tree provides without measuring anything.
 STATIC_FEATURES = ("num_parameters", "input_size", *FEATURE_SETS["model_specs"])
 FALLBACK_FIELD = "prediction_fallback"  # node field marking a fallback prediction
+NEGATIVE_FIELD = "prediction_negative"  # node field marking a negative (impossible) energy
 POLICY_HELP = ("unseen_op: null (the predictor's own policy), 'error', or a known primitive "
                "type whose regressor is used instead")
 
@@ -59,12 +61,18 @@ def trace_static(model: str, shapes: Iterable[tuple[int, int]], *,
 
     check_convention(convention)
 
+    from irene.data.architectures import max_positions
+
     shapes = [(int(b), int(s)) for b, s in shapes]
     if not shapes:
-        raise ValueError("no (batch_size, seq_len) pair to trace")
+        raise SettingsError("no (batch_size, seq_len) pair to trace")
+    longest = max_positions(model)
     for b, s in shapes:
         if b <= 0 or s <= 0:
-            raise ValueError(f"batch_size and seq_len must be positive, got ({b}, {s})")
+            raise SettingsError(f"batch_size and seq_len must be positive, got ({b}, {s})")
+        if longest is not None and s > longest:
+            raise SettingsError(f"seq_len={s}: {model} takes at most {longest} tokens "
+                                "(its position embeddings)")
     device = "meta"
     module = model_from_name(model, attn_implementation, device=device)
     trees = []
@@ -90,7 +98,7 @@ def parse_shapes(shapes: Sequence[Sequence[int]] | None, batch_size: int, seq_le
     pairs = []
     for pair in shapes:
         if len(pair) != 2:
-            raise ValueError(f"shapes: every entry is [batch_size, seq_len], got {list(pair)}")
+            raise SettingsError(f"shapes: every entry is [batch_size, seq_len], got {list(pair)}")
         pairs.append((int(pair[0]), int(pair[1])))
     return pairs
 
@@ -109,7 +117,7 @@ def require_static(predictor) -> None:
     """
     missing = [f for f in predictor_features(predictor) if f not in STATIC_FEATURES]
     if missing:
-        raise ValueError(
+        raise SettingsError(
             f"this predictor ({type(predictor).__name__}) was trained on measured features "
             f"{missing}, which a model nobody measured does not have; train one on static "
             f"features only (stage=train features=model_specs), i.e. {list(STATIC_FEATURES)}")
@@ -160,11 +168,11 @@ def predict_with_policy(predictor, forest: Forest, unseen_op: str | None = None
         if str(unseen_op).lower() == "error":
             first = forest.ids[int(np.flatnonzero(forest.is_leaf
                                                   & np.isin(forest.op_type, unseen))[0])]
-            raise ValueError(f"primitive types {unseen} (e.g. node {first!r}) were never seen "
+            raise InputError(f"primitive types {unseen} (e.g. node {first!r}) were never seen "
                              f"in training (known: {known}); {POLICY_HELP}")
         target = str(unseen_op).lower()
         if target not in known:
-            raise ValueError(f"unseen_op={unseen_op!r} is not a primitive type the predictor "
+            raise SettingsError(f"unseen_op={unseen_op!r} is not a primitive type the predictor "
                              f"knows ({known}); {POLICY_HELP}")
         forest, mask = remap_ops(forest, unseen, target)
     predicted, own_fallback = predictor.predict(forest, return_fallback=True)
@@ -173,14 +181,18 @@ def predict_with_policy(predictor, forest: Forest, unseen_op: str | None = None
 
 def mark_predictions(trees: Sequence[Tree], forest: Forest, predicted_j: np.ndarray,
                      fallback: np.ndarray) -> list[Tree]:
-    """Copies of ``trees`` with ``predicted_energy`` on every node and
-    ``prediction_fallback: true`` on the nodes predicted by a fallback."""
+    """Copies of ``trees`` with ``predicted_energy`` on every node,
+    ``prediction_fallback: true`` on the nodes predicted by a fallback and
+    ``prediction_negative: true`` on those whose predicted energy is below zero (a predictor
+    extrapolating far outside its data; such a number is not an energy)."""
     filled = fill_predictions(trees, forest, predicted_j)
     position = 0
     for tree in filled:
         for node in iter_nodes(tree["frontend_tree"]):
             if fallback[position]:
                 node[FALLBACK_FIELD] = True
+            if predicted_j[position] < 0:
+                node[NEGATIVE_FIELD] = True
             position += 1
     return filled
 

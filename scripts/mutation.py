@@ -1,0 +1,163 @@
+"""Mutation testing of the predictors and the metrics with mutmut, on a deterministic sample.
+
+    python scripts/mutation.py                      # the working tree, 1 mutant in 16
+    python scripts/mutation.py --rev 5a70ad6        # a commit (its own tests), same sample rule
+    python scripts/mutation.py --sample 1           # every mutant (hours on two cores)
+
+The code is copied into a temporary folder (nothing is written into the checkout), mutmut
+generates every mutant of ``irene/predictors/*.py`` and ``irene/evaluate/metrics.py``, and a
+mutant is run when ``sha256(name) % sample == 0``: the same rule on any version of the code,
+so scores of two commits are comparable. Each mutant runs only the fast predictor and metric
+tests that cover its function (``--tests``). The result is a JSON and a markdown summary
+(killed, survived, no covering test, timeout; the diff of every survivor) under ``--out``.
+
+Not part of CI: it needs ``pip install mutmut==3.8.1`` and the published device-1 data
+(``$IRENE_DATA_DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MUTMUT_VERSION = "3.8.1"
+MUTATE = ("irene/predictors/*", "irene/evaluate/metrics.py")
+FAST_TESTS = ("tests/test_model.py", "tests/test_predictors_plus.py",
+              "tests/test_predictors_baselines.py", "tests/test_crossval.py",
+              "tests/test_predict_static.py", "tests/test_mutation_guards.py",
+              "tests/test_metrics.py", "tests/test_predictor_contract.py")
+
+
+def copy_tree(rev: str | None, into: Path) -> None:
+    """The tracked files at ``rev`` (or the working tree's files git does not ignore)."""
+    if rev:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+        return
+    listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-co", "--exclude-standard"],
+                            check=True, capture_output=True, text=True).stdout.split("\n")
+    for name in filter(None, listed):
+        source = ROOT / name
+        if source.is_file():
+            (into / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, into / name)
+
+
+def write_config(folder: Path, tests: list[str]) -> None:
+    lines = ["[mutmut]", "source_paths =", "    irene", "also_copy =", "    pipelines", "    conf",
+             "    run.py", "only_mutate ="]
+    lines += [f"    {pattern}" for pattern in MUTATE]
+    lines += ["pytest_add_cli_args_test_selection ="] + [f"    {t}" for t in tests]
+    lines += ["pytest_add_cli_args =", "    -p", "    no:cacheprovider", "    -q",
+              "    -m", "    not slow"]
+    # torch is not fork-safe once its thread pools ran: fork from a clean server process
+    lines += ["process_isolation = forkserver"]
+    # mutmut's wall-clock limit is (estimate + constant) × multiplier: on a shared machine a
+    # test's estimate undercounts fixtures and load, so a slow mutant is not a "timeout"
+    lines += ["timeout_constant = 20", "timeout_multiplier = 30"]
+    with (folder / "setup.cfg").open("a") as handle:
+        handle.write("\n" + "\n".join(lines) + "\n")
+
+
+GENERATE = """
+import os, sys
+sys.argv = ["mutmut"]
+from mutmut.__main__ import copy_src_dir, copy_also_copy_files, setup_source_paths, create_mutants
+os.makedirs("mutants", exist_ok=True)
+copy_src_dir(); copy_also_copy_files(); setup_source_paths()
+create_mutants(2)
+"""
+
+
+def mutant_names(folder: Path) -> list[str]:
+    names = []
+    for meta in sorted((folder / "mutants").rglob("*.meta")):
+        names.extend(json.loads(meta.read_text())["exit_code_by_key"])
+    return sorted(names)
+
+
+def sampled(names: list[str], sample: int) -> list[str]:
+    return [n for n in names if int(hashlib.sha256(n.encode()).hexdigest(), 16) % sample == 0]
+
+
+def results(folder: Path, names: list[str]) -> dict[str, str]:
+    """mutmut's verdict of each mutant (killed, survived, no tests, timeout, ...)."""
+    from mutmut.stats import status_by_exit_code
+
+    codes: dict[str, int | None] = {}
+    for meta in (folder / "mutants").rglob("*.meta"):
+        codes.update(json.loads(meta.read_text())["exit_code_by_key"])
+    return {n: status_by_exit_code[codes.get(n)] for n in names}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rev", help="a commit (default: the working tree)")
+    parser.add_argument("--sample", type=int, default=16, help="run 1 mutant in N (hash rule)")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--tests", nargs="*", default=list(FAST_TESTS))
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "irene-mutation")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary copy")
+    args = parser.parse_args()
+
+    from importlib.metadata import version
+
+    import mutmut  # noqa: F401 - fail early and clearly when it is missing
+
+    if version("mutmut") != MUTMUT_VERSION:
+        print(f"warning: written for mutmut {MUTMUT_VERSION}, found {version('mutmut')}")
+    work = Path(tempfile.mkdtemp(prefix="irene-mutmut-"))
+    try:
+        copy_tree(args.rev, work)
+        tests = [t for t in args.tests if (work / t).is_file()]
+        write_config(work, tests)
+        env = {**os.environ, "PYTHONPATH": str(work / "mutants"), "OMP_NUM_THREADS": "1",
+               "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+        subprocess.run([sys.executable, "-c", GENERATE], cwd=work, check=True, env=env,
+                       capture_output=True)
+        everything = mutant_names(work)
+        chosen = sampled(everything, args.sample)
+        print(f"{len(everything)} mutants, {len(chosen)} sampled (1 in {args.sample}); "
+              f"tests: {tests}", flush=True)
+        mutmut_bin = Path(sys.executable).with_name("mutmut")
+        subprocess.run([str(mutmut_bin), "run", "--max-children", str(args.jobs), *chosen],
+                       cwd=work, env=env, check=False)
+        status = results(work, chosen)
+        counts = Counter(status.values())
+        killed = counts["killed"] + counts["caught by type check"]
+        summary = {"rev": args.rev or "working tree", "mutants": len(everything),
+                   "sampled": len(chosen), "sample": args.sample, "tests": tests,
+                   "counts": dict(counts), "score": killed / max(len(chosen), 1),
+                   "survivors": sorted(n for n, s in status.items() if s != "killed")}
+        args.out.mkdir(parents=True, exist_ok=True)
+        tag = (args.rev or "worktree").replace("/", "_")
+        (args.out / f"mutation-{tag}.json").write_text(json.dumps(summary, indent=2) + "\n")
+        diffs = []
+        for name in summary["survivors"]:
+            shown = subprocess.run([str(mutmut_bin), "show", name], cwd=work, env=env,
+                                   capture_output=True, text=True).stdout
+            diffs.append(f"### {name} ({status[name]})\n\n```diff\n{shown.strip()}\n```\n")
+        (args.out / f"survivors-{tag}.md").write_text("\n".join(diffs))
+        print(json.dumps({k: summary[k] for k in ("rev", "mutants", "sampled", "counts",
+                                                   "score")}, indent=2))
+        print(f"survivors: {args.out / f'survivors-{tag}.md'}")
+    finally:
+        if args.keep:
+            print(f"kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
