@@ -241,7 +241,6 @@ def _settings_checks() -> dict[str, Any]:
         "seq_lens": optional(Each(shape["seq_len"])),
         "threads": Range(int, 0, 4096),
         "trace_convention": OneOf(("irene", "physical")),
-        "explain.top_n": Range(int, 0, 100_000),
         "explain.max_depth": Range(int, 1, 1000),
         "explain.max_trees": Range(int, 0, 100_000),
         "explain.source": OneOf(("auto", "predicted", "measured")),
