@@ -370,9 +370,10 @@ CASES = [
          "'input_size', 'batch_size', 'seq_len', 'flops', 'mem_bytes']); choose features=both "
          "or features=resource_utilization, or another predictor"),
     # ------------------------------------------------------------- predict, report
-    Case("predict-without-a-model", ["stage=predict", "model=tiny/bert"],
+    Case("predict-without-a-model", ["stage=predict"],
          "stage=predict needs a trained predictor: model_dir=<folder written by stage=train> "
-         "or model_run=<MLflow run id of stage=train>"),
+         "or model_run=<MLflow run id of stage=train> (or model=<name> to trace a model and use "
+         "the default static predictor)"),
     Case("predict-model-dir-empty", ["stage=predict", "model=tiny/bert", "model_dir={tmp}"],
          "{tmp}/predictor.json: no saved predictor there (stage=train writes one)"),
     Case("predict-model-file-garbage", ["stage=predict", "model=tiny/bert", "model_dir={tmp}"],

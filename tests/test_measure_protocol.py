@@ -75,7 +75,7 @@ def test_fixed_protocol_energy_is_window_energy_over_repeats():
                                 sample_interval_s=0.01, max_remeasure=0)
     result = measure_callable(lambda: (calls.append(1), time.sleep(0.002)), meter, settings)
     assert result.repeats >= 0.05 / 0.01  # calibrated to fill the window
-    assert result.times_mean == pytest.approx(0.002, rel=0.5)
+    assert 0.002 <= result.times_mean < 0.05  # a 2 ms sleep; longer on a loaded machine
     assert result.ground_truth_energy == pytest.approx(20.0 * result.times_mean, rel=0.05)
     assert result.energy_std_j is not None and result.energy_std_j >= 0
     assert meter.reads == 2 * len(result.windows) and len(result.windows) == 3

@@ -18,8 +18,8 @@ DRIFT_ACTIONS = ("flag", "remeasure")
 METERS = ("auto", "nvml", "rapl", "rapl+nvml", "simulated", "none")
 
 
-class SettingsError(errors.SettingsError):
-    """An out-of-range setting; the message is one line: ``measure.<field>: must be ..., got ...``."""
+# An out-of-range setting; the message is one line: ``measure.<field>: must be ..., got ...``.
+SettingsError = errors.SettingsError
 
 
 def _check(ok: bool, name: str, rule: str, value: object, prefix: str) -> None:
