@@ -17,8 +17,9 @@ runs give byte-identical tables.
 With ``seeds`` (the value the sweep ran with: ``seeds=5``) the report reads only the runs of
 that request and writes ``<preset>_k<k>.*``: every cell is the mean ± standard deviation over
 seeds, a row within seed noise of its column's best is marked ``†`` (two-sided Welch t-test
-over seeds, :mod:`irene.evaluate.significance`), the best is bold only when it stands out, and
-the per-model table says how many standard deviations the reference's numbers lie from ours.
+over seeds on log % error, :mod:`irene.evaluate.significance`), the best is bold only when it
+stands out, and the per-model table says how many standard deviations the reference's
+numbers lie from ours.
 Without ``seeds`` only single-seed runs count and the tables are what they always were.
 """
 
@@ -167,9 +168,8 @@ def _seed_notes(runs: list, what: str) -> list[str]:
     seeds = [json.loads(x) for x in lists]
     k = max((len(s) for s in seeds), default=1)
     named = "; ".join(_seed_range(s) for s in seeds) or "none"
-    return [f"Mean ± sample standard deviation over k = {k} seeds ({named}, as predictor.seed) "
-            f"of {what}. A value without ± does not depend on the seed "
-            "(fit once)."]
+    return [f"Mean ± sample standard deviation over k = {k} seeds (predictor.seed = {named}) "
+            f"of {what}. A value without ± does not depend on the seed (fit once)."]
 
 
 def _seed_range(seeds: list[int]) -> str:
@@ -179,7 +179,7 @@ def _seed_range(seeds: list[int]) -> str:
 
 def seeded_runs_table(cfg: DictConfig, runs: list, rows: list[str], order: dict) -> SeededTable:
     """One row per configuration, ``mean ± sd`` over seeds of the overall % error; per column,
-    every row is tested against the lowest mean (Welch t-test over seeds)."""
+    every row is tested against the lowest mean (Welch t-test over seeds on log % error)."""
     latest = _latest_per_row(runs, rows)
     records = []
     for key, run in latest:
@@ -202,9 +202,10 @@ def seeded_runs_table(cfg: DictConfig, runs: list, rows: list[str], order: dict)
                         for row in samples[list(LEVELS)].itertuples(index=False)]
     notes = _seed_notes([r for _, r in latest], "each configuration's overall % error") + [
         f"† within seed noise of the lowest mean of its column (two-sided Welch t-test over "
-        f"seeds, p ≥ {ALPHA:g}); bold: the lowest mean, when no other row is within noise of it "
-        "(rows with the very same seed-independent value are bold together). The CSV holds "
-        "each row's p-value against the column's lowest mean (`<type>_p`)."]
+        f"seeds on log % error, p ≥ {ALPHA:g}); bold: the lowest mean, when no other row is "
+        "within noise of it (rows with the very same seed-independent value are bold "
+        "together). The CSV holds each row's p-value against the column's lowest mean (ml_p, "
+        "module_p, model_p)."]
     return SeededTable(display=display, numbers=numbers, bold_cells=bold, marks=marks,
                        notes=notes)
 
@@ -244,7 +245,7 @@ def seeded_folds_table(cfg: DictConfig, run) -> SeededTable:
             display[f"z {level}"] = numbers[f"z {level}"] = z
             marks |= {(row, f"z {level}"): "‡" for row, value in enumerate(z)
                       if not math.isnan(value) and abs(value) > bound}
-        notes.append(
+        notes.append("z = (reference − mean) / sd: no spread, no z." if math.isnan(bound) else
             f"z = (reference − mean) / sd: how many standard deviations the reference's number "
             f"lies from our mean (– : no spread). ‡ |z| > {bound:.2f}: outside the "
             f"{100 * (1 - ALPHA):g}% prediction interval of one more run of ours (t with "

@@ -143,15 +143,25 @@ def test_bad_seeds_fail_in_one_line(value, message):
 
 
 # ------------------------------------------------------------------------------ significance
-def test_welch_p_is_scipys_welch_test():
+def test_welch_p_is_scipys_welch_test_on_log_errors():
     a, b = SeedSample((7.1, 7.5, 6.9, 7.8, 7.0)), SeedSample((8.2, 8.0, 8.9, 8.4, 7.9))
-    expected = stats.ttest_ind(a.values, b.values, equal_var=False).pvalue
+    expected = stats.ttest_ind(np.log(a.values), np.log(b.values), equal_var=False).pvalue
     assert welch_p(a, b) == pytest.approx(expected, rel=1e-12)
+    raw = stats.ttest_ind(a.values, b.values, equal_var=False).pvalue
+    assert welch_p(a, b, log=False) == pytest.approx(raw, rel=1e-12)
+
+
+def test_errors_that_span_decades_are_told_apart():
+    """The free-weights row of the device-1 weighting table against the paper's config."""
+    free = SeedSample((462632.93, 9023.83, 11098.44, 69386.07, 174772.55))
+    paper = SeedSample((7.16, 6.99, 7.67, 7.36, 7.01))
+    assert welch_p(free, paper, log=False) > 0.05  # raw scale: one seed swamps the variance
+    assert welch_p(free, paper) < 1e-3
 
 
 def test_welch_p_against_a_seed_independent_value_is_the_one_sample_test():
     a, c = SeedSample((7.1, 7.5, 6.9, 7.8, 7.0)), SeedSample((7.9,), deterministic=True)
-    expected = stats.ttest_1samp(a.values, 7.9).pvalue
+    expected = stats.ttest_1samp(np.log(a.values), np.log(7.9)).pvalue
     assert welch_p(a, c) == pytest.approx(expected, rel=1e-12)
     assert welch_p(c, SeedSample((7.9,), deterministic=True)) == 1.0
     assert welch_p(c, SeedSample((8.0,), deterministic=True)) == 0.0
