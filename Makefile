@@ -8,6 +8,9 @@ TORCH ?= torch==2.13.0
 
 DATA ?= device_1
 PRESETS := per_model feature_strategy_ablation weighting_ablation predictors
+# SEEDS=5: every cell over 5 seeds (mean ± sd, significance marks; tables <preset>_k5.*)
+SEEDS ?=
+SEED_ARGS := $(if $(SEEDS),seeds=$(SEEDS))
 
 .PHONY: setup crossvalidate test lint benchmark tables docs mlflow-ui serve clean
 
@@ -35,8 +38,8 @@ benchmark: setup
 
 tables: setup  ## every paper table of a device from nothing: sweeps (parallel, resumable) + reports
 	@for preset in $(PRESETS); do \
-	  $(PY) run.py -m experiment=$$preset data=$(DATA) hydra/launcher=joblib $(ARGS) || exit 1; \
-	  $(PY) run.py stage=report experiment=$$preset data=$(DATA) $(ARGS) || exit 1; \
+	  $(PY) run.py -m experiment=$$preset data=$(DATA) hydra/launcher=joblib $(SEED_ARGS) $(ARGS) || exit 1; \
+	  $(PY) run.py stage=report experiment=$$preset data=$(DATA) $(SEED_ARGS) $(ARGS) || exit 1; \
 	done; echo "tables: outputs/tables/$(DATA)/"
 
 OUT = $(or $(IRENE_OUTPUTS),outputs)

@@ -130,6 +130,10 @@ class Config:
     resume: bool = False  # skip a stage whose identical config already has a FINISHED run
     skip_not_applicable: bool = False  # a predictor that cannot use these features: skip, not fail
     save_predictions: bool = False  # crossvalidate: also write the out-of-fold predicted trees (14 MB)
+    # crossvalidate, report: repeat every cross-validation over seeds: null (one run with
+    # predictor.seed), k (predictor.seed, +1, ..., +k-1) or a list of seeds; report: which runs
+    seeds: Any = None
+    cv_jobs: int = 1  # crossvalidate with seeds: folds fitted in parallel processes (-1: all cores)
     report: dict[str, Any] = field(default_factory=dict)  # report: table layout (see report.py)
     run_dir: str | None = None  # where the stage writes (default: Hydra's run folder)
     threads: int = 0  # torch threads (0: leave torch's default)
@@ -257,6 +261,39 @@ def check_settings(cfg: DictConfig) -> None:
         problem = check.check(value) if hasattr(check, "check") else check(value)
         if problem:
             raise SettingsError(f"{key}={value!r}: {problem}")
+
+
+def seeds_request(cfg: DictConfig) -> str | None:
+    """``seeds`` as one canonical string (``"5"``, ``"[1, 2, 3]"``), the MLflow param by which
+    ``report`` finds the runs of a request; None when seeds are not asked for."""
+    import json
+
+    seeds = cfg.get("seeds")
+    if seeds is None:
+        return None
+    if OmegaConf.is_list(seeds) or isinstance(seeds, list | tuple):
+        return json.dumps(list(seeds))
+    return str(seeds)
+
+
+def seed_list(cfg: DictConfig) -> list[int] | None:
+    """The seeds of ``cfg.seeds``: None when unset (one run, ``predictor.seed``); an integer k
+    gives ``predictor.seed + 0 … k − 1`` (so the first is the single-seed run), a list is
+    taken as it is. Raises ``ValueError`` (one line) for anything else."""
+    seeds = cfg.get("seeds")
+    if seeds is None:
+        return None
+    if OmegaConf.is_list(seeds) or isinstance(seeds, list | tuple):
+        values = list(seeds)
+        if not values or not all(isinstance(s, int) and not isinstance(s, bool) for s in values):
+            raise SettingsError(f"seeds={seeds_request(cfg)}: must be a non-empty list of integers")
+        if len(set(values)) != len(values):
+            raise SettingsError(f"seeds={seeds_request(cfg)}: a seed is repeated")
+        return values
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise SettingsError(f"seeds={seeds!r}: must be a number of seeds ≥ 1 or a list of seeds")
+    base = int(cfg.predictor.get("seed", 0) or 0)
+    return [base + i for i in range(seeds)]
 
 
 def run_params(cfg: DictConfig) -> dict[str, Any]:

@@ -1,20 +1,34 @@
 """``stage=crossvalidate``: leave-one-model-out cross-validation, one MLflow parent run and a
-child run per fold; writes ``crossvalidation.csv`` (columns left_out_model, ml, module, model)."""
+child run per fold; writes ``crossvalidation.csv`` (columns left_out_model, ml, module, model).
+
+With ``seeds`` (``seeds=5`` or ``seeds=[1,2,3]``) every fold is fit once per seed (the seed
+set as the predictor's ``seed``): one child run per seed and fold, the parent's metrics the
+mean over seeds (``overall_model``) and the standard deviation over seeds
+(``overall_model_sd``); ``crossvalidation.csv`` gains the ``<type>_sd`` columns and
+``crossvalidation_seeds.csv`` holds every (seed, fold). A predictor whose result does not
+depend on a seed is fit once and says so (tag ``seed_dependent=false``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
+from sklearn.base import clone
 
 from irene.data.forest import build_forest, fill_predictions
+from irene.data.io import atomic_write_text
 from irene.data.tree import ERROR_COLUMNS, write_trees
-from irene.evaluate.crossval import leave_one_model_out
+from irene.evaluate.crossval import (
+    SeededCrossValidationResult,
+    leave_one_model_out,
+    seeded_leave_one_model_out,
+)
 from irene.predictors.base import NotApplicableError
-from irene.tables import to_markdown, write_table
-from pipelines.config import build_predictor, run_params
+from irene.tables import fold_spread, to_markdown, write_table
+from pipelines.config import build_predictor, run_params, seed_list, seeds_request
 from pipelines.data import load_trees
 from pipelines.paths import log, run_dir, setup
 from pipelines.tracking import finished_run, log_artifact, log_metrics, log_params, set_tag, tracked_run
@@ -43,15 +57,50 @@ def _resumed(cfg: DictConfig, out: Path) -> CrossValidationReport | None:
     return CrossValidationReport(table=table, csv_path=Path(path), predictions_path=None)
 
 
+@dataclass
+class _SeededTable:
+    table: pd.DataFrame  # means over seeds, then the <type>_sd columns
+    predicted_j: np.ndarray  # out-of-fold predictions of the first seed
+
+
+def _seeded(cfg: DictConfig, out: Path, forest, predictor, seeds: list[int]) -> _SeededTable:
+    """Leave-one-model-out once per seed: a child run per (seed, fold), the seeds' table."""
+    def on_fold(seed: int | None, left_out: str, errors: dict[str, float]) -> None:
+        log.info("seed %-6s left out %-24s ml %.2f  module %.2f  model %.2f", seed, left_out,
+                 *(errors.get(t, float("nan")) for t in ERROR_COLUMNS))
+        params = {"left_out_model": left_out} | ({} if seed is None else {"seed": seed})
+        name = f"leave-{left_out}" + ("" if seed is None else f"-seed-{seed}")
+        with tracked_run(cfg, "crossvalidate-fold", params, run_name=name, nested=True):
+            log_metrics(errors)
+
+    result: SeededCrossValidationResult = seeded_leave_one_model_out(
+        forest, predictor, seeds, n_jobs=int(cfg.cv_jobs), on_fold=on_fold)
+    if not result.seed_dependent:
+        log.info("predictor %r does not depend on a seed with these settings: fit once, "
+                 "spread 0 (not %d identical times)", predictor.name, len(seeds))
+    set_tag("seed_dependent", str(result.seed_dependent).lower())
+    log_params({"num_seeds": result.num_seeds, "seeds_run": result.seeds})
+    seeds_csv = atomic_write_text(out / "crossvalidation_seeds.csv",
+                                  result.folds.to_csv(index=False, float_format="%.4f"))
+    log_artifact(seeds_csv, "report")
+    return _SeededTable(table=result.table(), predicted_j=result.predicted_j)
+
+
 def run(cfg: DictConfig) -> CrossValidationReport:
     setup(cfg)
     out = run_dir(cfg)
     resumed = _resumed(cfg, out)
     if resumed is not None:
         return resumed
-    with tracked_run(cfg, "crossvalidate", run_params(cfg)):
-        # a bad hyperparameter fails here, before any data is read, as a FAILED run
+    request = seeds_request(cfg)
+    params = run_params(cfg) | ({} if request is None else {"seeds": request})
+    with tracked_run(cfg, "crossvalidate", params):
+        # a bad hyperparameter or seed fails here, before any data is read, as a FAILED run
         predictor = build_predictor(cfg, show_progress=False)
+        seeds = seed_list(cfg)
+        if seeds is not None and predictor.uses_seed():
+            for seed in seeds:
+                clone(predictor).set_params(seed=seed).validate_params()
         trees, source = load_trees(cfg)
         forest = build_forest(trees)
         models = list(dict.fromkeys(forest.model_names))
@@ -67,8 +116,11 @@ def run(cfg: DictConfig) -> CrossValidationReport:
                 log_metrics(errors)
 
         try:
-            result = leave_one_model_out(forest, predictor,
-                                         show_progress=cfg.show_progress, on_fold=on_fold)
+            if seeds is None:
+                result = leave_one_model_out(forest, predictor,
+                                             show_progress=cfg.show_progress, on_fold=on_fold)
+            else:
+                result = _seeded(cfg, out, forest, predictor, seeds)
         except NotApplicableError as error:
             if not cfg.skip_not_applicable:
                 raise
@@ -88,6 +140,6 @@ def run(cfg: DictConfig) -> CrossValidationReport:
                                       protect=[source])
             log_artifact(predictions, "predictions")
     print("Percentage error - leave-one-model-out cross-validation")
-    print(to_markdown(table))
+    print(to_markdown(fold_spread(table)))
     print(f"crossvalidation table: {csv_path}")
     return CrossValidationReport(table=table, csv_path=csv_path, predictions_path=predictions)

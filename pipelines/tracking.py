@@ -281,13 +281,15 @@ def tracked_run(cfg: DictConfig, stage: str, params: dict[str, Any] | None = Non
 
 # keys that do not change a stage's result (sweep_name is hashed: resume works within a preset)
 _NOT_HASHED = ("tracking", "run_dir", "show_progress", "threads", "resume", "output",
-               "report", "skip_not_applicable")
+               "report", "skip_not_applicable", "cv_jobs")
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """A digest of everything that determines a stage's result (not where it is logged)."""
+    """A digest of everything that determines a stage's result (not where it is logged).
+    An unset ``seeds`` is left out, so single-seed runs keep the hash they had before it."""
     container = OmegaConf.to_container(cfg, resolve=True)
-    kept = {k: v for k, v in container.items() if k not in _NOT_HASHED}
+    kept = {k: v for k, v in container.items()
+            if k not in _NOT_HASHED and not (k == "seeds" and v is None)}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

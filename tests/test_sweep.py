@@ -146,3 +146,34 @@ def test_sweep_lands_in_a_postgresql_store(tmp_path, trees_file):
         assert runs(server.uri, "tags.stage = 'sweep'")
     finally:
         server.stop()
+
+
+def test_seeded_sweep_and_its_report_from_the_cli(tmp_path, trees_file):
+    uri = sqlite_store(tmp_path)
+    args = ("experiment=weighting_ablation", "strategy=end2end,none", "weighting=close_to_one",
+            "seeds=2", "predictor.epochs=2", "hydra/launcher=joblib")
+    out = sweep(tmp_path, uri, trees_file, *args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    jobs = runs(uri, "tags.stage = 'crossvalidate'")
+    assert sorted(r.data.params["num_seeds"] for r in jobs) == ["1", "2"]  # none: fit once
+    parent = runs(uri, "tags.stage = 'sweep'")[0]
+    assert {r.data.tags["mlflow.parentRunId"] for r in jobs} == {parent.info.run_id}
+    assert len(runs(uri, "tags.stage = 'crossvalidate-fold'")) == 2 * 6 + 6
+
+    def report(folder: str) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != "IRENE_PARENT_RUN_ID"}
+        return subprocess.run(
+            [sys.executable, "run.py", "stage=report", "experiment=weighting_ablation", "seeds=2",
+             "data.name=device_1", f"tracking.uri={uri}", "tracking.experiment=sweeps",
+             f"run_dir={tmp_path / folder}"], cwd=ROOT, capture_output=True, text=True,
+            timeout=600, env=env)
+
+    for folder in ("a", "b"):
+        done = report(folder)
+        assert done.returncode == 0, done.stderr[-3000:]
+    for suffix in ("md", "csv", "tex"):
+        name = f"weighting_ablation_k2.{suffix}"
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert "Welch t-test" in (tmp_path / "a" / "weighting_ablation_k2.md").read_text()
+    logged = mlflow.MlflowClient().list_artifacts(parent.info.run_id, "tables/device_1")
+    assert "weighting_ablation_k2.md" in {Path(f.path).name for f in logged}

@@ -71,3 +71,105 @@ def leave_one_model_out(forest: Forest, predictor: Predictor, *,
     table.loc["overall"] = table.mean(axis=0, skipna=False)
     table.index.name = "left_out_model"
     return CrossValidationResult(table=table, predicted_j=predicted, fold_models=fitted)
+
+
+# ----------------------------------------------------------------------- repeated over seeds
+@dataclass
+class SeededCrossValidationResult:
+    """Leave-one-model-out repeated over seeds.
+
+    ``folds``: one row per (seed, left-out model), columns ``seed``, ``left_out_model`` and the
+    % error per node type; ``seed`` is ``None`` when the predictor does not use a seed (it was
+    fit once: :meth:`Predictor.uses_seed`). ``seeds``: the seeds that were fit.
+    ``predicted_j``: out-of-fold predictions of the first seed."""
+
+    folds: pd.DataFrame
+    seeds: list[int]
+    seed_dependent: bool
+    predicted_j: np.ndarray
+
+    @property
+    def num_seeds(self) -> int:
+        """How many times each fold was fit."""
+        return max(len(self.seeds), 1)
+
+    def per_seed(self) -> pd.DataFrame:
+        """The ``overall`` row of each seed (unweighted mean over the left-out models)."""
+        levels = [c for c in ERROR_COLUMNS if c in self.folds.columns]
+        return self.folds.groupby("seed", sort=False, dropna=False)[levels].mean()
+
+    def table(self) -> pd.DataFrame:
+        """One row per left-out model and ``overall``: the mean over seeds of each node type's
+        % error, then its sample standard deviation over seeds (``<type>_sd``; 0 when the
+        predictor does not use a seed, NaN with a single seed)."""
+        levels = [c for c in ERROR_COLUMNS if c in self.folds.columns]
+        rows = {}
+        groups = [(m, g[levels]) for m, g in self.folds.groupby("left_out_model", sort=False)]
+        for name, values in [*groups, ("overall", self.per_seed())]:
+            sd = (values.std(ddof=1) if self.seed_dependent
+                  else pd.Series(0.0, index=levels))
+            rows[name] = {**values.mean().to_dict(), **{f"{c}_sd": sd[c] for c in levels}}
+        table = pd.DataFrame.from_dict(rows, orient="index")
+        table.index.name = "left_out_model"
+        return table
+
+
+def _fit_fold(forest: Forest, predictor: Predictor, left_out: str, seeds: list[int],
+              threads: int) -> list[tuple[dict[str, float], np.ndarray]]:
+    """Errors and predictions of one left-out model, one pair per seed (one pair when
+    ``seeds`` is empty: the predictor as it is)."""
+    if threads:  # a worker process next to others: one thread each
+        import torch
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(threads)
+        threadpool_limits(threads)
+    names = np.asarray(forest.model_names, dtype=object)
+    train, test = forest.subset(names != left_out), forest.subset(names == left_out)
+    fitted = predictor.fit_seeds(train, seeds) if seeds else [clone(predictor).fit(train)]
+    out = []
+    for model in fitted:
+        pred = model.predict(test)
+        out.append((errors_by_node_type(test, pred), pred))
+    return out
+
+
+def seeded_leave_one_model_out(forest: Forest, predictor: Predictor, seeds: list[int], *,
+                               n_jobs: int = 1,
+                               on_fold: Callable[[int | None, str, dict[str, float]], None]
+                               | None = None) -> SeededCrossValidationResult:
+    """:func:`leave_one_model_out` once per seed, the seed set as the predictor's ``seed``
+    hyperparameter (``clone(predictor).set_params(seed=s)``, see :meth:`Predictor.fit_seeds`).
+
+    A predictor whose result does not depend on a seed (:meth:`Predictor.uses_seed` is false)
+    is fit once per fold, not ``len(seeds)`` identical times. Folds run in ``n_jobs``
+    processes (1: in this one; -1: one per core), each with one thread; results do not
+    depend on ``n_jobs``. ``on_fold(seed, left_out, errors)`` runs in this process, in
+    (fold, seed) order, as folds finish.
+    """
+    if not seeds:
+        raise ValueError("seeds: give at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds: {seeds} repeats a seed")
+    seed_dependent = predictor.uses_seed()
+    fitted_seeds = [int(s) for s in seeds] if seed_dependent else []
+    folds = list(dict.fromkeys(forest.model_names))
+    if len(folds) < 2:
+        raise ValueError(f"leave-one-model-out needs at least two models, got {folds}")
+    threads = 1 if n_jobs != 1 else 0
+    from joblib import Parallel, delayed
+
+    results = Parallel(n_jobs=n_jobs, return_as="generator")(
+        delayed(_fit_fold)(forest, predictor, left_out, fitted_seeds, threads) for left_out in folds)
+    node_names = forest.node_model_names()
+    predicted = np.full(forest.num_nodes, np.nan)
+    records: dict[tuple[int, int], dict] = {}
+    for j, (left_out, per_seed) in enumerate(zip(folds, results, strict=True)):
+        for i, (seed, (errors, _)) in enumerate(zip(fitted_seeds or [None], per_seed, strict=True)):
+            records[i, j] = {"seed": seed, "left_out_model": left_out, **errors}
+            if on_fold is not None:
+                on_fold(seed, left_out, errors)
+        predicted[node_names == left_out] = per_seed[0][1]
+    frame = pd.DataFrame.from_records([records[key] for key in sorted(records)])  # seed-major
+    return SeededCrossValidationResult(folds=frame, seeds=fitted_seeds,
+                                       seed_dependent=seed_dependent, predicted_j=predicted)

@@ -152,6 +152,23 @@ class Predictor(BaseEstimator):
             if problem:
                 raise SettingsError(f"predictor.{key}={value!r}: {problem}")
 
+    # ------------------------------------------------------------------ seeds
+    def uses_seed(self) -> bool:
+        """Whether ``fit``'s result depends on a ``seed`` hyperparameter. False for a
+        predictor without one, and for settings where the seed changes nothing (repeating
+        such a fit over seeds would give identical results)."""
+        return "seed" in self.get_params(deep=False)
+
+    def fit_seeds(self, forest: Forest, seeds: Sequence[int]) -> list[Predictor]:
+        """One fitted copy per seed: ``clone(self).set_params(seed=s).fit(forest)`` for each
+        ``s``; ``self`` stays unfitted. A subclass may share the part of the fit that the seed
+        does not touch, as long as each copy equals the one fitted on its own."""
+        from sklearn.base import clone
+
+        if not self.uses_seed():
+            raise ValueError(f"predictor {self.name!r} does not use a seed: fit it once")
+        return [clone(self).set_params(seed=int(seed)).fit(forest) for seed in seeds]
+
     def check_fitted(self) -> None:
         """Raise :class:`NotFittedError` unless ``fit`` or ``load`` ran."""
         if not any(k.endswith("_") and not k.startswith("_") for k in vars(self)):

@@ -31,9 +31,11 @@ per depth level.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 import torch
+from sklearn.base import clone
 from tqdm.auto import tqdm
 
 from irene.data.forest import Forest, compose, feature_list
@@ -157,17 +159,53 @@ class IreneModel(Predictor):
     # ------------------------------------------------------------------ fitting
     def fit(self, forest: Forest) -> IreneModel:
         self.validate_params()
+        xt, leaf_pred = self._fit_unseeded(forest)
+        self._fit_seeded(forest, xt, leaf_pred)
+        return self
+
+    def fit_seeds(self, forest: Forest, seeds: Sequence[int]) -> list[IreneModel]:
+        """One fitted copy per seed, equal to ``clone(self).set_params(seed=s).fit(forest)``;
+        the leaf regressors and the transformed features, which the seed does not touch, are
+        computed once and shared (read-only) by the copies."""
+        copies = [clone(self).set_params(seed=int(seed)) for seed in seeds]
+        for copy in copies:
+            copy.validate_params()
+        if not copies:
+            return []
+        xt, leaf_pred = copies[0]._fit_unseeded(forest)
+        for copy in copies:
+            if copy is not copies[0]:
+                copy._share_unseeded(copies[0])
+            copy._fit_seeded(forest, xt, leaf_pred)
+        return copies
+
+    def uses_seed(self) -> bool:
+        """The seed draws the weighting model's initial parameters; nothing learns them (and
+        the seed changes nothing) with ``strategy=none`` or ``exact_one`` weights."""
+        return self._trainable()
+
+    def _fit_unseeded(self, forest: Forest) -> tuple[np.ndarray, np.ndarray]:
+        """Leaf regressors and feature transform; returns the transformed node features and
+        the leaf predictions the weighting model trains on."""
         self.weighting_name_ = effective_weighting(self.weighting, self.training_strategy)
         self.features_ = feature_list(list(self.feature_sets))
         x = forest.matrix(self.features_)
         self.leaf_models_ = fit_leaf_regressors(forest, x)
         leaf_pred = self._predict_leaves(forest, x)[0]
         self.node_scaler_ = Standardizer.fit(x) if self.standardize_features else None
-        xt = self._transform(x)
+        return self._transform(x), leaf_pred
+
+    def _share_unseeded(self, other: IreneModel) -> None:
+        self.weighting_name_ = other.weighting_name_
+        self.features_ = other.features_
+        self.leaf_models_ = other.leaf_models_
+        self.node_scaler_ = other.node_scaler_
+
+    def _fit_seeded(self, forest: Forest, xt: np.ndarray, leaf_pred: np.ndarray) -> None:
+        """The weighting model: initial parameters drawn from ``seed``, then trained."""
         torch.manual_seed(self.seed)
         self.weighting_ = WeightingModel(xt.shape[1], self.weighting_name_, self.tanh_scalar)
         self.history_ = self._train_weighting(forest, xt, leaf_pred)
-        return self
 
     def _transform(self, x: np.ndarray) -> np.ndarray:
         if self.node_scaler_ is not None:
@@ -177,8 +215,8 @@ class IreneModel(Predictor):
         return x
 
     def _trainable(self) -> bool:
-        return (self.training_strategy != "none" and self.weighting_name_ != "exact_one"
-                and self.epochs > 0)
+        weighting = effective_weighting(self.weighting, self.training_strategy)
+        return self.training_strategy != "none" and weighting != "exact_one" and self.epochs > 0
 
     def _train_weighting(self, forest: Forest, x: np.ndarray, leaf_pred: np.ndarray
                          ) -> list[float]:
