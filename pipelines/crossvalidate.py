@@ -69,8 +69,8 @@ def _seeded(cfg: DictConfig, out: Path, forest, predictor, seeds: list[int]) -> 
         log.info("seed %-6s left out %-24s ml %.2f  module %.2f  model %.2f", seed, left_out,
                  *(errors.get(t, float("nan")) for t in ERROR_COLUMNS))
         params = {"left_out_model": left_out} | ({} if seed is None else {"seed": seed})
-        name = f"leave-{left_out}" + ("" if seed is None else f"-seed-{seed}")
-        with tracked_run(cfg, "crossvalidate-fold", params, run_name=name, nested=True):
+        name = f"fold {left_out}" + ("" if seed is None else f" seed {seed}")
+        with tracked_run(cfg, "crossvalidate-fold", params, name=name, nested=True):
             log_metrics(errors)
 
     result: SeededCrossValidationResult = seeded_leave_one_model_out(

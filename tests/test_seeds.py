@@ -16,6 +16,7 @@ from sklearn.base import clone
 
 from irene.data.forest import build_forest
 from irene.data.tree import write_trees
+from irene.errors import MissingInputError
 from irene.evaluate.crossval import leave_one_model_out, seeded_leave_one_model_out
 from irene.evaluate.significance import (
     SeedSample,
@@ -325,7 +326,7 @@ def test_seeded_per_model_report_says_how_far_the_reference_is(seeded_store, tmp
 
 
 def test_report_without_runs_of_the_request_says_so(seeded_store, tmp_path):
-    with pytest.raises(ValueError, match="seeds=7"):
+    with pytest.raises(MissingInputError, match="seeds=7"):
         _report(seeded_store, tmp_path, "per_model", "seeds=7")
 
 
