@@ -223,3 +223,19 @@ def test_real_config_with_mlflow(tmp_path, capsys):
     assert metrics["nodes_measured"] == 15 and "window_spread_median" in metrics and "tick_s" in metrics
     artifacts = mlflow.artifacts.list_artifacts(run_id=runs[0].info.run_id)
     assert "trees.jsonl" in {a.path for a in artifacts}
+
+
+def test_cuda_without_cuda_is_one_clear_error():
+    import torch
+
+    from irene.errors import SettingsError
+    from irene.measure.runner import resolve_device
+
+    if torch.cuda.is_available():  # a GPU machine: the device is the one asked for
+        assert resolve_device("cuda", 0) == "cuda:0"
+        return
+    with pytest.raises(SettingsError, match=r"measure.device=cuda: CUDA is not available"):
+        resolve_device("cuda", 0)
+    with pytest.raises(SettingsError, match=r"measure.device=cuda:1: CUDA is not available"):
+        resolve_device("cuda:1", 1)
+    assert resolve_device("auto", 0) == "cpu"

@@ -13,6 +13,7 @@ import torch
 import transformers
 
 from irene.data.architectures import model_from_name
+from irene.errors import SettingsError
 from irene.measure.meters import EnergyMeter, NullMeter, NvmlMeter
 from irene.measure.protocol import ProgressCallback, ProtocolSettings, device_sync, measure_nodes
 from irene.measure.store import append_record, has_record
@@ -25,6 +26,9 @@ def resolve_device(device: str, gpu_index: int = 0) -> str:
     """``auto``: ``cuda:<gpu_index>`` when CUDA is available, else ``cpu``; ``cuda``: ``cuda:<gpu_index>``."""
     if device == "auto":
         return f"cuda:{gpu_index}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SettingsError(f"measure.device={device}: CUDA is not available on this machine "
+                            "(torch.cuda.is_available() is False); use measure.device=auto or cpu")
     if device == "cuda":
         return f"cuda:{gpu_index}"
     return device
