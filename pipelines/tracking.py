@@ -178,8 +178,10 @@ def run_name(cfg: DictConfig, stage: str) -> str:
     """What a run is, readable in the run list: ``cv irene both/end2end/close_to_one device_1``."""
     from pipelines.config import predictor_class, run_params
 
-    if stage not in ("crossvalidate", "train", "diagnose"):
-        return f"{stage} {cfg.data.name}"
+    data = OmegaConf.select(cfg, "data.name", default=None)
+    if stage not in ("crossvalidate", "train", "diagnose") or OmegaConf.select(
+            cfg, "predictor._target_", default=None) is None:
+        return f"{stage} {data}" if data else stage
     params = run_params(cfg)
     name = predictor_class(cfg).name
     axes = (f"{params['features']}/{params['strategy']}/{params['weighting']}" if name == "irene"
