@@ -8,12 +8,18 @@ import numpy as np
 import pytest
 
 from irene import predictors
-from irene.data.forest import build_forest, feature_list
+from irene.data.forest import ALL_FEATURES, build_forest, children_sum, compose, feature_list
 from irene.errors import SettingsError
 from irene.predictors.base import Each, OneOf, Range
 from irene.predictors.baselines import FlatPredictor
 from irene.predictors.irene import IreneModel, WeightingModel
-from irene.predictors.leaves import Standardizer, fit_leaf_regressors, polynomial_expand
+from irene.predictors.irene_plus import IrenePlusPredictor
+from irene.predictors.leaves import (
+    LogPolyRegressor,
+    Standardizer,
+    fit_leaf_regressors,
+    polynomial_expand,
+)
 from irene.predictors.treegrad import tree_indices, tree_loss_and_grad
 
 
@@ -139,3 +145,154 @@ def test_leaf_regressors_fit_every_measured_primitive(small_trees):
     forest = build_forest(small_trees)
     models = fit_leaf_regressors(forest, forest.matrix(feature_list(["model_specs"])))
     assert set(models) == set(forest.op_type[forest.is_leaf])
+
+
+# ------------------------------------------------------------------------------ IrEne+
+def _power_law_leaves(forest):
+    """Leaf energies an exact power law of FLOP (a log-space degree-1 fit recovers them), every
+    inner node the plain sum of its leaves."""
+    flops = forest.features[:, ALL_FEATURES.index("flops")]
+    leaf = np.exp(0.5 * np.log1p(flops) - 3.0)
+    forest.gold_j = compose(forest, np.where(forest.is_leaf, leaf, 0.0))
+    return forest
+
+
+EXACT_LEAVES = dict(feature_sets=["model_specs"], leaf_degrees=[1], leaf_alphas=[0.0],
+                    leaf_spaces=["log"], inner_ridge=0.0, nonnegative=False)
+
+
+def test_an_unmeasured_child_counts_as_the_sum_of_its_predicted_leaves(small_trees):
+    forest = _power_law_leaves(build_forest(small_trees))
+    modules = np.flatnonzero(forest.node_type == 1)
+    forest.gold_j[modules[::3]] = np.nan  # a third of the modules were not measured
+    model = IrenePlusPredictor(**EXACT_LEAVES, refit_iterations=0).fit(forest)
+    np.testing.assert_allclose(model.child_weights_, 1.0, atol=1e-8)
+    np.testing.assert_allclose(model.residual_coef_, 0.0, atol=1e-8)
+
+
+def test_nonnegative_bounds_the_unattributed_flop_and_byte_terms(small_trees):
+    forest = _power_law_leaves(build_forest(small_trees))
+    own_flops = forest.features[:, ALL_FEATURES.index("flops")]
+    delta = own_flops - children_sum(forest, own_flops)
+    inner = ~forest.is_leaf
+    rate = 0.2 * np.min(forest.gold_j[inner] / np.maximum(np.abs(delta[inner]), 1e-9))
+    residual = np.where(inner, -rate * np.abs(delta) * np.sign(delta), 0.0)  # negative per FLOP
+    forest.gold_j = compose(forest, np.where(forest.is_leaf, forest.gold_j, residual))
+    assert (forest.gold_j > 0).all()
+    free = IrenePlusPredictor(**EXACT_LEAVES, refit_iterations=0).fit(forest)
+    bounded = IrenePlusPredictor(**dict(EXACT_LEAVES, nonnegative=True), refit_iterations=0).fit(forest)
+    terms = list(free.residual_terms_)
+    assert free.residual_coef_[terms.index("extra_flops")] < 0
+    for name in ("extra_flops", "extra_mem_bytes"):
+        assert bounded.residual_coef_[terms.index(name)] >= 0, name
+    assert (bounded.child_weights_ >= 0).all()
+    assert bounded.residual_coef_[terms.index("constant_j")] != 0  # the constant stays free
+
+
+def test_the_inner_ridge_does_not_depend_on_feature_units(small_trees):
+    """Unattributed columns are rescaled to unit relative size before the ridge: counting FLOP
+    in other units scales the coefficient, not the predictions."""
+    base = build_forest(small_trees)
+    scaled = build_forest(small_trees)
+    scaled.features[:, ALL_FEATURES.index("flops")] *= 1000.0
+    leaf_pred = np.where(base.is_leaf, base.gold_j, 0.0)
+    fitted = []
+    for forest in (base, scaled):
+        model = IrenePlusPredictor(feature_sets=["model_specs"], inner_ridge=0.1, refit_iterations=0)
+        model.features_, model.extra_features_ = feature_list(["model_specs"]), ["flops", "mem_bytes"]
+        model._fit_inner(forest, leaf_pred)
+        fitted.append((model, model._compose(forest, leaf_pred)))
+    (a, pred_a), (b, pred_b) = fitted
+    np.testing.assert_allclose(pred_b, pred_a, rtol=1e-8)
+    flops = a.residual_terms_.index("extra_flops")
+    assert b.residual_coef_[flops] == pytest.approx(a.residual_coef_[flops] / 1000.0, rel=1e-6)
+
+
+def test_cubic_leaves_only_with_few_features(small_trees):
+    forest = build_forest(small_trees[:6])
+    static = IrenePlusPredictor(feature_sets=["model_specs"], leaf_degrees=[1, 3])
+    static.features_ = feature_list(["model_specs"])
+    full = IrenePlusPredictor(leaf_degrees=[1, 3])
+    full.features_ = feature_list(["model_specs", "resource_utilization"])
+    assert {d for _, d, _ in static._candidates()} == {1, 3}
+    assert {d for _, d, _ in full._candidates()} == {1}  # 14 features: no cubic terms
+    assert forest.num_trees == 6
+
+
+def test_one_training_model_takes_the_first_candidate(small_trees):
+    """With one model there is nothing to hold out: no cross-validation (no statistics of
+    empty folds), the first candidate, and NaN as its held-out error."""
+    import warnings
+
+    one = build_forest([t for t in small_trees if t["model_name"] == "gpt2"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        model = IrenePlusPredictor(feature_sets=["model_specs"], **CANDIDATES_TWO).fit(one)
+    assert all(np.isnan(v) for v in model.leaf_cv_error_pct_.values())
+    first = model._candidates()[0]
+    assert all((m.space, m.degree, m.alpha) == first for m in model.leaf_models_.values())
+    assert model.global_leaf_model_.alpha == min(CANDIDATES_TWO["leaf_alphas"])
+    assert model.global_leaf_model_.degree == 2 and model.global_leaf_model_.space == "log"
+
+
+def test_explain_and_parameters_tables(small_trees):
+    forest = build_forest(small_trees[:2])
+    model = IrenePlusPredictor(feature_sets=["model_specs"], leaf_degrees=[1],
+                               leaf_alphas=[1e-4]).fit(forest)
+    parts = model.explain(forest)
+    assert parts["weight_in_parent"].dtype == np.float64
+    roots = forest.parent < 0
+    assert parts["weight_in_parent"][roots].isna().all() and parts["weight_in_parent"][~roots].notna().all()
+    table = model.parameters()
+    assert table.index.name == "parameter" and list(table.columns) == ["value"]
+
+
+# ------------------------------------------------------------------------------ leaves
+def test_ridge_shrinks_the_coefficients_but_not_the_intercept():
+    rng = np.random.default_rng(5)
+    x = rng.uniform(1.0, 100.0, size=(60, 2))
+    y = np.exp(0.7 * np.log1p(x[:, 0]) - 0.3 * np.log1p(x[:, 1]) + 1.0)
+    norms = [np.linalg.norm(LogPolyRegressor.fit(x, y, degree=1, alpha=a).coef_[1:])
+             for a in (0.0, 0.1, 10.0)]
+    assert norms[0] > norms[1] > norms[2] > 0
+    flat = LogPolyRegressor.fit(x, y, degree=1, alpha=1e9)
+    assert flat.coef_[0] == pytest.approx(np.log(y).mean(), rel=1e-6)  # intercept kept
+
+
+def test_a_saved_regressor_without_a_space_is_log_space():
+    x = np.array([[1.0], [10.0], [100.0]])
+    model = LogPolyRegressor.fit(x, np.array([1.0, 2.0, 4.0]), degree=1, alpha=0.0)
+    state = model.to_dict()
+    state.pop("space")  # written before the linear space existed
+    np.testing.assert_array_equal(LogPolyRegressor.from_dict(state).predict(x), model.predict(x))
+
+
+# ------------------------------------------------------------------------- static input
+def test_traced_shapes_must_be_positive():
+    from irene.predictors.static import trace_static
+
+    for shape in [(0, 8), (2, 0), (-1, -1)]:
+        with pytest.raises(SettingsError) as error:
+            trace_static("tiny/bert", [shape])
+        assert str(error.value) == f"batch_size and seq_len must be positive, got {shape}"
+
+
+def test_zero_is_not_a_negative_energy():
+    from irene.predictors.static import NEGATIVE_FIELD, mark_predictions
+    from tests.conftest import make_tree
+
+    trees = [make_tree()]
+    forest = build_forest(trees)
+    filled = mark_predictions(trees, forest, np.array([1.0, 0.0, -0.5, 0.5, 0.25]),
+                              np.zeros(5, dtype=bool))
+    marked = [NEGATIVE_FIELD in node for node in _nodes(filled[0])]
+    assert marked == [False, False, True, False, False]
+
+
+def _nodes(tree):
+    from irene.data.tree import iter_nodes
+
+    return list(iter_nodes(tree["frontend_tree"]))
+
+
+CANDIDATES_TWO = {"leaf_degrees": [1, 2], "leaf_alphas": [1e-2, 1e-1]}  # not the 1e-3 default
