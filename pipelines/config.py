@@ -21,6 +21,7 @@ from typing import Any  # noqa: UP035 - OmegaConf needs typing.Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from irene.data.forest import ALL_FEATURE_SETS
 from irene.errors import SettingsError
 from irene.measure.settings import MeterSettings, ProtocolSettings
 
@@ -40,7 +41,7 @@ class DataConfig:
 @dataclass
 class FeaturesConfig:
     name: str = "both"  # option name, logged as a param
-    sets: list[str] = field(default_factory=lambda: ["model_specs", "resource_utilization"])
+    sets: list[str] = field(default_factory=lambda: list(ALL_FEATURE_SETS))
 
 
 @dataclass
@@ -233,7 +234,7 @@ def _settings_checks() -> dict[str, Any]:
         "stage": OneOf(STAGES),
         "data.name": device_name,
         "data.models": model_list,
-        "features.sets": Each(OneOf(("model_specs", "resource_utilization"))),
+        "features.sets": Each(OneOf(ALL_FEATURE_SETS)),
         "strategy.name": OneOf(STRATEGIES),
         "weighting.name": OneOf((*WEIGHTINGS, "paper")),
         "tracking.experiment": lambda v: None if isinstance(v, str) and v.strip() else

@@ -27,6 +27,8 @@ FEATURE_SETS = {
     ),
 }
 ALWAYS_FEATURES = ("num_parameters", "input_size")
+# Every feature set, in the order their features are concatenated (the paper's "both").
+ALL_FEATURE_SETS = tuple(FEATURE_SETS)
 
 
 def feature_list(feature_sets: Sequence[str]) -> list[str]:
@@ -40,7 +42,7 @@ def feature_list(feature_sets: Sequence[str]) -> list[str]:
         raise SettingsError(f"features.sets={list(feature_sets)!r}: unknown feature sets {unknown}; "
                             f"choose a non-empty list from {sorted(FEATURE_SETS)}")
     names = list(ALWAYS_FEATURES)
-    for name in ("model_specs", "resource_utilization"):  # fixed order, whatever was given
+    for name in ALL_FEATURE_SETS:  # fixed order, whatever was given
         if name in feature_sets:
             names.extend(FEATURE_SETS[name])
     return names

@@ -174,11 +174,6 @@ class Predictor(BaseEstimator):
         if not any(k.endswith("_") and not k.startswith("_") for k in vars(self)):
             raise NotFittedError(f"this {type(self).__name__} is not fitted yet: call fit() or load()")
 
-    @property
-    def features(self) -> list[str]:
-        """The feature names the predictor reads (after fitting: the ones it was fit on)."""
-        return list(getattr(self, "features_", None) or feature_list(list(self.feature_sets)))
-
     # ------------------------------------------------------------- persistence
     def _get_state(self) -> dict[str, Any]:  # pragma: no cover - abstract
         """The learned state as JSON-able values."""

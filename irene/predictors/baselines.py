@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from irene.data.forest import Forest, compose, feature_list
+from irene.data.forest import ALL_FEATURE_SETS, Forest, compose, feature_list
 from irene.data.tree import NODE_TYPES
 from irene.errors import InputError
 from irene.predictors.base import OneOf, Predictor, Range, require_features
@@ -30,8 +30,6 @@ from irene.predictors.leaves import (
     predict_leaves,
     relative_lstsq,
 )
-
-ALL_FEATURE_SETS = ("model_specs", "resource_utilization")
 
 
 def _no_fallback(forest: Forest, pred: np.ndarray, return_fallback: bool):
@@ -81,10 +79,6 @@ class PhysicsPredictor(Predictor):
         else:
             coef = np.broadcast_to(self.coef_["all"], x.shape)
         return _no_fallback(forest, np.sum(x * coef, axis=1), return_fallback)
-
-    @property
-    def features(self) -> list[str]:
-        return list(self.inputs)
 
     def _get_state(self) -> dict:
         return {"coef": self.coef_, "inputs": list(self.inputs)}

@@ -38,7 +38,7 @@ import torch
 from sklearn.base import clone
 from tqdm.auto import tqdm
 
-from irene.data.forest import Forest, compose, feature_list
+from irene.data.forest import ALL_FEATURE_SETS, Forest, compose, feature_list
 from irene.errors import SettingsError
 from irene.predictors.base import Each, OneOf, Predictor, Range
 from irene.predictors.leaves import (
@@ -123,10 +123,10 @@ class IreneModel(Predictor):
         "lr": Range(float, 0, 1.0, low_open=True),
         "seed": Range(int, 0, 2**32 - 1),
         "engine": OneOf(("numpy", "torch")),
-        "feature_sets": Each(OneOf(("model_specs", "resource_utilization"))),
+        "feature_sets": Each(OneOf(ALL_FEATURE_SETS)),
     }
 
-    def __init__(self, feature_sets: list[str] = ("model_specs", "resource_utilization"),
+    def __init__(self, feature_sets: list[str] = ALL_FEATURE_SETS,
                  training_strategy: str = "end2end", weighting: str = "close_to_one",
                  standardize_features: bool = True, polynomial_degree: int = 3,
                  tanh_scalar: float = 10.0, normalize_loss_scale: bool = True, epochs: int = 8,

@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from irene.data.forest import Forest, children_sum, compose, feature_list
+from irene.data.forest import ALL_FEATURE_SETS, Forest, children_sum, compose, feature_list
 from irene.data.tree import NODE_TYPES
 from irene.errors import InputError
 from irene.predictors.base import Each, OneOf, Predictor, Range
@@ -76,7 +76,7 @@ class IrenePlusPredictor(Predictor):
         "refit_iterations": Range(int, 0, 100),
     }
 
-    def __init__(self, feature_sets: list[str] = ("model_specs", "resource_utilization"),
+    def __init__(self, feature_sets: list[str] = ALL_FEATURE_SETS,
                  leaf_degrees: list[int] = (1,), leaf_alphas: list[float] = (1e-6, 1e-4, 1e-2),
                  leaf_spaces: list[str] = ("log", "linear"), inner_ridge: float = 1e-3,
                  nonnegative: bool = True, refit_iterations: int = 2, fallback: bool = True,
