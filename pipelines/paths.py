@@ -57,11 +57,9 @@ def setup(cfg: DictConfig) -> None:
     if not threads and _parallel_launcher():
         threads = 1  # jobs already run side by side: one thread each
     if threads:
-        import torch
-        from threadpoolctl import threadpool_limits
+        from irene.threads import limit_threads
 
-        torch.set_num_threads(threads)
-        threadpool_limits(threads)
+        limit_threads(threads)
 
 
 def _parallel_launcher() -> bool:

@@ -42,6 +42,26 @@ def test_leaf_regressor_recovers_a_linear_law():
     np.testing.assert_array_equal(again.predict(x), reg.predict(x))
 
 
+@pytest.mark.parametrize(("n", "k", "weighted"), [(60, 3, False), (60, 3, True), (200, 6, True),
+                                                (5, 8, False), (1, 2, False)])
+def test_leaf_regressor_equals_sklearn_linear_regression(n, k, weighted):
+    from sklearn.linear_model import LinearRegression
+
+    rng = np.random.default_rng(n + k)
+    x = rng.lognormal(size=(n, k))
+    if k > 3:
+        x[:, 2] = 2 * x[:, 1]  # rank-deficient: the 1e-6 singular-value cut-off matters
+    x[:, 0] = 3.0  # a constant column
+    y = rng.lognormal(size=n)
+    weight = 1 / y**2 if weighted else None
+    ours = LinearLeafRegressor.fit(x, y, sample_weight=weight)
+    z = Standardizer.fit(x).transform(x)
+    reference = LinearRegression().fit(z, y, sample_weight=weight)
+    np.testing.assert_allclose(ours.coef_, reference.coef_, rtol=1e-9, atol=1e-12)
+    assert ours.intercept_ == pytest.approx(reference.intercept_, rel=1e-9, abs=1e-12)
+    np.testing.assert_allclose(ours.predict(x), reference.predict(z), rtol=1e-9)
+
+
 def test_aggregate_weighted_sums_level_by_level():
     forest = build_forest([make_tree()])  # pre-order: root, block, linear, matmul, norm
     leaf = np.array([0.0, 0.0, 1.0, 0.5, 0.25])
@@ -66,24 +86,24 @@ def test_numpy_gradient_equals_autograd(small_trees, strategy, weighting):
     model.node_scaler_ = Standardizer.fit(x)
     xt = model._transform(x)
     torch.manual_seed(0)
-    from irene.predictors.irene import WeightingModel
+    from irene.predictors.irene_torch import WeightingModel, tree_loss
 
-    model.weighting_ = WeightingModel(xt.shape[1], weighting, 10.0).double()
+    module = WeightingModel(xt.shape[1], weighting, 10.0).double()
     with torch.no_grad():
-        model.weighting_.linear.weight.mul_(3.0)  # away from w ≈ 1 so every term matters
-    theta = np.append(model.weighting_.linear.weight.detach().numpy().ravel(),
-                      model.weighting_.linear.bias.detach().numpy())
+        module.linear.weight.mul_(3.0)  # away from w ≈ 1 so every term matters
+    theta = np.append(module.linear.weight.detach().numpy().ravel(),
+                      module.linear.bias.detach().numpy())
     gold = np.nan_to_num(forest.gold_j)
     tree = tree_indices(forest)[1]
     rows = slice(tree.start, tree.stop)
     loss, grad = tree_loss_and_grad(theta, xt[rows], leaf[rows], gold[rows], tree,
                                     strategy=strategy, weighting=weighting, tanh_scalar=10.0,
                                     normalize=True)
-    loss_t = model._tree_loss(tree, torch.from_numpy(xt[rows]), torch.from_numpy(leaf[rows]),
-                              torch.from_numpy(gold[rows]))
+    loss_t = tree_loss(module, strategy, True, tree, torch.from_numpy(xt[rows]),
+                       torch.from_numpy(leaf[rows]), torch.from_numpy(gold[rows]))
     loss_t.backward()
-    grad_t = np.append(model.weighting_.linear.weight.grad.numpy().ravel(),
-                       model.weighting_.linear.bias.grad.numpy())
+    grad_t = np.append(module.linear.weight.grad.numpy().ravel(),
+                       module.linear.bias.grad.numpy())
     assert loss == pytest.approx(loss_t.item(), rel=1e-9)
     np.testing.assert_allclose(grad, grad_t, rtol=1e-7, atol=1e-12)
     assert np.abs(grad).max() > 0

@@ -12,7 +12,7 @@ from irene.data.forest import ALL_FEATURES, build_forest, children_sum, compose,
 from irene.errors import SettingsError
 from irene.predictors.base import Each, OneOf, Range
 from irene.predictors.baselines import FlatPredictor
-from irene.predictors.irene import IreneModel, WeightingModel
+from irene.predictors.irene import IreneModel, LinearWeighting
 from irene.predictors.irene_plus import IrenePlusPredictor
 from irene.predictors.leaves import (
     LogPolyRegressor,
@@ -72,8 +72,8 @@ def test_history_is_the_mean_loss_per_tree_of_each_epoch(small_trees):
     xt = polynomial_expand(Standardizer.fit(x).transform(x), 3)
     import torch
 
-    torch.manual_seed(13370)
-    initial = WeightingModel(xt.shape[1], "close_to_one", 10.0).linear
+    torch.manual_seed(13370)  # the reference: torch's own initialisation
+    initial = torch.nn.Linear(xt.shape[1], 1)
     theta = np.concatenate([initial.weight.detach().numpy().ravel(),
                             initial.bias.detach().numpy()]).astype(np.float64)
     loss, _ = tree_loss_and_grad(theta, xt, leaf, np.nan_to_num(forest.gold_j), tree_indices(forest)[0],
@@ -96,12 +96,39 @@ def test_no_progress_bar_when_asked(small_trees, capfd):
     assert capfd.readouterr().err == ""
 
 
-def test_exact_one_weights_have_the_input_dtype():
-    x = np.ones((3, 2))
+def test_exact_one_weights_are_ones_whatever_the_parameters():
+    weighting = LinearWeighting(np.full(2, 5.0), 3.0, "exact_one", 10.0)
+    ones = weighting(np.ones((3, 2)))
+    assert ones.dtype == np.float64 and ones.tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7, 13370, 2**31, 2**32 - 1])
+@pytest.mark.parametrize("num_features", [1, 3, 16, 17, 84, 969])
+def test_initial_weighting_is_torchs_initialisation_bit_for_bit(seed, num_features):
     import torch
 
-    ones = WeightingModel(2, "exact_one", 10.0)(torch.from_numpy(x))
-    assert ones.dtype == torch.float64 and ones.tolist() == [1.0, 1.0, 1.0]
+    torch.manual_seed(seed)
+    reference = torch.nn.Linear(num_features, 1)
+    ours = LinearWeighting.initial(num_features, "close_to_one", 10.0, seed)
+    np.testing.assert_array_equal(ours.weight, reference.weight.detach().numpy().ravel())
+    assert ours.bias == reference.bias.detach().numpy()[0]
+
+
+def test_weights_are_torchs_float32_forward_pass(small_trees):
+    import torch
+
+    from irene.predictors.irene_torch import WeightingModel
+
+    x = np.random.default_rng(3).normal(size=(500, 84))
+    for weighting in ("close_to_one", "free"):
+        ours = LinearWeighting.initial(84, weighting, 10.0, 5)
+        ours = ours.with_theta(ours.theta * 40)  # far from w ≈ 1: tanh's curve matters
+        with torch.no_grad():
+            reference = WeightingModel.from_weighting(ours)(torch.from_numpy(x).float())
+        reference = reference.double().numpy()
+        # float32 sums in another order: equal to a few float32 roundings of the largest term
+        np.testing.assert_allclose(ours(x), reference, rtol=1e-5,
+                                   atol=1e-6 * np.abs(reference).max())
 
 
 # --------------------------------------------------------------------------- persistence
@@ -296,3 +323,36 @@ def _nodes(tree):
 
 
 CANDIDATES_TWO = {"leaf_degrees": [1, 2], "leaf_alphas": [1e-2, 1e-1]}  # not the 1e-3 default
+
+
+# ------------------------------------------------------------ scikit-learn's estimator API
+@pytest.mark.parametrize("cls", list(predictors.classes().values()), ids=lambda c: c.name)
+def test_get_set_params_and_clone_follow_scikit_learn(cls):
+    from sklearn.base import clone as sklearn_clone
+
+    from irene.predictors.base import clone
+
+    predictor = cls()
+    params = predictor.get_params()
+    assert set(params) == set(cls._param_names()) and params
+    name = sorted(params)[0]
+    for copy in (clone(predictor), sklearn_clone(predictor)):
+        assert type(copy) is cls and copy is not predictor
+        assert copy.get_params(deep=False).keys() == params.keys()
+        assert all(np.array_equal(copy.get_params()[k], v) if isinstance(v, np.ndarray)
+                   else copy.get_params()[k] == v for k, v in params.items())
+    with pytest.raises(ValueError, match=f"invalid parameter 'nonsense' for {cls.__name__}"):
+        predictor.set_params(nonsense=1)
+    assert predictor.set_params(**{name: params[name]}) is predictor
+
+
+def test_clone_copies_values_and_repr_names_what_differs_from_the_defaults():
+    from irene.predictors.base import clone
+
+    sets = ["model_specs"]
+    predictor = IreneModel(feature_sets=sets, epochs=3)
+    copy = clone(predictor)
+    assert copy.feature_sets == sets and copy.feature_sets is not sets  # a deep copy
+    assert not hasattr(copy, "weighting_")
+    assert repr(predictor) == "IreneModel(epochs=3, feature_sets=['model_specs'])"
+    assert repr(IreneModel()) == "IreneModel()"

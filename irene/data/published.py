@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from irene.data.architectures import MODEL_REGISTRY, model_class_name, parameter_counts
 from irene.data.tree import FEATURE_FIELDS, FIELD_BOUNDS, MAX_SHAPE, NodeType, Tree, value_problem
 from irene.errors import InputError, MissingInputError
 
@@ -324,8 +323,9 @@ def _make_node(row, scope: str, parent: str | None, instance_type: str, node_typ
 
 def _build_tree(model: str, batch_size: int, seq_len: int, rows: list[dict]) -> Tree:
     """One tree from all rows of one (model, batch_size, seq_len)."""
-    ids = (model, batch_size, seq_len)
+    from irene.data.architectures import model_class_name, parameter_counts  # torch, transformers
 
+    ids = (model, batch_size, seq_len)
     counts = parameter_counts(model)
     model_row = next(row for row in rows if row["src_level"] == "model")
     root = _make_node(model_row, "root", None, model_class_name(model), NodeType.MODEL, counts[""], ids)
@@ -405,6 +405,8 @@ def import_device(folder: str | Path, models: tuple[str, ...] | list[str] | None
     unknown = [m for m in wanted if m not in available]
     if unknown:
         raise DataFormatError(f"{folder}: models {unknown} not in the data; it has {available}")
+    from irene.data.architectures import MODEL_REGISTRY  # torch, transformers: only to import
+
     for model in wanted:
         if model not in MODEL_REGISTRY:  # num_parameters is computed from the architecture
             first = rows[rows["model_name"] == model].iloc[0]

@@ -7,14 +7,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from sklearn.base import clone
 from tqdm.auto import tqdm
 
 from irene.data.forest import Forest
 from irene.data.tree import ERROR_COLUMNS, NODE_TYPES
 from irene.errors import NonFiniteResultError, SettingsError
 from irene.evaluate.metrics import errors_by_node_type
-from irene.predictors.base import Predictor
+from irene.predictors.base import Predictor, clone
 
 
 @dataclass
@@ -34,7 +33,7 @@ def leave_one_model_out(forest: Forest, predictor: Predictor, *,
                         on_fold: Callable[[str, dict[str, float], object], None] | None = None,
                         ) -> CrossValidationResult:
     """Cross-validate ``predictor`` leaving one model out at a time, in the data's model
-    order; every fold fits a fresh ``sklearn.base.clone`` of it (``predictor`` stays unfitted).
+    order; every fold fits a fresh ``clone`` of it (``predictor`` stays unfitted).
 
     Raises:
         SettingsError: fewer than two models.
@@ -119,11 +118,9 @@ def _fit_fold(forest: Forest, predictor: Predictor, left_out: str, seeds: list[i
     """Errors and predictions of one left-out model, one pair per seed (one pair when
     ``seeds`` is empty: the predictor as it is)."""
     if threads:  # a worker process next to others: one thread each
-        import torch
-        from threadpoolctl import threadpool_limits
+        from irene.threads import limit_threads
 
-        torch.set_num_threads(threads)
-        threadpool_limits(threads)
+        limit_threads(threads)
     names = np.asarray(forest.model_names, dtype=object)
     train, test = forest.subset(names != left_out), forest.subset(names == left_out)
     fitted = predictor.fit_seeds(train, seeds) if seeds else [clone(predictor).fit(train)]

@@ -31,16 +31,15 @@ per depth level.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import numpy as np
-import torch
-from sklearn.base import clone
 from tqdm.auto import tqdm
 
 from irene.data.forest import ALL_FEATURE_SETS, Forest, compose, feature_list
 from irene.errors import SettingsError
-from irene.predictors.base import Each, OneOf, Predictor, Range
+from irene.predictors.base import Each, OneOf, Predictor, Range, clone
 from irene.predictors.leaves import (
     LinearLeafRegressor,
     Standardizer,
@@ -49,7 +48,7 @@ from irene.predictors.leaves import (
     polynomial_powers,
     predict_leaves,
 )
-from irene.predictors.treegrad import Adam, TreeIndex, tree_indices, tree_loss_and_grad
+from irene.predictors.treegrad import Adam, tree_indices, tree_loss_and_grad
 
 log = logging.getLogger(__name__)
 
@@ -67,22 +66,64 @@ def effective_weighting(weighting: str, training_strategy: str) -> str:
     return weighting
 
 
-class WeightingModel(torch.nn.Module):
-    """Weight of a node in its parent's sum, from the node's transformed features."""
+class LinearWeighting:
+    """Weight of a node in its parent's sum, from the node's transformed features x:
+    ``1`` (exact_one), ``1 + tanh(θ·x + b)/τ`` (close_to_one) or ``θ·x + b`` (free).
 
-    def __init__(self, num_features: int, weighting: str, tanh_scalar: float):
-        super().__init__()
-        self.linear = torch.nn.Linear(num_features, 1)
+    θ and b are float32 and the weights are computed in float32, as the reference's
+    ``torch.nn.Linear`` holds and applies them; training works on a float64 copy.
+    """
+
+    def __init__(self, weight: np.ndarray, bias: float, weighting: str, tanh_scalar: float):
+        self.weight = np.asarray(weight, dtype=np.float32).ravel()
+        self.bias = np.float32(bias)
         self.weighting = weighting
         self.tanh_scalar = tanh_scalar
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def initial(cls, num_features: int, weighting: str, tanh_scalar: float, seed: int
+                ) -> LinearWeighting:
+        """The initial parameters of ``torch.nn.Linear(num_features, 1)`` after
+        ``torch.manual_seed(seed)``, bit for bit, drawn without importing torch (tested).
+
+        torch draws the weight from U(-a, a) with a = √3·gain/√fan_in, gain = √(2/(1+5))
+        (``kaiming_uniform_(a=√5)``), then the bias from U(-1/√fan_in, 1/√fan_in); each
+        float32 draw takes the low 24 bits of one 32-bit output of the MT19937 generator
+        seeded with ``seed`` (the same generator and seeding as ``numpy.random.RandomState``).
+        """
+        stream = np.random.RandomState(seed)
+        gain = math.sqrt(2.0 / (1 + math.sqrt(5) ** 2))
+        weight_bound = math.sqrt(3.0) * gain / math.sqrt(num_features)
+        bias_bound = 1 / math.sqrt(num_features)
+        weight = _torch_uniform(stream, num_features, weight_bound)
+        bias = _torch_uniform(stream, 1, bias_bound)[0]
+        return cls(weight, bias, weighting, tanh_scalar)
+
+    @property
+    def theta(self) -> np.ndarray:
+        """θ then b, as float64 (what training updates)."""
+        return np.append(self.weight, self.bias).astype(np.float64)
+
+    def with_theta(self, theta: np.ndarray) -> LinearWeighting:
+        """A copy holding ``theta`` (rounded to float32, as torch's parameters would be)."""
+        return LinearWeighting(theta[:-1], theta[-1], self.weighting, self.tanh_scalar)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """The weight of every row of ``x`` (float64 array of float32 values)."""
         if self.weighting == "exact_one":
-            return torch.ones(x.shape[0], dtype=x.dtype)
-        z = self.linear(x).squeeze(-1)
+            return np.ones(len(x))
+        z = x.astype(np.float32) @ self.weight + self.bias
         if self.weighting == "close_to_one":
-            return 1.0 + torch.tanh(z) / self.tanh_scalar
-        return z
+            z = np.float32(1.0) + np.tanh(z) / np.float32(self.tanh_scalar)
+        return z.astype(np.float64)
+
+
+def _torch_uniform(stream: np.random.RandomState, size: int, bound: float) -> np.ndarray:
+    """``torch.empty(size).uniform_(-bound, bound)`` on the CPU generator ``stream``."""
+    raw = stream.randint(0, 2**32, size=size, dtype=np.uint64)
+    unit = (raw & ((1 << 24) - 1)).astype(np.float64) * 2.0**-24
+    low, high = np.float32(-bound), np.float32(bound)
+    return (unit * np.float64(high - low) + np.float64(low)).astype(np.float32)
 
 
 class IreneModel(Predictor):
@@ -105,11 +146,12 @@ class IreneModel(Predictor):
         normalize_loss_scale: divide each node's squared error by its measured energy².
         epochs: passes over the training trees, one tree per Adam step.
         lr: Adam's learning rate.
-        seed: torch seed of the weighting model's initialisation.
+        seed: seed of the weighting model's initialisation (the one ``torch.manual_seed``
+            would give, without importing torch).
         unseen_op: a primitive type never seen in training: ``error``, or a known primitive
             type whose regressor is used instead (the node is marked as a fallback).
-        engine: ``numpy`` (hand-written gradients in float64, fast) or ``torch`` (autograd
-            in float32, the reference's arithmetic).
+        engine: ``numpy`` (hand-written gradients in float64, fast; torch is not imported)
+            or ``torch`` (autograd in float32, the reference's arithmetic).
         show_progress: a progress bar over the epochs.
     """
 
@@ -203,9 +245,9 @@ class IreneModel(Predictor):
 
     def _fit_seeded(self, forest: Forest, xt: np.ndarray, leaf_pred: np.ndarray) -> None:
         """The weighting model: initial parameters drawn from ``seed``, then trained."""
-        torch.manual_seed(self.seed)
-        self.weighting_ = WeightingModel(xt.shape[1], self.weighting_name_, self.tanh_scalar)
-        self.history_ = self._train_weighting(forest, xt, leaf_pred)
+        initial = LinearWeighting.initial(xt.shape[1], self.weighting_name_, self.tanh_scalar,
+                                          self.seed)
+        self.weighting_, self.history_ = self._train_weighting(forest, xt, leaf_pred, initial)
 
     def _transform(self, x: np.ndarray) -> np.ndarray:
         if self.node_scaler_ is not None:
@@ -218,76 +260,38 @@ class IreneModel(Predictor):
         weighting = effective_weighting(self.weighting, self.training_strategy)
         return self.training_strategy != "none" and weighting != "exact_one" and self.epochs > 0
 
-    def _train_weighting(self, forest: Forest, x: np.ndarray, leaf_pred: np.ndarray
-                         ) -> list[float]:
-        """Adam over the trees, one tree per step; returns the mean loss of each epoch."""
+    def _train_weighting(self, forest: Forest, x: np.ndarray, leaf_pred: np.ndarray,
+                         initial: LinearWeighting) -> tuple[LinearWeighting, list[float]]:
+        """Adam over the trees, one tree per step, from ``initial``; returns the trained
+        weighting and the mean loss of each epoch."""
         if not self._trainable():
-            return []
+            return initial, []
         gold = np.nan_to_num(forest.gold_j, nan=0.0)
         trees = tree_indices(forest)
-        linear = self.weighting_.linear
-        if self.engine == "numpy":
-            # float32 initial parameters (torch's init), trained in float64
-            theta = np.concatenate([linear.weight.detach().numpy().ravel(),
-                                    linear.bias.detach().numpy()]).astype(np.float64)
-            optimizer = Adam(theta, lr=self.lr)
-        else:
-            xt, lt, gt = (torch.from_numpy(a).float() for a in (x, leaf_pred, gold))
-            optimizer = torch.optim.Adam(self.weighting_.parameters(), lr=self.lr)
-        history = []
         epochs = tqdm(range(self.epochs), desc="train weighting", unit="epoch",
                       disable=not self.show_progress, leave=False)
+        if self.engine == "torch":
+            from irene.predictors.irene_torch import train_with_autograd
+
+            return train_with_autograd(self, initial, trees, x, leaf_pred, gold, epochs)
+        theta = initial.theta  # float32 initial parameters (torch's init), trained in float64
+        optimizer = Adam(theta, lr=self.lr)
+        history = []
         for _ in epochs:
             total = 0.0
             for tree in trees:
                 if len(tree.inner) == 0:
                     continue
                 rows = slice(tree.start, tree.stop)
-                if self.engine == "numpy":
-                    loss, grad = tree_loss_and_grad(
-                        theta, x[rows], leaf_pred[rows], gold[rows], tree,
-                        strategy=self.training_strategy, weighting=self.weighting_name_,
-                        tanh_scalar=self.tanh_scalar, normalize=self.normalize_loss_scale)
-                    optimizer.step(grad)
-                else:
-                    loss_t = self._tree_loss(tree, xt[rows], lt[rows], gt[rows])
-                    optimizer.zero_grad(set_to_none=True)
-                    loss_t.backward()
-                    optimizer.step()
-                    loss = loss_t.item()
+                loss, grad = tree_loss_and_grad(
+                    theta, x[rows], leaf_pred[rows], gold[rows], tree,
+                    strategy=self.training_strategy, weighting=self.weighting_name_,
+                    tanh_scalar=self.tanh_scalar, normalize=self.normalize_loss_scale)
+                optimizer.step(grad)
                 total += loss
             history.append(total / max(len(trees), 1))
             epochs.set_postfix(loss=f"{history[-1]:.4g}")
-        if self.engine == "numpy":
-            with torch.no_grad():
-                linear.weight.copy_(torch.from_numpy(theta[:-1]).view_as(linear.weight))
-                linear.bias.copy_(torch.from_numpy(theta[-1:]))
-        return history
-
-    def _tree_loss(self, tree: TreeIndex, x: torch.Tensor, leaf_pred: torch.Tensor,
-                   gold: torch.Tensor) -> torch.Tensor:
-        """Autograd version of :func:`irene.predictors.treegrad.tree_loss_and_grad` (engine="torch")."""
-        strategy = self.training_strategy
-        inner = torch.from_numpy(tree.inner)
-        if strategy == "unstructured":
-            pred = self.weighting_(x[inner])
-        else:
-            weights = self.weighting_(x)
-            if strategy == "stepwise":
-                children, parents = (torch.from_numpy(a) for a in tree.edges)
-                pred = torch.zeros_like(gold).index_add(0, parents,
-                                                        weights[children] * gold[children])
-            else:
-                pred = torch.where(torch.from_numpy(tree.is_leaf), leaf_pred, 0.0)
-                for children, parents in tree.levels:
-                    children, parents = torch.from_numpy(children), torch.from_numpy(parents)
-                    pred = pred.index_add(0, parents, weights[children] * pred[children])
-            pred = pred[inner]
-        target = gold[inner]
-        error = (pred - target) ** 2
-        if self.normalize_loss_scale:
-            error = error / target**2
-        return error.sum()
+        return initial.with_theta(theta), history
 
     # --------------------------------------------------------------- prediction
     def _predict_leaves(self, forest: Forest, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -305,9 +309,7 @@ class IreneModel(Predictor):
         if self.training_strategy == "none":
             weights = np.ones(forest.num_nodes)
         else:
-            with torch.no_grad():
-                xt = torch.from_numpy(self._transform(x)).float()
-                weights = self.weighting_(xt).double().numpy()
+            weights = self.weighting_(self._transform(x))
         pred = compose(forest, np.where(forest.is_leaf, leaf_pred, 0.0), weights)
         if self.training_strategy == "unstructured":
             pred = np.where(forest.is_leaf, pred, weights)
@@ -315,13 +317,12 @@ class IreneModel(Predictor):
 
     # ------------------------------------------------------------- persistence
     def _get_state(self) -> dict:
-        linear = self.weighting_.linear
         return {
             "weighting": self.weighting_name_, "features": self.features_,
             "leaf_regressors": {op: m.to_dict() for op, m in self.leaf_models_.items()},
             "standardizer": None if self.node_scaler_ is None else self.node_scaler_.to_dict(),
-            "weighting_weight": linear.weight.detach().numpy().ravel().tolist(),
-            "weighting_bias": float(linear.bias.detach().numpy()[0]),
+            "weighting_weight": self.weighting_.weight.tolist(),
+            "weighting_bias": float(self.weighting_.bias),
             "history": self.history_,
         }
 
@@ -333,8 +334,7 @@ class IreneModel(Predictor):
         self.node_scaler_ = (None if state["standardizer"] is None
                              else Standardizer.from_dict(state["standardizer"]))
         self.history_ = list(state["history"])
-        weight = torch.tensor(state["weighting_weight"], dtype=torch.float32)
-        self.weighting_ = WeightingModel(len(weight), self.weighting_name_, self.tanh_scalar)
-        with torch.no_grad():  # float32 values written as float64: the round trip is exact
-            self.weighting_.linear.weight.copy_(weight.view(1, -1))
-            self.weighting_.linear.bias.fill_(state["weighting_bias"])
+        # float32 values written as float64: the round trip is exact
+        self.weighting_ = LinearWeighting(np.asarray(state["weighting_weight"], dtype=np.float64),
+                                          float(state["weighting_bias"]), self.weighting_name_,
+                                          self.tanh_scalar)

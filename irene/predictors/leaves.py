@@ -66,6 +66,9 @@ def polynomial_expand(x: np.ndarray, degree: int) -> np.ndarray:
     return out
 
 
+LSTSQ_RCOND = 1e-6  # scikit-learn's LinearRegression(tol=1e-6), the cut-off of its lstsq
+
+
 @dataclass
 class LinearLeafRegressor:
     """Standardize, then ordinary least squares: the paper's per-primitive leaf model."""
@@ -77,12 +80,25 @@ class LinearLeafRegressor:
     @classmethod
     def fit(cls, x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None
             ) -> LinearLeafRegressor:
-        from sklearn.linear_model import LinearRegression
-
+        """Least squares with an intercept, as ``sklearn.linear_model.LinearRegression``
+        computes it (centre by the weighted means, scale rows by √weight, SVD least squares
+        with singular values below 1e-6 of the largest dropped); equal to it to rounding,
+        without importing scikit-learn (tested)."""
         scaler = Standardizer.fit(x)
-        reg = LinearRegression().fit(scaler.transform(x), y, sample_weight=sample_weight)
-        return cls(scaler=scaler, coef_=np.asarray(reg.coef_, dtype=np.float64),
-                   intercept_=float(reg.intercept_))
+        z = scaler.transform(x)
+        y = np.asarray(y, dtype=np.float64)
+        if sample_weight is None:
+            z_offset, y_offset = z.mean(axis=0), y.mean()
+        else:
+            weight = np.asarray(sample_weight, dtype=np.float64)
+            z_offset = np.average(z, axis=0, weights=weight)
+            y_offset = np.average(y, weights=weight)
+        zc, yc = z - z_offset, y - y_offset
+        if sample_weight is not None:
+            root = np.sqrt(weight)
+            zc, yc = zc * root[:, None], yc * root
+        coef = np.linalg.lstsq(zc, yc, rcond=LSTSQ_RCOND)[0]
+        return cls(scaler=scaler, coef_=coef, intercept_=float(y_offset - z_offset @ coef))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return self.scaler.transform(x) @ self.coef_ + self.intercept_
