@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
-from sklearn.base import clone
 
-from irene.data.forest import build_forest, fill_predictions
+from irene.data.forest import fill_predictions
 from irene.data.io import atomic_write_text
 from irene.data.tree import ERROR_COLUMNS, write_trees
 from irene.evaluate.crossval import (
@@ -26,10 +25,10 @@ from irene.evaluate.crossval import (
     leave_one_model_out,
     seeded_leave_one_model_out,
 )
-from irene.predictors.base import NotApplicableError
+from irene.predictors.base import NotApplicableError, clone
 from irene.tables import fold_spread, to_markdown, write_table
 from pipelines.config import build_predictor, run_params, seed_list, seeds_request
-from pipelines.data import load_trees
+from pipelines.data import load_forest
 from pipelines.paths import log, run_dir, setup
 from pipelines.tracking import finished_run, log_artifact, log_metrics, log_params, set_tag, tracked_run
 
@@ -101,8 +100,8 @@ def run(cfg: DictConfig) -> CrossValidationReport:
         if seeds is not None and predictor.uses_seed():
             for seed in seeds:
                 clone(predictor).set_params(seed=seed).validate_params()
-        trees, source = load_trees(cfg)
-        forest = build_forest(trees)
+        data = load_forest(cfg)
+        forest = data.forest
         models = list(dict.fromkeys(forest.model_names))
         log.info("leave-one-model-out over %d models, %d trees, %d nodes", len(models),
                  forest.num_trees, forest.num_nodes)
@@ -136,8 +135,8 @@ def run(cfg: DictConfig) -> CrossValidationReport:
         predictions = None
         if cfg.save_predictions:
             predictions = write_trees(out / "predictions.jsonl",
-                                      fill_predictions(trees, forest, result.predicted_j),
-                                      protect=[source])
+                                      fill_predictions(data.trees(), forest, result.predicted_j),
+                                      protect=[data.source])
             log_artifact(predictions, "predictions")
     print("Percentage error - leave-one-model-out cross-validation")
     print(to_markdown(fold_spread(table)))

@@ -6,8 +6,10 @@ its children), so a per-tree view is a slice and aggregation runs one depth leve
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -174,6 +176,38 @@ def build_forest(trees: Sequence[Tree]) -> Forest:
         batch_sizes=np.asarray([int(tree["batch_size"]) for tree in trees]),
         seq_lens=np.asarray([int(tree["seq_len"]) for tree in trees]),
     )
+
+
+_TEXT_ARRAYS = ("op_type", "instance_type")  # object arrays of str
+_TEXT_LISTS = ("ids", "model_names")  # lists of str
+
+
+def save_forest(forest: Forest, path: str | Path) -> Path:
+    """Write the forest's arrays to one ``.npz`` file (no pickles), atomically."""
+    from irene.data.io import atomic_write_bytes
+
+    arrays = {}
+    for name in Forest.__dataclass_fields__:
+        value = getattr(forest, name)
+        arrays[name] = (np.asarray(value, dtype=str) if name in _TEXT_ARRAYS + _TEXT_LISTS
+                        else value)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_forest(path: str | Path) -> Forest:
+    """The forest :func:`save_forest` wrote, equal to the one it was given (types included)."""
+    with np.load(path, allow_pickle=False) as data:
+        fields = {}
+        for name in Forest.__dataclass_fields__:
+            value = data[name]
+            if name in _TEXT_ARRAYS:
+                value = value.astype(object)
+            elif name in _TEXT_LISTS:
+                value = value.tolist()
+            fields[name] = value
+    return Forest(**fields)
 
 
 def children_sum(forest: Forest, values: np.ndarray) -> np.ndarray:

@@ -26,6 +26,13 @@ def atomic_write_text(path: str | Path, text: str, *, protect: Iterable[str | Pa
     Raises:
         SettingsError: if ``path`` is one of the ``protect`` files (a ``ValueError``).
     """
+    return atomic_write_bytes(path, text.encode("utf-8"), protect=protect)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, *, protect: Iterable[str | Path] = ()
+                       ) -> Path:
+    """:func:`atomic_write_text` for bytes. The file gets the permissions a plain ``open``
+    would give it (0666 less the umask), not the temporary file's 0600."""
     path = Path(path)
     for other in protect:
         if Path(other).exists() and path.exists() and path.resolve() == Path(other).resolve():
@@ -33,15 +40,22 @@ def atomic_write_text(path: str | Path, text: str, *, protect: Iterable[str | Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path: str | Path, obj: Any, **kwargs: Any) -> Path:

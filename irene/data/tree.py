@@ -204,8 +204,10 @@ def validate_tree(
             fail("predicted_energy", f"must be a finite number, got {predicted!r}", node)
 
 
-def read_trees(path: str | Path, *, require_energy: bool = False) -> list[Tree]:
-    """Read and validate a trees jsonl file.
+def read_trees(path: str | Path, *, require_energy: bool = False, validate: bool = True
+               ) -> list[Tree]:
+    """Read and validate a trees jsonl file (``validate=False``: parse only, for bytes known
+    to have passed validation before, such as a checked cache).
 
     Raises:
         MissingInputError: the file does not exist (a ``FileNotFoundError``).
@@ -238,6 +240,9 @@ def read_trees(path: str | Path, *, require_energy: bool = False) -> list[Tree]:
                 ) from None
             except RecursionError:
                 raise TreeFormatError(f"{where}: JSON nested too deeply") from None
+            if not validate:
+                trees.append(tree)
+                continue
             key = _shape_key(tree)
             if key is not None and key in first_line:
                 raise TreeFormatError(f"{where}: field 'model_name': a second tree for {key} "
