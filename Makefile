@@ -33,6 +33,7 @@ lint: setup
 	$(VENV)/bin/ruff check irene pipelines tests scripts run.py
 
 benchmark: setup
+	$(PY) scripts/benchmark_main_job.py --repeats 5
 	$(PY) scripts/benchmark_crossvalidation.py --repeats 5
 	$(PY) scripts/benchmark_sweeps.py --repeats 2
 

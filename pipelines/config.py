@@ -60,6 +60,9 @@ class TrackingConfig:
     uri: str | None = None  # default: sqlite:///<outputs>/mlflow.db ($MLFLOW_TRACKING_URI wins)
     experiment: str = "irene"  # MLflow experiment name
     artifact_root: str | None = None  # default: <outputs>/mlartifacts
+    # log from a second process while the stage computes (single runs that have not imported
+    # MLflow yet; see pipelines.tracking): false logs from the stage's own process
+    background: bool = True
 
 
 @dataclass
@@ -137,7 +140,7 @@ class Config:
     cv_jobs: int = 1  # crossvalidate with seeds: folds fitted in parallel processes (-1: all cores)
     report: dict[str, Any] = field(default_factory=dict)  # report: table layout (see report.py)
     run_dir: str | None = None  # where the stage writes (default: Hydra's run folder)
-    threads: int = 0  # torch threads (0: leave torch's default)
+    threads: int = 0  # threads of numpy's BLAS and torch (0: the libraries' defaults)
     show_progress: bool = True  # progress bars
 
 

@@ -23,7 +23,7 @@ from irene.measure.settings import MeterSettings, ProtocolSettings
 from irene.measure.store import has_record
 from irene.measure.summary import summarize, summary_line, summary_metrics
 from pipelines.config import MeasureConfig
-from pipelines.tracking import log_metrics, tracked_run
+from pipelines.tracking import log_artifact, log_metrics, tracked_run
 
 log = logging.getLogger(__name__)
 
@@ -114,17 +114,8 @@ def run(cfg: DictConfig) -> Path:
                 print(line)
                 log_metrics(summary_metrics(summary))
             if settings.track:
-                _log_artifact(output)
+                log_artifact(output)
     finally:
         meter.close()
     print(f"trees: {output}")
     return output
-
-
-def _log_artifact(path: Path) -> None:
-    try:
-        import mlflow
-    except ImportError:
-        return
-    if mlflow.active_run() is not None:
-        mlflow.log_artifact(str(path))

@@ -100,7 +100,8 @@ def run(cfg: DictConfig) -> Path:
     out = Path(cfg.output) if cfg.output else folder / "predictions.jsonl"
     params = {"model_dir": str(cfg.model_dir), "model_run": str(cfg.get("model_run")),
               "model": str(cfg.get("model")), "unseen_op": unseen_policy(cfg) or ""}
-    with tracked_run(cfg, "predict", params):
+    # packaging logs an MLflow model inside the run: the run must be this process's
+    with tracked_run(cfg, "predict", params, background=not cfg.get("package")):
         predictor, model_dir = load_predictor(cfg, folder / "downloaded")
         policy, model_uri = unseen_policy(cfg), None
         if cfg.get("package"):

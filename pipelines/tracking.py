@@ -12,6 +12,14 @@ Faults are part of the contract:
 * every run is tagged with its process (``irene.host``, ``irene.pid``, ``irene.pid_start``), so
   a run left RUNNING by a process that died without a word (SIGKILL, power loss) is closed as
   KILLED by the next run on that store started on the same host (see :func:`close_stale_runs`).
+
+Where the logging happens: importing MLflow and its sqlite store takes about 4 s, longer than
+a cross-validation computes. So a single run whose process has not imported MLflow yet hands
+its tracking to a second process (:mod:`pipelines.tracking_worker`) that imports MLflow while
+the stage computes, and performs every call in order; the stage waits for it at its end and
+fails with one line if any call failed (``tracking.background=false``: log from the stage's own
+process). Sweeps' jobs, and processes that already use MLflow, log from their own process.
+If the stage's process dies without a word, the worker ends its runs KILLED.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +39,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from irene.errors import UserError, one_line
 from pipelines.paths import log, outputs_dir
 
 HOST_TAG, PID_TAG, PID_START_TAG = "irene.host", "irene.pid", "irene.pid_start"
@@ -137,22 +147,30 @@ def open_store(uri: str, *, attempts: int = 5) -> None:
 def ensure_experiment(cfg: DictConfig) -> str:
     """Point MLflow at the store and return the experiment id (created once); runs left
     RUNNING there by dead processes of this host are closed first."""
-    open_store(tracking_uri(cfg))
-    experiment_id = _experiment_id(cfg)
+    return open_experiment(tracking_uri(cfg), cfg.tracking.experiment, artifact_root(cfg))
+
+
+def artifact_root(cfg: DictConfig) -> str:
+    """Where the experiment's artifacts go: ``tracking.artifact_root``, else ``<outputs>/mlartifacts``."""
+    return str(cfg.tracking.get("artifact_root") or (outputs_dir() / "mlartifacts").as_uri())
+
+
+def open_experiment(uri: str, name: str, root: str) -> str:
+    """:func:`ensure_experiment` from plain values (what the tracking worker gets)."""
+    open_store(uri)
+    experiment_id = _experiment_id(name, root)
     close_stale_runs(experiment_id)
     return experiment_id
 
 
-def _experiment_id(cfg: DictConfig) -> str:
+def _experiment_id(name: str, root: str) -> str:
     import mlflow
 
-    name = cfg.tracking.experiment
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    root = cfg.tracking.get("artifact_root") or (outputs_dir() / "mlartifacts").as_uri()
     try:
-        return mlflow.create_experiment(name, artifact_location=f"{str(root).rstrip('/')}/{name}",
+        return mlflow.create_experiment(name, artifact_location=f"{root.rstrip('/')}/{name}",
                                         tags=EXPERIMENT_TAGS)
     except Exception:  # another job created it first
         experiment = mlflow.get_experiment_by_name(name)
@@ -243,42 +261,245 @@ def _flat_params(params: dict[str, Any]) -> dict[str, str]:
     return {k: json.dumps(v) if isinstance(v, list | dict) else str(v) for k, v in params.items()}
 
 
+class TrackingError(UserError):
+    """An MLflow call of the tracking worker failed (e.g. an unreachable store)."""
+
+
+class InProcessTracker:
+    """MLflow's fluent API in this process: the runs of one stage, nested in order. The
+    tracking worker drives one of these with the calls it receives."""
+
+    def __init__(self, uri: str, experiment: str, root: str):
+        self.experiment_id = open_experiment(uri, experiment, root)
+        self.depth = 0
+        self.run_ids: list[str] = []  # of every run started, in order
+
+    @property
+    def num_started(self) -> int:
+        return len(self.run_ids)
+
+    def start(self, name: str, tags: dict[str, str], nested: bool, params: dict[str, str],
+              config_yaml: str | None) -> None:
+        import mlflow
+
+        run = mlflow.start_run(experiment_id=self.experiment_id, run_name=name, nested=nested,
+                               tags=tags)
+        self.run_ids.append(run.info.run_id)
+        try:
+            if params:
+                mlflow.log_params(params)
+            if config_yaml is not None:
+                mlflow.log_text(config_yaml, "config.yaml")
+        except BaseException:
+            mlflow.end_run("FAILED")
+            raise
+        self.depth += 1
+
+    def end(self, status: str) -> None:
+        import mlflow
+
+        self.depth -= 1
+        mlflow.end_run(status)
+
+    def log_params(self, params: dict[str, str]) -> None:
+        import mlflow
+
+        mlflow.log_params(params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None) -> None:
+        import mlflow
+
+        mlflow.log_metrics(metrics, step=step)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        import mlflow
+
+        mlflow.set_tags(tags)
+
+    def log_artifact(self, path: str, artifact_path: str | None) -> None:
+        import mlflow
+
+        if Path(path).is_dir():
+            mlflow.log_artifacts(path, artifact_path or Path(path).name)
+        else:
+            mlflow.log_artifact(path, artifact_path)
+
+    def started(self, index: int) -> str:
+        """The id of the ``index``-th run started."""
+        return self.run_ids[index]
+
+    def close(self) -> None:
+        pass
+
+
+class BackgroundTracker:
+    """The same calls as :class:`InProcessTracker`, sent in order to a tracking worker
+    process (:mod:`pipelines.tracking_worker`); only :meth:`run_id` and :meth:`close` wait."""
+
+    def __init__(self, uri: str, experiment: str, root: str):
+        from pipelines.tracking_worker import spawn, take_prestarted
+
+        self.uri = uri
+        self.process = take_prestarted() or spawn()
+        self.depth = 0
+        self.run_ids: list[str] | None = None  # known once the worker is closed
+        self.num_started = 0
+        self._send("open", uri=uri, experiment=experiment, root=root, argv=sys.argv)
+
+    def _send(self, op: str, **fields: Any) -> None:
+        try:
+            self.process.stdin.write(json.dumps({"op": op, **fields}) + "\n")
+            self.process.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            raise TrackingError(f"the MLflow tracking worker (pid {self.process.pid}) is gone "
+                                f"(exit code {self.process.poll()}); see its messages above") from None
+
+    def _ask(self, op: str) -> dict[str, Any]:
+        self._send(op)
+        line = self.process.stdout.readline()
+        if not line:
+            raise TrackingError(f"the MLflow tracking worker (pid {self.process.pid}) ended "
+                                f"without an answer (exit code {self.process.wait()}); see its "
+                                "messages above")
+        return json.loads(line)
+
+    def start(self, name: str, tags: dict[str, str], nested: bool, params: dict[str, str],
+              config_yaml: str | None) -> None:
+        self.depth += 1
+        self.num_started += 1
+        self._send("start", name=name, tags=tags, nested=nested, params=params,
+                   config_yaml=config_yaml)
+
+    def end(self, status: str) -> None:
+        self.depth -= 1
+        self._send("end", status=status)
+
+    def log_params(self, params: dict[str, str]) -> None:
+        self._send("log_params", params=params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None) -> None:
+        self._send("log_metrics", metrics=metrics, step=step)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._send("set_tags", tags=tags)
+
+    def log_artifact(self, path: str, artifact_path: str | None) -> None:
+        self._send("log_artifact", path=str(Path(path).absolute()), artifact_path=artifact_path)
+
+    def started(self, index: int) -> str:
+        """The id of the ``index``-th run started (asks the worker while it runs)."""
+        if self.run_ids is None:
+            return self._ask("run_ids")["run_ids"][index]
+        return self.run_ids[index]
+
+    def close(self) -> None:
+        """Wait until every call is done; a failed one raises :class:`TrackingError`."""
+        reply = self._ask("close")
+        self.process.stdin.close()
+        self.process.wait()
+        self.run_ids = reply["run_ids"]
+        if reply["errors"]:
+            raise TrackingError(f"MLflow tracking to {self.uri} failed: {reply['errors'][0]}")
+
+
+_TRACKER: InProcessTracker | BackgroundTracker | None = None  # the stage's, while it runs
+
+
+def _multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return str(HydraConfig.get().mode) == "RunMode.MULTIRUN"
+    except (ValueError, ImportError):
+        return False
+
+
+def _new_tracker(cfg: DictConfig, background: bool) -> InProcessTracker | BackgroundTracker:
+    """A worker process when it saves time (see the module docstring), else this process."""
+    from pipelines.tracking_worker import dismiss_prestarted
+
+    target = (tracking_uri(cfg), cfg.tracking.experiment, artifact_root(cfg))
+    if (background and cfg.tracking.get("background", True) and "mlflow" not in sys.modules
+            and not _multirun()):
+        return BackgroundTracker(*target)
+    dismiss_prestarted()
+    return InProcessTracker(*target)
+
+
+class RunHandle:
+    """What a stage gets from :func:`tracked_run`: ``run.info.run_id``, during the run or
+    after it (with a tracking worker, asking for it while the run is open waits for MLflow)."""
+
+    def __init__(self, tracker: InProcessTracker | BackgroundTracker, index: int):
+        self._tracker = tracker
+        self._index = index  # the how-manieth run this tracker started
+
+    @property
+    def info(self) -> RunHandle:
+        return self
+
+    @property
+    def run_id(self) -> str:
+        return self._tracker.started(self._index)
+
+
 @contextlib.contextmanager
 def tracked_run(cfg: DictConfig, stage: str, params: dict[str, Any] | None = None, *,
                 name: str | None = None, nested: bool = False,
-                tags: dict[str, str] | None = None) -> Iterator[Any]:
+                tags: dict[str, str] | None = None, background: bool = True
+                ) -> Iterator[RunHandle | None]:
     """An MLflow run around a stage (or ``None`` when tracking is off).
 
     The resolved config is logged as ``config.yaml``. An exception inside ends the run as
-    FAILED (MLflow's context manager does so) and propagates; SIGTERM or Ctrl-C inside ends
-    it KILLED; the store stays usable.
+    FAILED and propagates; SIGTERM or Ctrl-C inside ends it KILLED; the store stays usable.
+    ``background=False``: the stage itself uses MLflow inside the run (e.g. logs a model),
+    so the run is this process's.
     """
+    global _TRACKER
     if not cfg.tracking.enabled:
         yield None
         return
-    import mlflow
-
-    experiment_id = ensure_experiment(cfg)
+    owner = _TRACKER is None
+    if owner:
+        _TRACKER = _new_tracker(cfg, background)
+    tracker = _TRACKER
     all_tags = {"stage": stage, "config_hash": config_hash(cfg), **process_tags(),
                 **_sweep_tags(), **(tags or {})}
     if cfg.get("sweep_name"):
         all_tags["preset"] = str(cfg.sweep_name)
     parent = os.environ.get("IRENE_PARENT_RUN_ID")
-    if parent and not nested and mlflow.active_run() is None:
+    if parent and not nested and tracker.depth == 0:
         all_tags["mlflow.parentRunId"] = parent
-    with terminate_unwinds(), mlflow.start_run(experiment_id=experiment_id,
-                                               run_name=name or run_name(cfg, stage),
-                                               nested=nested,
-                                               tags=all_tags) as run:
-        try:
-            if params:
-                mlflow.log_params(_flat_params(params))
-            if not nested:
-                mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-            yield run
-        except (Terminated, KeyboardInterrupt):
-            mlflow.end_run("KILLED")
-            raise
+    failed: BaseException | None = None
+    try:
+        with terminate_unwinds():
+            index = tracker.num_started
+            tracker.start(name or run_name(cfg, stage), all_tags, nested,
+                          _flat_params(params or {}),
+                          None if nested else OmegaConf.to_yaml(cfg, resolve=True))
+            status = "FINISHED"
+            try:
+                yield RunHandle(tracker, index)
+            except (Terminated, KeyboardInterrupt):
+                status = "KILLED"
+                raise
+            except BaseException:
+                status = "FAILED"
+                raise
+            finally:
+                tracker.end(status)
+    except BaseException as error:
+        failed = error
+        raise
+    finally:
+        if owner:
+            _TRACKER = None
+            try:
+                tracker.close()
+            except TrackingError as error:
+                if failed is None:
+                    raise
+                log.error("%s", one_line(error))  # the stage's own error goes first
 
 
 # keys that do not change a stage's result (sweep_name is hashed: resume works within a preset)
@@ -325,43 +546,29 @@ def _sweep_tags() -> dict[str, str]:
 
 
 def log_metrics(metrics: dict[str, float], prefix: str = "", step: int | None = None) -> None:
-    """Log metrics to the active run, if any (tracking may be off)."""
-    import mlflow
-
-    if mlflow.active_run() is not None:
-        mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in metrics.items()}, step=step)
+    """Log metrics to the stage's run, if any (tracking may be off)."""
+    if _TRACKER is not None:
+        _TRACKER.log_metrics({f"{prefix}{k}": float(v) for k, v in metrics.items()}, step)
 
 
 def log_params(params: dict[str, Any]) -> None:
-    """Log params to the active run, if any."""
-    import mlflow
-
-    if mlflow.active_run() is not None:
-        mlflow.log_params(_flat_params(params))
+    """Log params to the stage's run, if any."""
+    if _TRACKER is not None:
+        _TRACKER.log_params(_flat_params(params))
 
 
 def set_tag(key: str, value: str) -> None:
-    """Tag the active run, if any."""
-    import mlflow
-
-    if mlflow.active_run() is not None:
-        mlflow.set_tag(key, value)
+    """Tag the stage's run, if any."""
+    set_tags({key: value})
 
 
 def set_tags(tags: dict[str, str]) -> None:
-    """Tag the active run, if any."""
-    import mlflow
-
-    if mlflow.active_run() is not None:
-        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+    """Tag the stage's run, if any."""
+    if _TRACKER is not None:
+        _TRACKER.set_tags({k: str(v) for k, v in tags.items()})
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
-    import mlflow
-
-    if mlflow.active_run() is not None:
-        path = Path(path)
-        if path.is_dir():
-            mlflow.log_artifacts(str(path), artifact_path or path.name)
-        else:
-            mlflow.log_artifact(str(path), artifact_path)
+    """Log a file, or a folder's files, to the stage's run, if any."""
+    if _TRACKER is not None:
+        _TRACKER.log_artifact(str(path), artifact_path)

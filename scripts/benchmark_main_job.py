@@ -28,8 +28,15 @@ ROOT = Path(__file__).resolve().parents[1]
 # The compute alone: import what the fold loop needs, then time leave_one_model_out only.
 CV_ONLY = r"""
 import glob, json, sys, time
-import torch
-torch.set_num_threads(int(sys.argv[2]))
+try:  # one thread count for every library, without importing torch
+    from irene.threads import limit_threads
+except ImportError:  # before irene/threads.py: torch was imported anyway
+    import torch
+    from threadpoolctl import threadpool_limits
+    def limit_threads(n):
+        torch.set_num_threads(n)
+        threadpool_limits(n)
+limit_threads(int(sys.argv[2]))
 try:  # this layout
     from irene.data.forest import build_forest
     from irene.data.tree import read_trees

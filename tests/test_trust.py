@@ -173,7 +173,8 @@ RUNNER = textwrap.dedent("""
 
     uri, ready, wait_for = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
     cfg = OmegaConf.create({"tracking": {"enabled": True, "uri": uri, "experiment": "faults",
-                                         "artifact_root": None}})
+                                         "artifact_root": None,
+                                         "background": sys.argv[5] == "background"}})
     while time.time() < wait_for:  # start together
         time.sleep(0.001)
     try:
@@ -185,12 +186,16 @@ RUNNER = textwrap.dedent("""
 """)
 
 
-def _start(tmp_path: Path, uri: str, name: str, sleep_s: float, start_at: float = 0.0):
+def _start(tmp_path: Path, uri: str, name: str, sleep_s: float, start_at: float = 0.0,
+           background: bool = False):
+    """A process that runs a stage's run for ``sleep_s``; with ``background`` its tracking
+    is done by a tracking worker (as for a stage started from the command line)."""
     script = tmp_path / "runner.py"
     script.write_text(RUNNER)
     ready = tmp_path / f"{name}.ready"
     process = subprocess.Popen([sys.executable, str(script), uri, str(ready), str(start_at),
-                                str(sleep_s)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                str(sleep_s), "background" if background else "in-process"],
+                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return process, ready
 
@@ -212,7 +217,8 @@ def _status(uri: str, run_id: str):
 def test_processes_that_start_together_on_a_fresh_store_all_run(tmp_path):
     uri = f"sqlite:///{tmp_path / 'fresh.db'}"
     start_at = time.time() + 25.0  # after every interpreter has imported mlflow
-    started = [_start(tmp_path, uri, f"p{i}", 0.0, start_at) for i in range(4)]
+    started = [_start(tmp_path, uri, f"p{i}", 0.0, start_at, background=i % 2 == 0)
+               for i in range(4)]
     outputs = [process.communicate(timeout=300)[0] for process, _ in started]
     assert [process.returncode for process, _ in started] == [0] * 4, outputs
     runs = mlflow.MlflowClient(uri).search_runs(
@@ -224,8 +230,8 @@ def test_processes_that_start_together_on_a_fresh_store_all_run(tmp_path):
 def test_terminated_and_killed_runs_end_killed(tmp_path):
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     mlflow.MlflowClient(uri).search_experiments()  # the schema, once
-    term, term_ready = _start(tmp_path, uri, "term", 600)
-    kill, kill_ready = _start(tmp_path, uri, "kill", 600)
+    term, term_ready = _start(tmp_path, uri, "term", 600, background=True)
+    kill, kill_ready = _start(tmp_path, uri, "kill", 600)  # its own process logs: both die
     term_id, kill_id = _wait_for(term_ready, term), _wait_for(kill_ready, kill)
     term.send_signal(signal.SIGTERM)
     kill.send_signal(signal.SIGKILL)
@@ -239,6 +245,22 @@ def test_terminated_and_killed_runs_end_killed(tmp_path):
     assert closed.info.status == "KILLED" and "stale-run check" in closed.data.tags[
         "irene.closed_by"]
     assert _status(uri, term_id).info.status == "KILLED"
+
+
+@pytest.mark.slow
+def test_a_killed_stage_has_its_run_ended_by_the_tracking_worker(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    mlflow.MlflowClient(uri).search_experiments()
+    kill, kill_ready = _start(tmp_path, uri, "kill", 600, background=True)
+    kill_id = _wait_for(kill_ready, kill)
+    kill.send_signal(signal.SIGKILL)  # no word from the stage: its worker sees its stdin end
+    assert kill.wait(timeout=60) == -signal.SIGKILL
+    deadline = time.monotonic() + 60
+    while _status(uri, kill_id).info.status == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    closed = _status(uri, kill_id)
+    assert closed.info.status == "KILLED"
+    assert "the stage's process ended" in closed.data.tags["irene.closed_by"]
 
 
 def test_only_runs_of_dead_processes_of_this_host_are_closed(tmp_path):

@@ -1,0 +1,174 @@
+"""Tracking from a second process: the stage computes while the tracking worker imports
+MLflow, and the runs it writes are the runs the stage would have written itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from irene.data.tree import write_trees
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+# A stage's tracking calls, in a fresh process: nested runs, every helper, a file and a folder.
+STAGE = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from omegaconf import OmegaConf
+    from pipelines import tracking
+
+    uri, background, folder = sys.argv[1], sys.argv[2] == "background", Path(sys.argv[3])
+    cfg = OmegaConf.create({"stage": "probe", "tracking": {
+        "enabled": True, "uri": uri, "experiment": "same", "artifact_root": None,
+        "background": background}})
+    (folder / "views").mkdir(parents=True, exist_ok=True)
+    (folder / "table.csv").write_text("a,b\\n1,2\\n")
+    (folder / "views" / "tree.txt").write_text("root 1 J\\n")
+    with tracking.tracked_run(cfg, "probe", {"alpha": 0.5, "models": ["a", "b"]},
+                              name="probe run") as run:
+        for fold in ("a", "b"):
+            with tracking.tracked_run(cfg, "probe-fold", {"left_out": fold},
+                                      name=f"fold {fold}", nested=True):
+                tracking.log_metrics({"error": 1.5 if fold == "a" else 2.5})
+        tracking.log_params({"num_trees": 3})
+        tracking.set_tag("data.source", "test")
+        for step, loss in enumerate([3.0, 2.0]):
+            tracking.log_metrics({"loss": loss}, step=step)
+        tracking.log_artifact(folder / "table.csv", "report")
+        tracking.log_artifact(folder / "views", "views")
+        run_id = run.info.run_id  # while the run is open
+    assert run.info.run_id == run_id  # and after it
+    print(json.dumps({"run_id": run_id, "mlflow_imported": "mlflow" in sys.modules}))
+""")
+
+
+def _stage(tmp_path: Path, uri: str, mode: str) -> dict:
+    script = tmp_path / "stage.py"
+    script.write_text(STAGE)
+    out = subprocess.run([sys.executable, str(script), uri, mode, str(tmp_path / mode)],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _contents(client: mlflow.MlflowClient, run_id: str) -> dict:
+    """What a run holds, without what differs between two processes (ids, times, pids)."""
+    run = client.get_run(run_id)
+    tags = {k: v for k, v in run.data.tags.items()
+            if not k.startswith("irene.pid") and k not in ("mlflow.parentRunId",)}
+
+    def files(path=None):
+        found = []
+        for item in client.list_artifacts(run_id, path):
+            found.extend(files(item.path) if item.is_dir else [item.path])
+        return sorted(found)
+
+    history = [m.value for m in client.get_metric_history(run_id, "loss")]
+    return {"name": run.info.run_name, "status": run.info.status, "params": run.data.params,
+            "metrics": run.data.metrics, "tags": tags, "files": files(), "loss": history}
+
+
+@pytest.mark.slow
+def test_background_tracking_writes_what_in_process_tracking_writes(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    mlflow.MlflowClient(uri).search_experiments()
+    background = _stage(tmp_path, uri, "background")
+    in_process = _stage(tmp_path, uri, "in-process")
+    assert background["mlflow_imported"] is False  # the worker imported it, not the stage
+    assert in_process["mlflow_imported"] is True
+    client = mlflow.MlflowClient(uri)
+    runs = {}
+    for mode, result in (("background", background), ("in-process", in_process)):
+        parent = _contents(client, result["run_id"])
+        children = client.search_runs(
+            [client.get_run(result["run_id"]).info.experiment_id],
+            f"tags.mlflow.parentRunId = '{result['run_id']}'", order_by=["attributes.start_time"])
+        runs[mode] = (parent, [_contents(client, c.info.run_id) for c in children])
+    parent, children = runs["background"]
+    assert parent["status"] == "FINISHED" and parent["name"] == "probe run"
+    assert parent["params"]["models"] == '["a", "b"]' and parent["params"]["num_trees"] == "3"
+    assert parent["loss"] == [3.0, 2.0]
+    assert parent["files"] == ["config.yaml", "report/table.csv", "views/tree.txt"]
+    assert [c["name"] for c in children] == ["fold a", "fold b"]
+    assert [c["metrics"]["error"] for c in children] == [1.5, 2.5]
+    assert runs["background"] == runs["in-process"]
+
+
+@pytest.mark.slow
+def test_the_main_job_imports_neither_torch_nor_mlflow_and_logs_every_run(small_trees, tmp_path):
+    """``stage=crossvalidate`` as a user runs it: the stage's process imports only what the
+    cross-validation computes with; the tracking worker logs the parent and fold runs."""
+    trees = write_trees(tmp_path / "small.jsonl", small_trees)
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "run.py", "stage=crossvalidate",
+         f"data.trees={trees}", f"tracking.uri={uri}", "tracking.experiment=main-job",
+         "show_progress=false", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    imported = {line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "irene.evaluate.crossval" in imported  # the stage's own imports are seen
+    for heavy in ("torch", "sklearn", "scipy", "transformers", "mlflow"):
+        assert heavy not in imported, heavy
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("main-job").experiment_id
+    parent, = client.search_runs([experiment], "tags.stage = 'crossvalidate'")
+    folds = client.search_runs([experiment], "tags.stage = 'crossvalidate-fold'")
+    assert parent.info.status == "FINISHED"
+    assert len(folds) == len({t["model_name"] for t in small_trees})
+    assert {f.data.tags["mlflow.parentRunId"] for f in folds} == {parent.info.run_id}
+    assert {"overall_ml", "overall_module", "overall_model"} <= set(parent.data.metrics)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} == {
+        "report/crossvalidation.csv", "report/crossvalidation.md"}
+    assert parent.data.tags["data.source"] == "data.trees"
+
+
+@pytest.mark.slow
+def test_a_store_that_cannot_be_written_fails_the_stage_in_one_line(small_trees, tmp_path):
+    trees = write_trees(tmp_path / "small.jsonl", small_trees)
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the store's folder would be")
+    uri = f"sqlite:///{blocked / 'store.db'}"
+    out = subprocess.run(
+        [sys.executable, "run.py", "stage=crossvalidate", f"data.trees={trees}",
+         f"tracking.uri={uri}", "show_progress=false", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: MLflow tracking to {uri} failed: open:")
+    assert (tmp_path / "run" / "crossvalidation.csv").is_file()  # the results are kept
+
+
+def test_a_prestarted_worker_that_is_not_needed_exits_at_once():
+    from pipelines import tracking_worker
+
+    tracking_worker.prestart(["run.py", "stage=report"])
+    process = tracking_worker.take_prestarted()
+    assert process is not None and process.poll() is None
+    tracking_worker._PRESTARTED = process
+    started = time.monotonic()
+    tracking_worker.dismiss_prestarted()
+    assert process.wait(timeout=30) == 0
+    assert time.monotonic() - started < 2.0  # it did not import MLflow first
+    assert tracking_worker.take_prestarted() is None
+
+
+@pytest.mark.parametrize("argv", [["run.py", "-m", "experiment=per_model"],
+                                  ["run.py", "stage=crossvalidate", "tracking=off"],
+                                  ["run.py", "stage=train", "tracking.enabled=false"],
+                                  ["run.py", "stage=train", "tracking.background=false"]])
+def test_no_worker_is_prestarted_when_the_command_says_none_is_needed(argv):
+    from pipelines import tracking_worker
+
+    tracking_worker.prestart(argv)
+    assert tracking_worker.take_prestarted() is None
