@@ -26,8 +26,9 @@ setup: $(VENV)/.installed
 crossvalidate: setup  ## leave-one-model-out CV of the IrEne config on device 1, logged to MLflow
 	$(PY) run.py stage=crossvalidate $(ARGS)
 
+# no bytecode caches or pytest cache: `make test` leaves `git status --ignored` as it was
 test: setup  ## the whole test suite (slow CLI tests included)
-	$(PY) -m pytest -q $(ARGS)
+	PYTHONDONTWRITEBYTECODE=1 $(PY) -m pytest -q -p no:cacheprovider $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check irene pipelines tests scripts run.py

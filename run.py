@@ -16,8 +16,11 @@ import sys
 
 from pipelines.tracking_worker import dismiss_prestarted, prestart
 
-if __name__ == "__main__":  # first: MLflow's import (seconds) overlaps composing the config
-    prestart(sys.argv)
+if __name__ == "__main__":
+    # MLflow's usage telemetry costs its client about a second per process here; a stage
+    # does not send it unless asked to (MLFLOW_DISABLE_TELEMETRY=false)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    prestart(sys.argv)  # first: MLflow's import (seconds) overlaps composing the config
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
