@@ -126,6 +126,31 @@ def _torch_uniform(stream: np.random.RandomState, size: int, bound: float) -> np
     return (unit * np.float64(high - low) + np.float64(low)).astype(np.float32)
 
 
+class NumpyStepper:
+    """One Adam step per tree with the hand-written gradients, θ in float64 (starting from
+    the float32 initial parameters)."""
+
+    def __init__(self, model: IreneModel, initial: LinearWeighting, x: np.ndarray,
+                 leaf_pred: np.ndarray, gold: np.ndarray):
+        self.model, self.initial = model, initial
+        self.x, self.leaf_pred, self.gold = x, leaf_pred, gold
+        self.theta = initial.theta
+        self.optimizer = Adam(self.theta, lr=model.lr)
+
+    def step(self, tree, rows: slice) -> float:
+        """Update θ on one tree; returns the tree's loss before the update."""
+        model = self.model
+        loss, grad = tree_loss_and_grad(
+            self.theta, self.x[rows], self.leaf_pred[rows], self.gold[rows], tree,
+            strategy=model.training_strategy, weighting=model.weighting_name_,
+            tanh_scalar=model.tanh_scalar, normalize=model.normalize_loss_scale)
+        self.optimizer.step(grad)
+        return loss
+
+    def result(self) -> LinearWeighting:
+        return self.initial.with_theta(self.theta)
+
+
 class IreneModel(Predictor):
     """The IrEne predictor of the paper: per-primitive linear leaves, learned child weights.
 
@@ -271,27 +296,20 @@ class IreneModel(Predictor):
         epochs = tqdm(range(self.epochs), desc="train weighting", unit="epoch",
                       disable=not self.show_progress, leave=False)
         if self.engine == "torch":
-            from irene.predictors.irene_torch import train_with_autograd
+            from irene.predictors.irene_torch import AutogradStepper
 
-            return train_with_autograd(self, initial, trees, x, leaf_pred, gold, epochs)
-        theta = initial.theta  # float32 initial parameters (torch's init), trained in float64
-        optimizer = Adam(theta, lr=self.lr)
+            stepper = AutogradStepper(self, initial, x, leaf_pred, gold)
+        else:
+            stepper = NumpyStepper(self, initial, x, leaf_pred, gold)
         history = []
         for _ in epochs:
             total = 0.0
             for tree in trees:
-                if len(tree.inner) == 0:
-                    continue
-                rows = slice(tree.start, tree.stop)
-                loss, grad = tree_loss_and_grad(
-                    theta, x[rows], leaf_pred[rows], gold[rows], tree,
-                    strategy=self.training_strategy, weighting=self.weighting_name_,
-                    tanh_scalar=self.tanh_scalar, normalize=self.normalize_loss_scale)
-                optimizer.step(grad)
-                total += loss
+                if len(tree.inner) > 0:
+                    total += stepper.step(tree, slice(tree.start, tree.stop))
             history.append(total / max(len(trees), 1))
             epochs.set_postfix(loss=f"{history[-1]:.4g}")
-        return initial.with_theta(theta), history
+        return stepper.result(), history
 
     # --------------------------------------------------------------- prediction
     def _predict_leaves(self, forest: Forest, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

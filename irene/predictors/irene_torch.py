@@ -6,7 +6,6 @@ imports this module, so a cross-validation does not pay for importing torch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -68,30 +67,29 @@ def tree_loss(module: WeightingModel, strategy: str, normalize: bool, tree: Tree
     return error.sum()
 
 
-def train_with_autograd(model: IreneModel, initial: LinearWeighting, trees: list[TreeIndex],
-                        x: np.ndarray, leaf_pred: np.ndarray, gold: np.ndarray,
-                        epochs: Iterable[int]) -> tuple[LinearWeighting, list[float]]:
-    """Adam (torch's) over the trees, one tree per step, in float32; returns the trained
-    weighting and the mean loss of each epoch."""
-    module = WeightingModel.from_weighting(initial)
-    xt, lt, gt = (torch.from_numpy(a).float() for a in (x, leaf_pred, gold))
-    optimizer = torch.optim.Adam(module.parameters(), lr=model.lr)
-    history = []
-    for _ in epochs:
-        total = 0.0
-        for tree in trees:
-            if len(tree.inner) == 0:
-                continue
-            rows = slice(tree.start, tree.stop)
-            loss = tree_loss(module, model.training_strategy, model.normalize_loss_scale, tree,
-                             xt[rows], lt[rows], gt[rows])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item()
-        history.append(total / max(len(trees), 1))
-        if hasattr(epochs, "set_postfix"):
-            epochs.set_postfix(loss=f"{history[-1]:.4g}")
-    theta = np.append(module.linear.weight.detach().numpy().ravel(),
-                      module.linear.bias.detach().numpy()).astype(np.float64)
-    return initial.with_theta(theta), history
+class AutogradStepper:
+    """One step of torch's Adam per tree, autograd in float32 (the reference's arithmetic)."""
+
+    def __init__(self, model: IreneModel, initial: LinearWeighting, x: np.ndarray,
+                 leaf_pred: np.ndarray, gold: np.ndarray):
+        self.model, self.initial = model, initial
+        self.module = WeightingModel.from_weighting(initial)
+        self.x, self.leaf_pred, self.gold = (torch.from_numpy(a).float()
+                                             for a in (x, leaf_pred, gold))
+        self.optimizer = torch.optim.Adam(self.module.parameters(), lr=model.lr)
+
+    def step(self, tree: TreeIndex, rows: slice) -> float:
+        """Update the module on one tree; returns the tree's loss before the update."""
+        loss = tree_loss(self.module, self.model.training_strategy,
+                         self.model.normalize_loss_scale, tree, self.x[rows],
+                         self.leaf_pred[rows], self.gold[rows])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+    def result(self) -> LinearWeighting:
+        linear = self.module.linear
+        theta = np.append(linear.weight.detach().numpy().ravel(),
+                          linear.bias.detach().numpy()).astype(np.float64)
+        return self.initial.with_theta(theta)
