@@ -80,6 +80,10 @@ def dismiss_prestarted() -> None:
     process = take_prestarted()
     if process is not None and process.poll() is None:
         process.stdin.close()
+        try:
+            process.wait(timeout=2)  # it exits at once; a stage exits faster without children
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def _answer(message: dict) -> None:
