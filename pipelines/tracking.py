@@ -25,11 +25,13 @@ If the stage's process dies without a word, the worker ends its runs KILLED.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -463,8 +465,8 @@ def tracked_run(cfg: DictConfig, stage: str, params: dict[str, Any] | None = Non
     if owner:
         _TRACKER = _new_tracker(cfg, background)
     tracker = _TRACKER
-    all_tags = {"stage": stage, "config_hash": config_hash(cfg), **process_tags(),
-                **_sweep_tags(), **(tags or {})}
+    all_tags = {"stage": stage, "config_hash": config_hash(cfg), CODE_TAG: code_identity(),
+                **process_tags(), **_sweep_tags(), **(tags or {})}
     if cfg.get("sweep_name"):
         all_tags["preset"] = str(cfg.sweep_name)
     parent = os.environ.get("IRENE_PARENT_RUN_ID")
@@ -516,8 +518,38 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+CODE_TAG = "irene.code"
+
+
+@functools.cache
+def code_identity() -> str:
+    """Which code computes: the version, and in a git checkout the commit, plus a digest of
+    the uncommitted changes to the code and configs (``+dirty.<sha>``). Resume reuses only
+    runs of the same code: a changed predictor must not be answered by an old result."""
+    from irene import __version__
+
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, check=True,
+                                  timeout=30).stdout.decode("utf-8", "replace")
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return __version__  # an installed package
+    identity = f"{__version__}+{commit.strip()[:12]}"
+    diff = git("diff", "HEAD", "--", "irene", "pipelines", "conf", "run.py")
+    if diff:
+        identity += f"+dirty.{hashlib.sha256(diff.encode()).hexdigest()[:12]}"
+    return identity
+
+
 def finished_run(cfg: DictConfig, stage: str):
-    """The latest FINISHED run of ``stage`` with this exact config, when ``resume`` is on."""
+    """The latest FINISHED run of ``stage`` with this exact config and code
+    (:func:`code_identity`), when ``resume`` is on."""
     if not (cfg.get("resume") and cfg.tracking.enabled):
         return None
     import mlflow
@@ -526,6 +558,7 @@ def finished_run(cfg: DictConfig, stage: str):
     found = mlflow.search_runs(
         experiment_ids=[experiment_id], output_format="list", max_results=1,
         filter_string=(f"tags.stage = '{stage}' and tags.config_hash = '{config_hash(cfg)}' "
+                       f"and tags.`{CODE_TAG}` = '{code_identity()}' "
                        "and attributes.status = 'FINISHED'"),
         order_by=["attributes.start_time DESC"])
     return found[0] if found else None

@@ -2,8 +2,10 @@
 is checked against what the code computes now.
 
 Tolerance: the tables print two decimals, so a recomputed value must round to the printed
-one (|printed − computed| ≤ 0.005). The per-model table is recomputed whole; of every other
-table the first and the last row (a full recomputation is `make docs`, ~6 minutes).
+one (|printed − computed| ≤ 0.005), or, for a value so large that float rounding reaches the
+second decimal (the exploding `free` weights: 462632.93 % error), agree to 1e-7 relative. The
+per-model table is recomputed whole; of every other table the first and the last row (a full
+recomputation is `make docs`, ~6 minutes).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import update_docs  # noqa: E402
 
 TOLERANCE = 0.005
+RELATIVE_TOLERANCE = 1e-7
 # the overrides that make one row of each preset's table (its `report.rows` params)
 ROW_OVERRIDES = {
     "feature_strategy_ablation": lambda f, s: [f"features={f}", f"strategy={s}", "weighting=paper"],
@@ -67,7 +70,8 @@ def overall(device_forest, *overrides: str) -> dict[str, float]:
 
 
 def close(printed: str, computed: float) -> bool:
-    return abs(float(printed) - computed) <= TOLERANCE
+    difference = abs(float(printed) - computed)
+    return difference <= TOLERANCE or difference <= RELATIVE_TOLERANCE * abs(computed)
 
 
 @pytest.mark.slow

@@ -172,3 +172,20 @@ def test_no_worker_is_prestarted_when_the_command_says_none_is_needed(argv):
 
     tracking_worker.prestart(argv)
     assert tracking_worker.take_prestarted() is None
+
+
+def test_resume_reuses_only_a_run_of_the_same_code(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from pipelines import tracking
+
+    cfg = OmegaConf.create({"stage": "probe", "resume": True, "tracking": {
+        "enabled": True, "uri": f"sqlite:///{tmp_path / 'store.db'}", "experiment": "resume",
+        "artifact_root": None, "background": False}})
+    with tracking.tracked_run(cfg, "probe") as run:
+        pass
+    assert tracking.finished_run(cfg, "probe").info.run_id == run.info.run_id
+    identity = tracking.code_identity()
+    assert identity.startswith(__import__("irene").__version__)
+    monkeypatch.setattr(tracking, "code_identity", lambda: identity + "+other")
+    assert tracking.finished_run(cfg, "probe") is None  # other code: computed again
