@@ -86,12 +86,20 @@ def dismiss_prestarted() -> None:
             pass
 
 
+_REPLIES = sys.stdout  # the stage reads the answers here; main() keeps it for them alone
+
+
 def _answer(message: dict) -> None:
-    sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()
+    _REPLIES.write(json.dumps(message) + "\n")
+    _REPLIES.flush()
 
 
 def main() -> None:
+    global _REPLIES
+    # answers only on the pipe: what MLflow prints (run links of a tracking server, say) goes
+    # to stderr with the rest of its messages
+    _REPLIES = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     lines: queue.Queue = queue.Queue()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.request
@@ -115,6 +116,17 @@ def test_report_resume_and_mlflow_server(tmp_path, trees_file):
         with urllib.request.urlopen(request, timeout=30) as response:
             listed = json.loads(response.read())["runs"]
         assert {r["info"]["run_id"] for r in listed} == {r.info.run_id for r in jobs}
+        # a single run logs through its tracking worker over HTTP (MLflow prints run links
+        # there: they must not reach the worker's answers)
+        train = subprocess.run(
+            [sys.executable, "run.py", "stage=train", f"data.trees={trees_file}",
+             f"tracking.uri={server.url}", "tracking.experiment=server-single",
+             "show_progress=false", "predictor.epochs=1", f"hydra.run.dir={tmp_path / 'train'}"],
+            cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert train.returncode == 0, train.stderr[-3000:]
+        run_id = re.search(r"MLflow run: (\w+)", train.stdout).group(1)
+        trained = mlflow.MlflowClient(server.url).get_run(run_id)
+        assert trained.info.status == "FINISHED" and "train_model" in trained.data.metrics
     finally:
         server.stop()
 
