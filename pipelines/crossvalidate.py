@@ -46,11 +46,21 @@ def _resumed(cfg: DictConfig, out: Path) -> CrossValidationReport | None:
     if previous is None:
         return None
     import mlflow
+    from mlflow.exceptions import MlflowException
 
-    log.info("resume: identical config already FINISHED in run %s; skipping", previous.info.run_id)
-    path = mlflow.artifacts.download_artifacts(run_id=previous.info.run_id,
-                                               artifact_path="report/crossvalidation.csv",
-                                               dst_path=str(out))
+    run_id = previous.info.run_id
+    if "not_applicable" in previous.data.tags:  # skipped then: nothing to read, skipped again
+        log.warning("resume: identical config FINISHED in run %s as not applicable (%s); "
+                    "skipping", run_id, previous.data.tags["not_applicable"])
+        return CrossValidationReport(table=None, csv_path=None, predictions_path=None)
+    try:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="report/crossvalidation.csv", dst_path=str(out))
+    except MlflowException as error:
+        log.warning("resume: run %s has no readable crossvalidation.csv (%s); running again",
+                    run_id, str(error).splitlines()[0])
+        return None
+    log.info("resume: identical config already FINISHED in run %s; skipping", run_id)
     table = pd.read_csv(path, index_col="left_out_model")
     print(f"crossvalidation table: {path}")
     return CrossValidationReport(table=table, csv_path=Path(path), predictions_path=None)

@@ -133,3 +133,18 @@ def test_cli_bad_input_is_one_line_without_traceback(tmp_path):
     assert errors[0].startswith(f"error: {bad}:1: invalid JSON (Expecting ':' delimiter")
     assert errors[0].endswith("is the file truncated?")
     assert "Traceback" not in out.stderr
+
+
+def test_resume_of_a_not_applicable_job_skips_it_again(trees_file, mlflow_uri, tmp_path):
+    """A preset job that did not apply (physics on static features) FINISHED without a table;
+    re-running the preset resumes it as skipped instead of failing on the missing table."""
+    from pipelines import crossvalidate
+
+    cfg = stage_cfg("crossvalidate", trees_file, mlflow_uri, tmp_path, "predictor=physics",
+                    "features=model_specs", "skip_not_applicable=true", "resume=true")
+    first = crossvalidate.run(cfg)
+    assert first.table is None and first.csv_path is None
+    again = crossvalidate.run(cfg)
+    assert again.table is None and again.csv_path is None
+    skipped = runs(mlflow_uri, "tags.stage = 'crossvalidate' and tags.not_applicable != ''")
+    assert len(skipped) == 1  # the second run resumed: no new run
