@@ -51,13 +51,17 @@ docs: tables  ## regenerate every results table in README.md and docs/ from fres
 	cp $(OUT)/runs/docs-whatif/whatif_energy.md $(OUT)/tables/$(DATA)/whatif.md
 	$(PY) scripts/update_docs.py --tables $(OUT)/tables
 
+# the venv's bin first on PATH: mlflow starts uvicorn/gunicorn from there
+VENV_PATH = PATH="$(abspath $(VENV))/bin:$$PATH"
+STORE = sqlite:///$(abspath $(OUT))/mlflow.db
+
 mlflow-ui: setup  ## browse the local store at http://127.0.0.1:5000
-	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///outputs/mlflow.db --host 127.0.0.1 --port 5000
+	$(VENV_PATH) mlflow server --backend-store-uri $(STORE) --host 127.0.0.1 --port 5000
 
 PORT ?= 5001
 serve: setup  ## serve a packaged predictor: make serve MODEL=models:/<id> (printed by stage=predict ... package=true)
 	@test -n "$(MODEL)" || { echo "usage: make serve MODEL=models:/<id>  (stage=predict ... package=true prints it)"; exit 2; }
-	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/outputs/mlflow.db $(VENV)/bin/mlflow models serve \
+	$(VENV_PATH) MLFLOW_TRACKING_URI=$(STORE) mlflow models serve \
 	  -m "$(MODEL)" --env-manager local --host 127.0.0.1 --port $(PORT)
 
 clean:

@@ -13,6 +13,7 @@ import importlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 from pipelines.tracking_worker import dismiss_prestarted, prestart
 
@@ -28,7 +29,7 @@ from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from irene.errors import SettingsError, UserError, one_line  # noqa: E402
-from pipelines.config import STAGES, register_configs  # noqa: E402
+from pipelines.config import STAGES, bad_group_option, register_configs  # noqa: E402
 from pipelines.sweep import record_job_error, watch_sweep_process  # noqa: E402
 from pipelines.tracking import Terminated  # noqa: E402
 
@@ -97,6 +98,11 @@ def exit_without_teardown() -> None:
 
 
 if __name__ == "__main__":
+    bad_option = bad_group_option(sys.argv[1:], Path(__file__).resolve().parent / "conf")
+    if bad_option:
+        dismiss_prestarted()
+        print(f"error: {bad_option}", file=sys.stderr)
+        raise SystemExit(2)
     try:
         main()
     except (Terminated, KeyboardInterrupt) as stop:  # a sweep's own process; its jobs said theirs

@@ -16,6 +16,7 @@ import inspect
 import re
 import typing
 from dataclasses import MISSING, dataclass, field, make_dataclass
+from pathlib import Path
 from typing import Any  # noqa: UP035 - OmegaConf needs typing.Optional
 
 from hydra.core.config_store import ConfigStore
@@ -332,3 +333,21 @@ def register_configs() -> None:
         store.store(group="predictor", name=f"{cls.name}_schema", node=estimator_schema(cls))
     if not OmegaConf.has_resolver("outputs"):
         OmegaConf.register_new_resolver("outputs", lambda: str(outputs_dir()))
+
+
+def bad_group_option(overrides: list[str], conf_dir: Path) -> str | None:
+    """The one-line message for a command-line override that picks an option a config group
+    does not have (``strategy=nonsense``), else None. Hydra would print a dozen lines and exit
+    1; sweeps (``strategy=end2end,none``) are checked item by item, Hydra's sweep functions
+    (``choice(...)``) and ``hydra/...`` groups are left to Hydra."""
+    for override in overrides:
+        key, sep, value = override.lstrip("+").partition("=")
+        group = conf_dir / key
+        if (not sep or key.startswith(("hydra", "~", "-")) or "(" in value
+                or not group.is_dir()):
+            continue
+        options = sorted(p.stem for p in group.glob("*.yaml"))
+        for item in value.split(","):
+            if item.strip() not in (*options, "null"):
+                return f"{key}={item.strip()}: no such option; choose from {options}"
+    return None

@@ -72,11 +72,11 @@ def run(cfg: DictConfig) -> Path:
     settings = measure_settings(cfg)
     output = Path(settings.output)
     model, batch_size, seq_len = str(cfg.model), int(cfg.batch_size), int(cfg.seq_len)
+    device = resolve_device(settings.device, settings.gpu_index)  # absent: an error, always
     if has_record(output, (model, batch_size, seq_len)):
         log.info("%s %dx%d already measured in %s: skipped", model, batch_size, seq_len, output)
         print(f"trees: {output}")
         return output
-    device = resolve_device(settings.device, settings.gpu_index)
     meter = meter_from_settings(settings, device) if settings.measure else NullMeter()
     params = {
         "model": model,

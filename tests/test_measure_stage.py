@@ -239,3 +239,19 @@ def test_cuda_without_cuda_is_one_clear_error():
     with pytest.raises(SettingsError, match=r"measure.device=cuda:1: CUDA is not available"):
         resolve_device("cuda:1", 1)
     assert resolve_device("auto", 0) == "cpu"
+
+
+def test_a_device_that_is_not_here_fails_even_when_the_shape_is_already_measured(tmp_path):
+    import torch
+
+    from irene.data.tree import write_trees
+    from irene.errors import SettingsError
+    from pipelines import measure
+    from tests.conftest import make_tree
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine: measure.device=cuda is available here")
+    write_trees(tmp_path / "trees.jsonl", [make_tree(model="tiny/bert", batch_size=2, seq_len=8)])
+    assert measure.run(_cfg(tmp_path)) == tmp_path / "trees.jsonl"  # on the CPU: skipped
+    with pytest.raises(SettingsError, match=r"measure.device=cuda: CUDA is not available"):
+        measure.run(_cfg(tmp_path, device="cuda"))

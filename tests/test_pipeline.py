@@ -148,3 +148,28 @@ def test_resume_of_a_not_applicable_job_skips_it_again(trees_file, mlflow_uri, t
     assert again.table is None and again.csv_path is None
     skipped = runs(mlflow_uri, "tags.stage = 'crossvalidate' and tags.not_applicable != ''")
     assert len(skipped) == 1  # the second run resumed: no new run
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["strategy=nonsense"], "strategy=nonsense: no such option; choose from ['end2end', 'none', "
+                            "'stepwise', 'unstructured']"),
+    (["-m", "predictor=irene,flatt"], "predictor=flatt: no such option; choose from"),
+    (["+features=bothh"], "features=bothh: no such option"),
+    (["strategy=end2end", "predictor=irene_plus", "predictor.epochs=3", "hydra/launcher=joblib",
+      "weighting=choice(free)", "data=null"], None),
+])
+def test_a_group_option_that_does_not_exist_is_one_line(overrides, message):
+    from pipelines.config import bad_group_option
+
+    found = bad_group_option(overrides, ROOT / "conf")
+    assert found == message if message is None else found.startswith(message)
+
+
+@pytest.mark.slow
+def test_cli_unknown_group_option_is_one_line_and_exit_2(tmp_path):
+    out = subprocess.run([sys.executable, "run.py", "stage=crossvalidate", "strategy=nonsense"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "error: strategy=nonsense: no such option; choose from ['end2end', 'none', 'stepwise', "
+        "'unstructured']"]
