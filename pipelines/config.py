@@ -141,7 +141,7 @@ class Config:
     cv_jobs: int = 1  # crossvalidate with seeds: folds fitted in parallel processes (-1: all cores)
     report: dict[str, Any] = field(default_factory=dict)  # report: table layout (see report.py)
     run_dir: str | None = None  # where the stage writes (default: Hydra's run folder)
-    threads: int = 0  # threads of numpy's BLAS and torch (0: the libraries' defaults)
+    threads: int = 0  # threads of numpy's BLAS and torch (0: 1, and the libraries' default for measure)
     show_progress: bool = True  # progress bars
 
 
