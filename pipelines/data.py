@@ -103,15 +103,13 @@ def load_forest(cfg: DictConfig) -> DataSet:
         trees = _read_trees_file(cfg, require_energy=True)
         return DataSet(build_forest(trees), Path(cfg.data.trees), trees)
     cache = _device_cache(cfg)
-    digest = _validated_digest(cache, require_energy=True)
-    arrays = cache.with_name(f"{cache.stem}.{digest[:16] if digest else ''}.forest.npz")
-    if digest is not None and arrays.is_file():
+    digest = sha256_of(cache)
+    arrays = cache.with_name(f"{cache.stem}.{digest[:16]}.forest.npz")
+    if arrays.is_file() and _is_validated(cache, digest, require_energy=True):
         return DataSet(load_forest_arrays(arrays), cache)
-    trees = read_cache(cache, require_energy=True)
+    trees = _read_cache(cache, digest, require_energy=True)
     forest = build_forest(trees)
-    digest = _validated_digest(cache, require_energy=True)
-    if digest is not None:
-        save_forest(forest, cache.with_name(f"{cache.stem}.{digest[:16]}.forest.npz"))
+    save_forest(forest, arrays)
     return DataSet(forest, cache, trees)
 
 
@@ -153,16 +151,12 @@ def _stamp(digest: str, energy: bool) -> str:
     return f"{digest} irene {__version__} cache v{CACHE_VERSION} energy={energy}\n"
 
 
-def _validated_digest(cache: Path, *, require_energy: bool) -> str | None:
-    """The sha256 of the cache's bytes if they passed validation (as required) before."""
+def _is_validated(cache: Path, digest: str, *, require_energy: bool) -> bool:
+    """Whether the cache's bytes (of sha256 ``digest``) passed validation, as required, before."""
     marker = _validated_marker(cache)
-    if not marker.is_file():
-        return None
-    digest = hashlib.sha256(cache.read_bytes()).hexdigest()
-    recorded = marker.read_text()
-    if recorded == _stamp(digest, True) or (recorded == _stamp(digest, False) and not require_energy):
-        return digest
-    return None
+    recorded = marker.read_text() if marker.is_file() else None
+    return recorded == _stamp(digest, True) or (recorded == _stamp(digest, False)
+                                                 and not require_energy)
 
 
 def read_cache(cache: Path, *, require_energy: bool) -> list[Tree]:
@@ -170,10 +164,12 @@ def read_cache(cache: Path, *, require_energy: bool) -> list[Tree]:
     records the sha256 of the bytes that passed in ``<cache>.validated``; later reads of the
     same bytes by the same version only parse them. Changed bytes, a missing or stale marker:
     full validation again."""
-    if _validated_digest(cache, require_energy=require_energy) is not None:
+    return _read_cache(cache, sha256_of(cache), require_energy=require_energy)
+
+
+def _read_cache(cache: Path, digest: str, *, require_energy: bool) -> list[Tree]:
+    if _is_validated(cache, digest, require_energy=require_energy):
         return read_trees(cache, validate=False)
-    data = cache.read_bytes()
     trees = read_trees(cache, require_energy=require_energy)
-    atomic_write_text(_validated_marker(cache),
-                      _stamp(hashlib.sha256(data).hexdigest(), require_energy))
+    atomic_write_text(_validated_marker(cache), _stamp(digest, require_energy))
     return trees

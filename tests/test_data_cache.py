@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from irene.data import tree as tree_module
 from irene.data.forest import build_forest, load_forest, save_forest
+from irene.data.io import _umask
 from irene.data.published import CSV_FILES, csv_name
 from irene.data.tree import TreeFormatError
 from pipelines import data as data_module
@@ -39,14 +40,6 @@ def test_a_saved_forest_loads_equal_types_included(small_trees, tmp_path):
     path = save_forest(forest, tmp_path / "f.npz")
     assert_same_forest(load_forest(path), forest)
     assert (path.stat().st_mode & 0o777) == 0o666 & ~_umask()  # not the temp file's 0600
-
-
-def _umask() -> int:
-    import os
-
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 @pytest.fixture()
