@@ -11,6 +11,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DEVICE_1 = ROOT.parent / "shared" / "data" / "irene" / "device_1"
+# the trees measured on an H200 with stage=measure (../shared beside the checkout, or set)
+H200_TREES = Path(os.environ.get("IRENE_H200_TREES",
+                                 ROOT.parent / "shared" / "data" / "h200" / "trees.jsonl"))
 
 
 def _device_dir() -> Path | None:

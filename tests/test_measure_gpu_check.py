@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import H200_TREES
+
 ROOT = Path(__file__).resolve().parents[1]
-H200 = Path(os.environ.get("IRENE_H200_TREES", ROOT.parent / "shared" / "data" / "h200" / "trees.jsonl"))
+
+H200 = H200_TREES
 
 
 def _summary(monkeypatch, capsys, *argv: str) -> tuple[int, list[str]]:

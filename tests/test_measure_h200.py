@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -14,9 +13,11 @@ from irene.data.tree import iter_nodes, read_trees, write_trees
 from irene.measure.leakage import LeakedTargetError, check_no_leaked_target, leaked_features
 from irene.measure.summary import summarize, summary_line
 from pipelines.config import register_configs
+from tests.conftest import H200_TREES
 
 ROOT = Path(__file__).resolve().parents[1]
-H200 = Path(os.environ.get("IRENE_H200_TREES", ROOT.parent / "shared" / "data" / "h200" / "trees.jsonl"))
+
+H200 = H200_TREES
 register_configs()
 
 
