@@ -83,6 +83,30 @@ def main(cfg: DictConfig) -> None:
     _SINGLE_RUN_DONE = not multirun
 
 
+# Command-line words after which a config may set ``hydra.mode`` outside conf/ (whose configs
+# never set it: tests/test_pipeline.py checks every one).
+_MODE_MAY_BE_SET = ("hydra.mode", "hydra.searchpath", "--config-dir", "-cd", "--config-path",
+                    "-cp", "--config-name", "-cn", "-m", "--multirun")
+
+
+def skip_mode_probe(argv: list[str]) -> bool:
+    """Skip Hydra's mode probe for a plain single run (0.4 s of a warm job).
+
+    Before a run, Hydra composes the whole config once only to read ``hydra.mode`` from it,
+    then composes it again for the run. None of conf/'s configs sets ``hydra.mode``, so that
+    probe finds nothing (Hydra then runs a single run, as for ``hydra.mode`` unset) unless the
+    command line sets it or names configs from elsewhere; only then is the probe kept.
+    """
+    if any(word.split("=", 1)[0].lstrip("+~") in _MODE_MAY_BE_SET
+           or word.startswith(("--config-dir=", "--config-path=", "--config-name="))
+           for word in argv[1:]):
+        return False
+    from hydra._internal.hydra import Hydra
+
+    Hydra.get_mode = lambda self, config_name, overrides: None  # what the probe finds here
+    return True
+
+
 def exit_without_teardown() -> None:
     """End a finished single run now: every output is written and closed, and its tracking
     is done, so the interpreter's teardown (a few tenths of a second of freeing objects) is
@@ -103,6 +127,7 @@ if __name__ == "__main__":
         dismiss_prestarted()
         print(f"error: {bad_option}", file=sys.stderr)
         raise SystemExit(2)
+    skip_mode_probe(sys.argv)
     try:
         main()
     except (Terminated, KeyboardInterrupt) as stop:  # a sweep's own process; its jobs said theirs
