@@ -64,6 +64,9 @@ class TrackingConfig:
     # log from a second process while the stage computes (single runs that have not imported
     # MLflow yet; see pipelines.tracking): false logs from the stage's own process
     background: bool = True
+    # a single run on a local sqlite store that MLflow has created writes its rows with
+    # sqlite3, without importing MLflow (pipelines.sqlite_tracker); false: MLflow writes
+    direct: bool = True
 
 
 @dataclass

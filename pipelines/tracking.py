@@ -31,6 +31,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -43,6 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from irene.errors import UserError, one_line
 from pipelines.paths import log, outputs_dir
+from pipelines.sqlite_tracker import DirectWriteError, SqliteTracker, unusable
 
 HOST_TAG, PID_TAG, PID_START_TAG = "irene.host", "irene.pid", "irene.pid_start"
 
@@ -223,9 +225,21 @@ def close_stale_runs(experiment_id: str) -> list[str]:
     client = mlflow.MlflowClient()
     running = client.search_runs([experiment_id], "attributes.status = 'RUNNING'",
                                  max_results=1000)
+
+    def close(run_id: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+        client.set_terminated(run_id, status="KILLED")
+
+    return _close_stale([(run.info.run_id, {**run.data.tags, "mlflow.runName": run.info.run_name})
+                         for run in running], close)
+
+
+def _close_stale(running: list[tuple[str, dict[str, str]]], close) -> list[str]:
+    """:func:`close_stale_runs` over (run id, tags) pairs; ``close(run_id, tags)`` tags a
+    stale run and ends it KILLED."""
     host, closed, elsewhere = host_id(), [], 0
-    for run in running:
-        tags = run.data.tags
+    for run_id, tags in running:
         if PID_TAG not in tags:
             continue  # not a run of this pipeline
         if tags.get(HOST_TAG) != host:
@@ -234,12 +248,10 @@ def close_stale_runs(experiment_id: str) -> list[str]:
         pid, started = int(tags[PID_TAG]), float(tags.get(PID_START_TAG, "-1"))
         if _alive(pid, started):
             continue
-        client.set_tag(run.info.run_id, "irene.closed_by",
-                       f"stale-run check of process {os.getpid()} on {host}")
-        client.set_terminated(run.info.run_id, status="KILLED")
-        closed.append(run.info.run_id)
+        close(run_id, {"irene.closed_by": f"stale-run check of process {os.getpid()} on {host}"})
+        closed.append(run_id)
         log.warning("run %s (%s) was left RUNNING by process %d, which is gone: marked KILLED",
-                    run.info.run_id, tags.get("stage", run.info.run_name), pid)
+                    run_id, tags.get("stage", tags.get("mlflow.runName")), pid)
     if elsewhere:
         log.info("%d RUNNING run(s) of other hosts in this experiment (not checked from here)",
                  elsewhere)
@@ -334,6 +346,51 @@ class InProcessTracker:
         pass
 
 
+class DirectTracker(SqliteTracker):
+    """MLflow's sqlite store written without MLflow (:mod:`pipelines.sqlite_tracker`): the
+    stale-run check first, then the calls of :class:`InProcessTracker` at no import cost.
+    A refused or failed write raises :class:`TrackingError`."""
+
+    def __init__(self, uri: str, experiment: str):
+        with self._reported(uri, "open"):
+            super().__init__(uri, experiment)
+            _close_stale(self.running_runs(),
+                         lambda run_id, tags: self.close_run(run_id, tags, "KILLED"))
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _reported(uri: str, op: str) -> Iterator[None]:
+        try:
+            yield
+        except (DirectWriteError, OSError, sqlite3.Error) as error:
+            raise TrackingError(f"MLflow tracking to {uri} failed: {op}: {one_line(error)}") from None
+
+    def start(self, name: str, tags: dict[str, str], nested: bool, params: dict[str, str],
+              config_yaml: str | None) -> None:
+        with self._reported(self.uri, "start"):
+            super().start(name, tags, nested, params, config_yaml)
+
+    def end(self, status: str) -> None:
+        with self._reported(self.uri, "end"):
+            super().end(status)
+
+    def log_params(self, params: dict[str, str]) -> None:
+        with self._reported(self.uri, "log_params"):
+            super().log_params(params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None) -> None:
+        with self._reported(self.uri, "log_metrics"):
+            super().log_metrics(metrics, step)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        with self._reported(self.uri, "set_tags"):
+            super().set_tags(tags)
+
+    def log_artifact(self, path: str, artifact_path: str | None) -> None:
+        with self._reported(self.uri, "log_artifact"):
+            super().log_artifact(path, artifact_path)
+
+
 class BackgroundTracker:
     """The same calls as :class:`InProcessTracker`, sent in order to a tracking worker
     process (:mod:`pipelines.tracking_worker`); only :meth:`run_id` and :meth:`close` wait."""
@@ -404,7 +461,8 @@ class BackgroundTracker:
             raise TrackingError(f"MLflow tracking to {self.uri} failed: {reply['errors'][0]}")
 
 
-_TRACKER: InProcessTracker | BackgroundTracker | None = None  # the stage's, while it runs
+Tracker = InProcessTracker | BackgroundTracker | DirectTracker
+_TRACKER: Tracker | None = None  # the stage's, while it runs
 
 
 def _multirun() -> bool:
@@ -416,15 +474,24 @@ def _multirun() -> bool:
         return False
 
 
-def _new_tracker(cfg: DictConfig, background: bool) -> InProcessTracker | BackgroundTracker:
+def _new_tracker(cfg: DictConfig, background: bool) -> Tracker:
     """A worker process when it saves time (see the module docstring), else this process."""
     from pipelines.tracking_worker import dismiss_prestarted
 
     target = (tracking_uri(cfg), cfg.tracking.experiment, artifact_root(cfg))
-    if (background and cfg.tracking.get("background", True) and "mlflow" not in sys.modules
-            and not _multirun()):
-        return BackgroundTracker(*target)
+    if background and cfg.tracking.get("background", True) and not _multirun():
+        if cfg.tracking.get("direct", True):
+            reason = unusable(target[0], target[1])
+            if reason is None:
+                dismiss_prestarted()
+                log.debug("tracking: written without MLflow (pipelines.sqlite_tracker)")
+                return DirectTracker(target[0], target[1])
+            log.debug("tracking: MLflow writes (%s)", reason)
+        if "mlflow" not in sys.modules:
+            log.debug("tracking: MLflow writes from a tracking worker")
+            return BackgroundTracker(*target)
     dismiss_prestarted()
+    log.debug("tracking: MLflow writes from this process")
     return InProcessTracker(*target)
 
 
@@ -432,7 +499,7 @@ class RunHandle:
     """What a stage gets from :func:`tracked_run`: ``run.info.run_id``, during the run or
     after it (with a tracking worker, asking for it while the run is open waits for MLflow)."""
 
-    def __init__(self, tracker: InProcessTracker | BackgroundTracker, index: int):
+    def __init__(self, tracker: Tracker, index: int):
         self._tracker = tracker
         self._index = index  # the how-manieth run this tracker started
 

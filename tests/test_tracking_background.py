@@ -26,10 +26,10 @@ STAGE = textwrap.dedent("""
     from omegaconf import OmegaConf
     from pipelines import tracking
 
-    uri, background, folder = sys.argv[1], sys.argv[2] == "background", Path(sys.argv[3])
+    uri, mode, folder = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     cfg = OmegaConf.create({"stage": "probe", "tracking": {
         "enabled": True, "uri": uri, "experiment": "same", "artifact_root": None,
-        "background": background}})
+        "background": mode != "in-process", "direct": mode == "direct"}})
     (folder / "views").mkdir(parents=True, exist_ok=True)
     (folder / "table.csv").write_text("a,b\\n1,2\\n")
     (folder / "views" / "tree.txt").write_text("root 1 J\\n")
@@ -46,14 +46,26 @@ STAGE = textwrap.dedent("""
         tracking.log_artifact(folder / "table.csv", "report")
         tracking.log_artifact(folder / "views", "views")
         run_id = run.info.run_id  # while the run is open
+        tracker = type(tracking._TRACKER).__name__
     assert run.info.run_id == run_id  # and after it
-    print(json.dumps({"run_id": run_id, "mlflow_imported": "mlflow" in sys.modules}))
+    print(json.dumps({"run_id": run_id, "mlflow_imported": "mlflow" in sys.modules,
+                      "tracker": tracker}))
 """)
 
 
 def _stage(tmp_path: Path, uri: str, mode: str) -> dict:
-    script = tmp_path / "stage.py"
-    script.write_text(STAGE)
+    """Run STAGE from a git checkout of its own (with a branch and a remote: MLflow's source
+    tags name them)."""
+    repo = tmp_path / "repo"
+    script = repo / "stage.py"
+    if not script.exists():
+        repo.mkdir()
+        script.write_text(STAGE)
+        git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.org"]
+        for args in (["init", "-q", "-b", "topic"], ["add", "stage.py"],
+                     ["commit", "-q", "-m", "stage"],
+                     ["remote", "add", "origin", "https://example.org/stage.git"]):
+            subprocess.run(git + args, check=True, capture_output=True)
     out = subprocess.run([sys.executable, str(script), uri, mode, str(tmp_path / mode)],
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -72,35 +84,49 @@ def _contents(client: mlflow.MlflowClient, run_id: str) -> dict:
             found.extend(files(item.path) if item.is_dir else [item.path])
         return sorted(found)
 
-    history = [m.value for m in client.get_metric_history(run_id, "loss")]
+    history = [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")]
+    assert run.info.start_time <= run.info.end_time
     return {"name": run.info.run_name, "status": run.info.status, "params": run.data.params,
-            "metrics": run.data.metrics, "tags": tags, "files": files(), "loss": history}
+            "metrics": run.data.metrics, "tags": tags, "files": files(), "loss": history,
+            "user": run.info.user_id, "lifecycle": run.info.lifecycle_stage,
+            "artifact_uri": run.info.artifact_uri.replace(run_id, "<id>")}
 
 
 @pytest.mark.slow
-def test_background_tracking_writes_what_in_process_tracking_writes(tmp_path):
+def test_background_and_direct_tracking_write_what_in_process_tracking_writes(tmp_path):
+    """The same calls through MLflow in the stage's process, through the tracking worker, and
+    written without MLflow (pipelines.sqlite_tracker) give the same runs, read with MLflow."""
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     mlflow.MlflowClient(uri).search_experiments()
+    in_process = _stage(tmp_path, uri, "in-process")  # creates the experiment
     background = _stage(tmp_path, uri, "background")
-    in_process = _stage(tmp_path, uri, "in-process")
+    direct = _stage(tmp_path, uri, "direct")
     assert background["mlflow_imported"] is False  # the worker imported it, not the stage
+    assert direct["mlflow_imported"] is False and direct["tracker"] == "DirectTracker"
+    assert background["tracker"] == "BackgroundTracker"
     assert in_process["mlflow_imported"] is True
     client = mlflow.MlflowClient(uri)
     runs = {}
-    for mode, result in (("background", background), ("in-process", in_process)):
+    for mode, result in (("background", background), ("in-process", in_process),
+                         ("direct", direct)):
         parent = _contents(client, result["run_id"])
         children = client.search_runs(
             [client.get_run(result["run_id"]).info.experiment_id],
             f"tags.mlflow.parentRunId = '{result['run_id']}'", order_by=["attributes.start_time"])
         runs[mode] = (parent, [_contents(client, c.info.run_id) for c in children])
     parent, children = runs["background"]
+    assert parent["tags"]["mlflow.source.git.branch"] == "topic"
+    assert parent["tags"]["mlflow.source.git.repoURL"] == "https://example.org/stage.git"
     assert parent["status"] == "FINISHED" and parent["name"] == "probe run"
     assert parent["params"]["models"] == '["a", "b"]' and parent["params"]["num_trees"] == "3"
-    assert parent["loss"] == [3.0, 2.0]
+    assert parent["loss"] == [(0, 3.0), (1, 2.0)]
     assert parent["files"] == ["config.yaml", "report/table.csv", "views/tree.txt"]
     assert [c["name"] for c in children] == ["fold a", "fold b"]
     assert [c["metrics"]["error"] for c in children] == [1.5, 2.5]
     assert runs["background"] == runs["in-process"]
+    assert runs["direct"] == runs["in-process"]
+    config = client.download_artifacts(direct["run_id"], "config.yaml", str(tmp_path / "dl"))
+    assert "direct: true" in Path(config).read_text()
 
 
 @pytest.mark.slow
@@ -131,6 +157,23 @@ def test_the_main_job_imports_neither_torch_nor_mlflow_and_logs_every_run(small_
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} == {
         "report/crossvalidation.csv", "report/crossvalidation.md"}
     assert parent.data.tags["data.source"] == "data.trees"
+    # again, on the store that now exists: written without MLflow and without a worker
+    again = subprocess.run(
+        [sys.executable, "-X", "importtime", "run.py", "stage=crossvalidate",
+         f"data.trees={trees}", f"tracking.uri={uri}", "tracking.experiment=main-job",
+         "show_progress=false", f"hydra.run.dir={tmp_path / 'again'}", "hydra.verbose=irene"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "tracking: written without MLflow" in again.stdout + again.stderr
+    imported = {line.rsplit("|", 1)[1].strip() for line in again.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "pipelines.sqlite_tracker" in imported and "mlflow" not in imported
+    second = client.search_runs([experiment], "tags.stage = 'crossvalidate'",
+                                order_by=["attributes.start_time DESC"])[0]
+    assert second.info.run_id != parent.info.run_id and second.info.status == "FINISHED"
+    assert second.data.metrics == parent.data.metrics
+    assert len(client.search_runs(
+        [experiment], f"tags.mlflow.parentRunId = '{second.info.run_id}'")) == len(folds)
 
 
 @pytest.mark.slow
