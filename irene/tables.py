@@ -1,4 +1,6 @@
-"""The one table writer: markdown, LaTeX and CSV from a pandas frame, written atomically.
+"""The one table writer: markdown, LaTeX and CSV from a pandas frame or a :class:`Table`,
+written atomically. A :class:`Table` is what the writers read from a frame; a stage that
+has no frame (the main job: one row per left-out model) builds one without importing pandas.
 
 Cells: floats are formatted (``floatfmt``, one format or one per column), integers and
 strings are written as they are, missing values as ``–``; a :class:`MeanSd` cell is written
@@ -11,14 +13,18 @@ what it always was.
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from irene.data.io import atomic_write_text
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 MISSING = "–"
 # LaTeX for the few non-ASCII symbols the tables and their notes use
@@ -42,15 +48,77 @@ class _Style:
     marks: Mapping[str, str]  # marker -> how this format writes it (missing: as given)
 
 
-def _labels(frame: pd.DataFrame) -> list[list[str]]:
-    return [list(map(str, i)) if isinstance(i, tuple) else [str(i)] for i in frame.index]
+@dataclass
+class Table:
+    """Rows of cells with labels: ``index_names`` (one per label level), one label list per
+    row, ``columns`` (names), ``rows`` (one list of cell values per row, as in the columns)."""
+
+    index_names: list[str]
+    labels: list[list[str]]
+    columns: list[Any]
+    rows: list[list[Any]]
+
+    @classmethod
+    def of(cls, frame: pd.DataFrame | Table) -> Table:
+        """A frame's table (a table as it is)."""
+        if isinstance(frame, Table):
+            return frame
+        return cls(index_names=["" if n is None else str(n) for n in frame.index.names],
+                   labels=[list(map(str, i)) if isinstance(i, tuple) else [str(i)]
+                           for i in frame.index],
+                   columns=list(frame.columns),
+                   rows=[[frame.iat[i, j] for j in range(frame.shape[1])]  # not iterrows: it
+                         for i in range(frame.shape[0])])                # upcasts ints to floats
+
+    def column(self, name: Any) -> list[Any]:
+        j = self.columns.index(name)
+        return [row[j] for row in self.rows]
+
+    def to_frame(self) -> pd.DataFrame:
+        """The same as a pandas frame (one label level)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.rows, columns=self.columns,
+                            index=pd.Index([label[0] for label in self.labels],
+                                           name=self.index_names[0] or None))
+
+    def to_csv(self, float_format: str = "%.4f") -> str:
+        """CSV as pandas' ``to_csv(float_format=...)`` writes it: floats in ``float_format``,
+        missing cells empty."""
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow([*self.index_names, *map(str, self.columns)])
+        for label, row in zip(self.labels, self.rows, strict=True):
+            writer.writerow([*label, *(_csv_cell(v, float_format) for v in row)])
+        return out.getvalue()
 
 
-def _index_names(frame: pd.DataFrame) -> list[str]:
-    return ["" if n is None else str(n) for n in frame.index.names]
+def _csv_cell(value: Any, float_format: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return float_format % value if isinstance(value, float) else str(value)
 
 
-def _cells(frame: pd.DataFrame, floatfmt: str | dict[str, str], style: _Style,
+def _numeric(value: Any) -> float | None:
+    """A cell as a number, as ``pandas.to_numeric(errors="coerce")`` reads it (None: not one)."""
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, int | float) or type(value).__module__ == "numpy":
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return None
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+    else:
+        return None
+    return None if math.isnan(number) else number
+
+
+def _cells(table: Table, floatfmt: str | dict[str, str], style: _Style,
            bold_columns: Sequence[str], bold_cells: Collection[tuple[int, str]] = (),
            marks: Mapping[tuple[int, str], str] | None = None) -> list[list[str]]:
     def fmt(column) -> str:
@@ -64,20 +132,20 @@ def _cells(frame: pd.DataFrame, floatfmt: str | dict[str, str], style: _Style,
             if value.sd is None or math.isnan(value.sd):
                 return mean
             return f"{mean}{style.pm}{format(value.sd, fmt(column))}"
-        if value is None or (isinstance(value, float) and pd.isna(value)):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
             return MISSING
         return format(value, fmt(column)) if isinstance(value, float) else str(value)
 
     best = {}
     for column in bold_columns:
-        values = pd.to_numeric(frame[column], errors="coerce").dropna()
-        if not values.empty:
-            best[column] = text(float(values.min()), column)
+        values = [n for n in map(_numeric, table.column(column)) if n is not None]
+        if values:
+            best[column] = text(float(min(values)), column)
     rows = []
-    for position in range(len(frame)):  # per cell: iterrows would upcast integers to floats
+    for position, row in enumerate(table.rows):
         cells = []
-        for j, column in enumerate(frame.columns):
-            cell = text(frame.iat[position, j], column)
+        for column, value in zip(table.columns, row, strict=True):
+            cell = text(value, column)
             if (column in best and cell == best[column]) or (position, column) in bold_cells:
                 cell = f"{style.bold[0]}{cell}{style.bold[1]}"
             mark = (marks or {}).get((position, column))
@@ -88,16 +156,17 @@ def _cells(frame: pd.DataFrame, floatfmt: str | dict[str, str], style: _Style,
     return rows
 
 
-def to_markdown(frame: pd.DataFrame, floatfmt: str | dict[str, str] = ".2f", *,
+def to_markdown(frame: pd.DataFrame | Table, floatfmt: str | dict[str, str] = ".2f", *,
                 bold_columns: Sequence[str] = (), bold_cells: Collection[tuple[int, str]] = (),
                 marks: Mapping[tuple[int, str], str] | None = None) -> str:
     """A markdown table; the index (every level of a MultiIndex) comes first. ``bold_cells``
     and ``marks`` address cells by (row position, column name)."""
-    header = _index_names(frame) + [str(c) for c in frame.columns]
+    table = Table.of(frame)
+    header = table.index_names + [str(c) for c in table.columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     style = _Style(bold=("**", "**"), pm=" ± ", marks={})
-    for label, cells in zip(_labels(frame),
-                            _cells(frame, floatfmt, style, bold_columns, bold_cells, marks),
+    for label, cells in zip(table.labels,
+                            _cells(table, floatfmt, style, bold_columns, bold_cells, marks),
                             strict=True):
         lines.append("| " + " | ".join(label + cells) + " |")
     return "\n".join(lines)
@@ -112,18 +181,19 @@ def _tex_note(text: str) -> str:
     return "".join(_TEX_SYMBOLS.get(c, c) for c in _tex_escape(text.replace("#", r"\#")))
 
 
-def to_latex(frame: pd.DataFrame, caption: str, floatfmt: str | dict[str, str] = ".2f", *,
+def to_latex(frame: pd.DataFrame | Table, caption: str, floatfmt: str | dict[str, str] = ".2f", *,
              bold_columns: Sequence[str] = (), bold_cells: Collection[tuple[int, str]] = (),
              marks: Mapping[tuple[int, str], str] | None = None, notes: Sequence[str] = ()) -> str:
     """A booktabs LaTeX table with a caption; ``notes`` are small lines under the table."""
-    names = _index_names(frame)
-    header = [_tex_escape(h) for h in names + [str(c) for c in frame.columns]]
-    spec = "l" * len(names) + "r" * len(frame.columns)
+    table = Table.of(frame)
+    names = table.index_names
+    header = [_tex_escape(h) for h in names + [str(c) for c in table.columns]]
+    spec = "l" * len(names) + "r" * len(table.columns)
     lines = [r"\begin{table}[t]", r"\centering", rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
              " & ".join(header) + r" \\", r"\midrule"]
     style = _Style(bold=(r"\textbf{", "}"), pm=r" $\pm$ ", marks=_TEX_SYMBOLS)
-    for label, cells in zip(_labels(frame),
-                            _cells(frame, floatfmt, style, bold_columns, bold_cells, marks),
+    for label, cells in zip(table.labels,
+                            _cells(table, floatfmt, style, bold_columns, bold_cells, marks),
                             strict=True):
         lines.append(" & ".join([_tex_escape(x) for x in label] + cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
@@ -135,24 +205,28 @@ def to_latex(frame: pd.DataFrame, caption: str, floatfmt: str | dict[str, str] =
 SPREAD_SUFFIX = "_sd"
 
 
-def fold_spread(frame: pd.DataFrame) -> pd.DataFrame:
+def fold_spread(frame: pd.DataFrame | Table) -> pd.DataFrame | Table:
     """Every column ``c`` that has a ``c_sd`` partner as :class:`MeanSd` cells (the partner
-    dropped); a frame without such pairs is returned as it is."""
-    pairs = [c for c in frame.columns if f"{c}{SPREAD_SUFFIX}" in frame.columns]
+    dropped), as a :class:`Table`; one without such pairs is returned as it is."""
+    table = Table.of(frame)
+    pairs = [c for c in table.columns if f"{c}{SPREAD_SUFFIX}" in table.columns]
     if not pairs:
         return frame
-    folded = frame.drop(columns=[f"{c}{SPREAD_SUFFIX}" for c in pairs])
-    for column in pairs:
-        folded[column] = [MeanSd(float(m), float(sd)) for m, sd in
-                          zip(frame[column], frame[f"{column}{SPREAD_SUFFIX}"], strict=True)]
-    return folded
+    partners = {f"{c}{SPREAD_SUFFIX}" for c in pairs}
+    kept = [c for c in table.columns if c not in partners]
+    where = {c: table.columns.index(c) for c in table.columns}
+    rows = [[MeanSd(float(row[where[c]]), float(row[where[f"{c}{SPREAD_SUFFIX}"]]))
+             if c in pairs else row[where[c]] for c in kept] for row in table.rows]
+    return Table(table.index_names, table.labels, kept, rows)
 
 
-def write_table(frame: pd.DataFrame, directory: Path, name: str,
+def write_table(frame: pd.DataFrame | Table, directory: Path, name: str,
                 floatfmt: str | dict[str, str] = ".2f") -> list[Path]:
     """``name.csv`` (4 decimals) and ``name.md`` in ``directory``, each written atomically; in
     the markdown, columns ``c`` and ``c_sd`` are one ``mean ± sd`` column (:func:`fold_spread`)."""
-    csv_path = atomic_write_text(directory / f"{name}.csv", frame.to_csv(float_format="%.4f"))
+    csv_text = (frame.to_csv() if isinstance(frame, Table)
+                else frame.to_csv(float_format="%.4f"))
+    csv_path = atomic_write_text(directory / f"{name}.csv", csv_text)
     md_path = atomic_write_text(directory / f"{name}.md",
                                 to_markdown(fold_spread(frame), floatfmt) + "\n")
     return [csv_path, md_path]

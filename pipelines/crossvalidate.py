@@ -11,10 +11,11 @@ depend on a seed is fit once and says so (tag ``seed_dependent=false``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 from omegaconf import DictConfig
 
 from irene.data.forest import fill_predictions
@@ -26,18 +27,28 @@ from irene.evaluate.crossval import (
     seeded_leave_one_model_out,
 )
 from irene.predictors.base import NotApplicableError, clone
-from irene.tables import fold_spread, to_markdown, write_table
+from irene.tables import Table, fold_spread, to_markdown, write_table
 from pipelines.config import build_predictor, run_params, seed_list, seeds_request
 from pipelines.data import load_forest
 from pipelines.paths import log, run_dir, setup
 from pipelines.tracking import finished_run, log_artifact, log_metrics, log_params, set_tag, tracked_run
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 
 @dataclass
 class CrossValidationReport:
-    table: pd.DataFrame | None  # rows: left-out models + "overall"; columns: ml, module, model
+    """What a cross-validation wrote; ``table`` (a pandas frame, built when first asked for):
+    rows: left-out models + "overall"; columns: ml, module, model (None when skipped)."""
+
+    result: Table | pd.DataFrame | None
     csv_path: Path | None  # None when the predictor does not apply (skip_not_applicable)
     predictions_path: Path | None  # out-of-fold predicted trees (save_predictions=true)
+
+    @cached_property
+    def table(self) -> pd.DataFrame | None:
+        return self.result.to_frame() if isinstance(self.result, Table) else self.result
 
 
 def _resumed(cfg: DictConfig, out: Path) -> CrossValidationReport | None:
@@ -52,7 +63,7 @@ def _resumed(cfg: DictConfig, out: Path) -> CrossValidationReport | None:
     if "not_applicable" in previous.data.tags:  # skipped then: nothing to read, skipped again
         log.warning("resume: identical config FINISHED in run %s as not applicable (%s); "
                     "skipping", run_id, previous.data.tags["not_applicable"])
-        return CrossValidationReport(table=None, csv_path=None, predictions_path=None)
+        return CrossValidationReport(result=None, csv_path=None, predictions_path=None)
     try:
         path = mlflow.artifacts.download_artifacts(
             run_id=run_id, artifact_path="report/crossvalidation.csv", dst_path=str(out))
@@ -61,9 +72,11 @@ def _resumed(cfg: DictConfig, out: Path) -> CrossValidationReport | None:
                     run_id, str(error).splitlines()[0])
         return None
     log.info("resume: identical config already FINISHED in run %s; skipping", run_id)
+    import pandas as pd
+
     table = pd.read_csv(path, index_col="left_out_model")
     print(f"crossvalidation table: {path}")
-    return CrossValidationReport(table=table, csv_path=Path(path), predictions_path=None)
+    return CrossValidationReport(result=table, csv_path=Path(path), predictions_path=None)
 
 
 @dataclass
@@ -135,11 +148,13 @@ def run(cfg: DictConfig) -> CrossValidationReport:
                 raise
             log.warning("not applicable, skipped: %s", error)
             set_tag("not_applicable", str(error)[:500])
-            return CrossValidationReport(table=None, csv_path=None, predictions_path=None)
-        table = result.table
+            return CrossValidationReport(result=None, csv_path=None, predictions_path=None)
+        table = result.grid if seeds is None else result.table
         csv_path = out / "crossvalidation.csv"
         write_table(table, out, "crossvalidation")
-        log_metrics({f"overall_{k}": v for k, v in table.loc["overall"].items()})
+        overall = (result.overall() if seeds is None
+                   else table.loc["overall"].to_dict())
+        log_metrics({f"overall_{k}": v for k, v in overall.items()})
         log_artifact(csv_path, "report")
         log_artifact(out / "crossvalidation.md", "report")
         predictions = None
@@ -151,4 +166,4 @@ def run(cfg: DictConfig) -> CrossValidationReport:
     print("Percentage error - leave-one-model-out cross-validation")
     print(to_markdown(fold_spread(table)))
     print(f"crossvalidation table: {csv_path}")
-    return CrossValidationReport(table=table, csv_path=csv_path, predictions_path=predictions)
+    return CrossValidationReport(result=table, csv_path=csv_path, predictions_path=predictions)

@@ -154,3 +154,15 @@ def test_overall_of_a_table_with_a_missing_value_is_missing():
     """The rule the table relies on: pandas' default mean skips NaN, ours does not."""
     table = pd.DataFrame({"ml": [1.0, np.nan]})
     assert np.isnan(table.mean(axis=0, skipna=False)["ml"]) and table.mean()["ml"] == 1.0
+
+
+def test_means_per_node_type_agree_with_pandas_on_the_device(device_forest):
+    """errors_by_node_type sums exactly (math.fsum); pandas' grouped mean agrees to 1e-12."""
+    rng = np.random.default_rng(3)
+    predicted = device_forest.gold_j * rng.lognormal(0.0, 0.3, device_forest.num_nodes)
+    predicted = np.where(np.isnan(predicted), 1.0, predicted)
+    ours = errors_by_node_type(device_forest, predicted)
+    theirs = node_errors(device_forest, predicted).groupby("node_type")["error_pct"].mean()
+    assert set(ours) == set(theirs.index)
+    for node_type, value in ours.items():
+        assert value == pytest.approx(theirs[node_type], rel=1e-12)

@@ -130,7 +130,8 @@ def test_background_and_direct_tracking_write_what_in_process_tracking_writes(tm
 
 
 @pytest.mark.slow
-def test_the_main_job_imports_neither_torch_nor_mlflow_and_logs_every_run(small_trees, tmp_path):
+def test_the_main_job_imports_neither_torch_nor_mlflow_nor_pandas_and_logs_every_run(
+        small_trees, tmp_path):
     """``stage=crossvalidate`` as a user runs it: the stage's process imports only what the
     cross-validation computes with; the tracking worker logs the parent and fold runs."""
     trees = write_trees(tmp_path / "small.jsonl", small_trees)
@@ -144,7 +145,7 @@ def test_the_main_job_imports_neither_torch_nor_mlflow_and_logs_every_run(small_
     imported = {line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines()
                 if line.startswith("import time:")}
     assert "irene.evaluate.crossval" in imported  # the stage's own imports are seen
-    for heavy in ("torch", "sklearn", "scipy", "transformers", "mlflow"):
+    for heavy in ("torch", "sklearn", "scipy", "transformers", "mlflow", "pandas"):
         assert heavy not in imported, heavy
     client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name("main-job").experiment_id

@@ -17,12 +17,15 @@ import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from irene.data.tree import FEATURE_FIELDS, FIELD_BOUNDS, MAX_SHAPE, NodeType, Tree, value_problem
 from irene.errors import InputError, MissingInputError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +244,8 @@ _COLUMN_FIELDS = {**{c: c for c in CSV_FEATURES}, "energy_mean": "ground_truth_e
 def _read_csv(folder: Path, level: str) -> pd.DataFrame:
     """One CSV, every value checked: numbers of any numeric dtype (``8`` or ``8.0``) within
     their physical bounds, whole numbers where a count is meant, names in place."""
+    import pandas as pd  # here: a stage that reads the cached trees does not import pandas
+
     path = folder / csv_name(level)
     try:
         frame = pd.read_csv(path, dtype={"level_name": str, "model_name": str})
@@ -395,6 +400,8 @@ def import_device(folder: str | Path, models: tuple[str, ...] | list[str] | None
         Trees ordered by model (as given), then batch size, then sequence length. Cells
         without a model row (some exist in the published data) are skipped with a warning.
     """
+    import pandas as pd
+
     folder = Path(folder)
     frames = [_read_csv(folder, level) for level in CSV_FILES]
     rows = pd.concat(frames, ignore_index=True)

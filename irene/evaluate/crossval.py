@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 from tqdm.auto import tqdm
 
 from irene.data.forest import Forest
@@ -14,18 +15,44 @@ from irene.data.tree import ERROR_COLUMNS, NODE_TYPES
 from irene.errors import NonFiniteResultError, SettingsError
 from irene.evaluate.metrics import errors_by_node_type
 from irene.predictors.base import Predictor, clone
+from irene.tables import Table
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass
 class CrossValidationResult:
-    """``table``: one row per left-out model and an ``overall`` row (unweighted mean of the
-    rows, as the reference does; every row has every column, so nothing is skipped),
-    columns ml / module / model in % error.
+    """``grid`` (a :class:`~irene.tables.Table`) and ``table`` (the same as a pandas frame,
+    built when first asked for): one row per left-out model and an ``overall`` row (unweighted
+    mean of the rows, as the reference does; every row has every column, so nothing is
+    skipped), columns ml / module / model in % error.
     ``predicted_j``: out-of-fold prediction of every node of the forest."""
 
-    table: pd.DataFrame
+    grid: Table
     predicted_j: np.ndarray
-    fold_models: dict[str, object]
+    fold_models: dict[str, object] = field(repr=False)
+
+    @cached_property
+    def table(self) -> pd.DataFrame:
+        return self.grid.to_frame()
+
+    def overall(self) -> dict[str, float]:
+        """The ``overall`` row: column name → mean % error."""
+        return dict(zip(self.grid.columns, self.grid.rows[-1], strict=True))
+
+
+def fold_table(rows: dict[str, dict[str, float]]) -> Table:
+    """The table of per-fold errors: the node types in :data:`ERROR_COLUMNS` order (a fold
+    without a type: NaN), then ``overall``, the unweighted mean (NaN if any fold's is)."""
+    columns = [t for t in ERROR_COLUMNS if any(t in r for r in rows.values())]
+    cells = [[float(r.get(c, np.nan)) for c in columns] for r in rows.values()]
+    # each column summed as one contiguous array (pairwise, as pandas' column mean sums it)
+    by_column = np.ascontiguousarray(np.asarray(cells, dtype=np.float64).reshape(-1, len(columns)).T)
+    overall = by_column.sum(axis=1) / by_column.shape[1] if cells else np.full(len(columns), np.nan)
+    return Table(index_names=["left_out_model"],
+                 labels=[[name] for name in [*rows, "overall"]], columns=columns,
+                 rows=[*cells, [float(v) for v in overall]])
 
 
 def leave_one_model_out(forest: Forest, predictor: Predictor, *,
@@ -65,11 +92,7 @@ def leave_one_model_out(forest: Forest, predictor: Predictor, *,
         fitted[left_out] = fitted_fold
         if on_fold is not None:
             on_fold(left_out, rows[left_out], fitted_fold)
-    table = pd.DataFrame.from_dict(rows, orient="index")
-    table = table[[t for t in ERROR_COLUMNS if t in table.columns]]
-    table.loc["overall"] = table.mean(axis=0, skipna=False)
-    table.index.name = "left_out_model"
-    return CrossValidationResult(table=table, predicted_j=predicted, fold_models=fitted)
+    return CrossValidationResult(grid=fold_table(rows), predicted_j=predicted, fold_models=fitted)
 
 
 # ----------------------------------------------------------------------- repeated over seeds
@@ -101,6 +124,8 @@ class SeededCrossValidationResult:
         """One row per left-out model and ``overall``: the mean over seeds of each node type's
         % error, then its sample standard deviation over seeds (``<type>_sd``; 0 when the
         predictor does not use a seed, NaN with a single seed)."""
+        import pandas as pd
+
         levels = [c for c in ERROR_COLUMNS if c in self.folds.columns]
         rows = {}
         groups = [(m, g[levels]) for m, g in self.folds.groupby("left_out_model", sort=False)]
@@ -167,6 +192,8 @@ def seeded_leave_one_model_out(forest: Forest, predictor: Predictor, seeds: list
             if on_fold is not None:
                 on_fold(seed, left_out, errors)
         predicted[node_names == left_out] = per_seed[0][1]
+    import pandas as pd
+
     frame = pd.DataFrame.from_records([records[key] for key in sorted(records)])  # seed-major
     return SeededCrossValidationResult(folds=frame, seeds=fitted_seeds,
                                        seed_dependent=seed_dependent, predicted_j=predicted)

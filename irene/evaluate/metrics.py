@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
 
 from irene.data.forest import Forest, build_forest
 from irene.data.tree import ERROR_COLUMNS, NODE_TYPES, iter_nodes
 from irene.errors import InputError, NonFiniteResultError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def percentage_errors(gold_j: np.ndarray, predicted_j: np.ndarray) -> np.ndarray:
@@ -33,6 +38,8 @@ def node_errors(forest: Forest, predicted_j: np.ndarray) -> pd.DataFrame:
     Raises:
         NonFiniteResultError: a prediction is NaN or infinite (never averaged away).
     """
+    import pandas as pd
+
     check_finite(forest, predicted_j)
     measured = ~np.isnan(forest.gold_j)
     return pd.DataFrame({
@@ -49,9 +56,19 @@ def errors_by_node_type(forest: Forest, predicted_j: np.ndarray) -> dict[str, fl
     Raises:
         NonFiniteResultError: a prediction or a mean is NaN or infinite.
     """
-    frame = node_errors(forest, predicted_j)
-    means = frame.groupby("node_type")["error_pct"].mean()
-    errors = {t: float(means[t]) for t in ERROR_COLUMNS if t in means}
+    check_finite(forest, predicted_j)
+    measured = ~np.isnan(forest.gold_j)
+    error_pct = percentage_errors(forest.gold_j[measured], predicted_j[measured])
+    types = forest.node_type[measured]
+    names = [str(t) for t in NODE_TYPES]
+    errors = {}
+    for node_type in ERROR_COLUMNS:
+        values = error_pct[types == names.index(node_type)]
+        if len(values):  # an exactly rounded sum: the same whatever the order of the nodes
+            try:
+                errors[node_type] = math.fsum(values.tolist()) / len(values)
+            except OverflowError:  # finite errors whose sum is not
+                errors[node_type] = math.inf
     for node_type, value in errors.items():
         if not np.isfinite(value):
             raise NonFiniteResultError(f"the mean % error of {node_type} nodes is {value!r}: "

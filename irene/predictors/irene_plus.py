@@ -31,14 +31,18 @@ the whole model on device 1 takes well under a second per fold.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
 
 from irene.data.forest import ALL_FEATURE_SETS, Forest, children_sum, compose, feature_list
 from irene.data.tree import NODE_TYPES
 from irene.errors import InputError
 from irene.predictors.base import Each, OneOf, Predictor, Range
 from irene.predictors.leaves import LogPolyRegressor, measured, predict_leaves, relative_lstsq
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 MODULE_CHILD = "module"  # the kind of a child that is a module (not a primitive)
 # additive features whose parent-minus-children difference is the parent's own, unattributed work
@@ -244,6 +248,8 @@ class IrenePlusPredictor(Predictor):
             For inner nodes ``predicted_j = weighted_children_j + residual_j``
             ``= children_sum_j + unattributed_j``; leaves have zeros in the child columns.
         """
+        import pandas as pd
+
         self.check_fitted()
         leaf_pred, fallback = self._predict_leaves(forest, forest.matrix(self.features_))
         weights, residual = self._weights_and_residual(forest)
@@ -269,6 +275,8 @@ class IrenePlusPredictor(Predictor):
     def parameters(self) -> pd.DataFrame:
         """The inner model's learned numbers: one weight per kind of child, then the
         coefficients of the unattributed term (J, J/MFLOP, J/MiB, J/s, J/J)."""
+        import pandas as pd
+
         self.check_fitted()
         names = [f"weight[{k}]" for k in self.child_kinds_] + list(self.residual_terms_)
         return pd.DataFrame({"value": np.concatenate([self.child_weights_, self.residual_coef_])},
