@@ -107,6 +107,35 @@ def skip_mode_probe(argv: list[str]) -> bool:
     return True
 
 
+def one_line_config_errors() -> None:
+    """A setting Hydra cannot apply (``predictor.lr=abc``, ``tracking.direct=maybe``,
+    ``data.pth=x``) ends in one ``error:`` line and exit code 2, like every user error; Hydra
+    would print six lines and exit 1. ``HYDRA_FULL_ERROR=1`` keeps Hydra's report."""
+    import hydra._internal.utils as hydra_utils
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    report = hydra_utils.run_and_report
+
+    def run_and_report(func):
+        def composed():
+            try:
+                return func()
+            except (ConfigCompositionException, OverrideParseException) as error:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                parts = [" ".join(line.strip() for line in str(error).splitlines() if line.strip())]
+                if isinstance(error, OverrideParseException):
+                    parts.insert(0, error.override)
+                if error.__cause__ is not None and str(error.__cause__).strip():
+                    parts.append(str(error.__cause__).strip().splitlines()[0])
+                print(f"error: {': '.join(parts)}", file=sys.stderr, flush=True)
+                raise SystemExit(2) from None
+
+        return report(composed)
+
+    hydra_utils.run_and_report = run_and_report
+
+
 def exit_without_teardown() -> None:
     """End a finished single run now: every output is written and closed, and its tracking
     is done, so the interpreter's teardown (a few tenths of a second of freeing objects) is
@@ -128,6 +157,7 @@ if __name__ == "__main__":
         print(f"error: {bad_option}", file=sys.stderr)
         raise SystemExit(2)
     skip_mode_probe(sys.argv)
+    one_line_config_errors()
     try:
         main()
     except (Terminated, KeyboardInterrupt) as stop:  # a sweep's own process; its jobs said theirs

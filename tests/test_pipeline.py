@@ -216,3 +216,21 @@ def test_a_hydra_mode_override_still_makes_a_sweep(tmp_path):
                           f"hydra.sweep.dir={tmp_path}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert "#0 : " in out.stdout + out.stderr and "#1 : " in out.stdout + out.stderr, out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("setting", "message"), [
+    ("tracking.direct=maybe", "error: Error merging override tracking.direct=maybe: Value 'maybe' "
+                              "is not a valid bool (type str)"),
+    ("predictor.lr=abc", "error: Error merging override predictor.lr=abc: Value 'abc' of type "
+                         "'str' could not be converted to Float"),
+    ("data.pth=x", "error: Could not override 'data.pth'. To append to your config use "
+                   "+data.pth=x: Key 'pth' not in 'DataConfig'"),
+    ("seeds=[1,2", "error: seeds=[1,2: no viable alternative at input '[1,2'"),
+])
+def test_cli_setting_hydra_cannot_apply_is_one_line_and_exit_2(setting, message):
+    out = subprocess.run([sys.executable, "run.py", "stage=crossvalidate", setting], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), out.stderr
