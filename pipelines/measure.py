@@ -18,9 +18,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from irene.measure.meters import NullMeter, meter_from_settings
-from irene.measure.runner import environment, measure_into, resolve_device
+from irene.measure.runner import environment, measure_into, resolve_device, wanted_completeness
 from irene.measure.settings import MeterSettings, ProtocolSettings
-from irene.measure.store import has_record
+from irene.measure.store import ENERGY, TRACE, has_record
 from irene.measure.summary import summarize, summary_line, summary_metrics
 from pipelines.config import MeasureConfig
 from pipelines.tracking import log_artifact, log_metrics, tracked_run
@@ -73,11 +73,21 @@ def run(cfg: DictConfig) -> Path:
     output = Path(settings.output)
     model, batch_size, seq_len = str(cfg.model), int(cfg.batch_size), int(cfg.seq_len)
     device = resolve_device(settings.device, settings.gpu_index)  # absent: an error, always
-    if has_record(output, (model, batch_size, seq_len)):
+    key = (model, batch_size, seq_len)
+    if has_record(output, key, ENERGY if settings.measure else TRACE):  # nothing to add
         log.info("%s %dx%d already measured in %s: skipped", model, batch_size, seq_len, output)
         print(f"trees: {output}")
         return output
     meter = meter_from_settings(settings, device) if settings.measure else NullMeter()
+    if has_record(output, key, wanted_completeness(meter, settings.measure)):
+        meter.close()
+        log.info("%s %dx%d already in %s with all this meter (%s) measures: skipped", model,
+                 batch_size, seq_len, output, meter.name)
+        print(f"trees: {output}")
+        return output
+    if has_record(output, key):
+        log.info("%s %dx%d is in %s without energy: measured again with meter %s, and its "
+                 "line replaced", model, batch_size, seq_len, output, meter.name)
     params = {
         "model": model,
         "batch_size": batch_size,

@@ -133,6 +133,52 @@ def test_append_record_is_idempotent(tmp_path):
     assert not list(path.parent.glob("*.tmp"))
 
 
+def test_a_line_with_less_is_replaced_in_place_and_never_one_with_as_much(tmp_path):
+    from irene.measure.store import ENERGY, TIMES, TRACE, completeness
+
+    path = tmp_path / "trees.jsonl"
+
+    def record(seq_len, **root):
+        return {"model_name": "m", "batch_size": 1, "seq_len": seq_len,
+                "frontend_tree": {"id": "root", **root}}
+
+    trace, times = record(2), record(2, times_mean=0.1)
+    energy = record(2, times_mean=0.1, ground_truth_energy=3.0)
+    assert [completeness(r) for r in (trace, times, energy)] == [TRACE, TIMES, ENERGY]
+    assert append_record(path, record(1)) and append_record(path, trace)
+    assert append_record(path, record(3))
+    assert append_record(path, times)  # more than the trace: replaces it, in its place
+    assert not append_record(path, trace)
+    assert append_record(path, energy)
+    assert not append_record(path, times) and not append_record(path, energy)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["seq_len"] for r in lines] == [1, 2, 3]
+    assert lines[1] == energy
+
+
+def test_a_times_only_line_does_not_stop_a_measurement_with_energy(tmp_path, monkeypatch):
+    """Measured first where no energy meter exists (times only), then with one: the shape is
+    measured again and its line gets the energies; later runs skip it."""
+    from pipelines import measure as stage
+
+    measured = []
+    real = stage.measure_into
+    monkeypatch.setattr(stage, "measure_into", lambda *a, **k: measured.append(1) or real(*a, **k))
+    path = stage.run(_cfg(tmp_path))
+    assert "ground_truth_energy" not in json.loads(path.read_text())["frontend_tree"]
+    stage.run(_cfg(tmp_path))  # the same meter again: nothing to add
+    assert measured == [1]
+    simulated = {"meter": "simulated", "simulated.tick_s": 0.001}
+    stage.run(_cfg(tmp_path, **simulated))
+    assert measured == [1, 1]
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["frontend_tree"]["ground_truth_energy"] > 0
+    before = path.read_text()
+    stage.run(_cfg(tmp_path, **simulated))
+    stage.run(_cfg(tmp_path))  # less than what is there: skipped too
+    assert measured == [1, 1] and path.read_text() == before
+
+
 SWEEP = """
 import sys, time
 from irene.measure.runner import measure_into

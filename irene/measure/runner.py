@@ -16,7 +16,7 @@ from irene.data.architectures import model_from_name
 from irene.errors import SettingsError
 from irene.measure.meters import EnergyMeter, NullMeter, NvmlMeter
 from irene.measure.protocol import ProgressCallback, ProtocolSettings, device_sync, measure_nodes
-from irene.measure.store import append_record, has_record
+from irene.measure.store import ENERGY, TIMES, TRACE, append_record, has_record
 from irene.measure.trace import trace_model, trace_to_record
 
 log = logging.getLogger(__name__)
@@ -125,9 +125,18 @@ def measure_configuration(
     return record
 
 
+def wanted_completeness(meter: EnergyMeter | None, measure: bool) -> int:
+    """What a measurement with ``meter`` records (:func:`irene.measure.store.completeness`)."""
+    if not measure:
+        return TRACE
+    return ENERGY if meter is not None and meter.measures_energy else TIMES
+
+
 def measure_into(path: str | Path, model_name: str, batch_size: int, seq_len: int, **kwargs: Any
                  ) -> dict | None:
-    """Measure one configuration into a trees file unless its line is already there.
+    """Measure one configuration into a trees file unless its line is already there with as
+    much as this measurement would give (a times-only line is measured again with an energy
+    meter, and replaced).
 
     Args:
         path: the ``trees.jsonl`` file shared by a sweep.
@@ -139,7 +148,8 @@ def measure_into(path: str | Path, model_name: str, batch_size: int, seq_len: in
     Returns:
         The record added, or ``None`` when the configuration was already in the file.
     """
-    if has_record(path, (model_name, batch_size, seq_len)):
+    if has_record(path, (model_name, batch_size, seq_len), wanted_completeness(
+            kwargs.get("meter"), kwargs.get("measure", True))):
         log.info("%s (%d x %d) already in %s: skipped", model_name, batch_size, seq_len, path)
         return None
     record = measure_configuration(model_name, batch_size, seq_len, **kwargs)

@@ -5,7 +5,9 @@ renaming it over the original (``os.replace`` is atomic on POSIX): a sweep kille
 moment leaves either the old file or the new one, never a torn line. An exclusive lock on a
 ``.lock`` sibling serialises parallel jobs of one sweep. On start a job checks whether its
 line already exists and skips the work if so, so a restarted sweep neither loses nor
-duplicates a configuration.
+duplicates a configuration; a line with less than the job would measure (the trace alone,
+or times without energy, from a machine without an energy meter) does not stop it, and the
+job's line replaces it (:func:`completeness`).
 """
 
 from __future__ import annotations
@@ -49,13 +51,43 @@ def read_keys(path: str | Path) -> set[RecordKey]:
     return keys
 
 
-def has_record(path: str | Path, key: RecordKey) -> bool:
-    """Whether the trees file already holds the line of ``key``."""
-    return key in read_keys(path)
+# what a record holds: the trace alone, times measured without energy, energy measured
+TRACE, TIMES, ENERGY = 0, 1, 2
+
+
+def completeness(record: dict) -> int:
+    """:data:`ENERGY` when the root has ``ground_truth_energy``, :data:`TIMES` when the record
+    was measured (a ``measurement`` block or ``times_mean``) without energy, else :data:`TRACE`."""
+    root = record.get("frontend_tree") or {}
+    if root.get("ground_truth_energy") is not None:
+        return ENERGY
+    return TIMES if "measurement" in record or root.get("times_mean") is not None else TRACE
+
+
+def existing_completeness(path: str | Path, key: RecordKey) -> int | None:
+    """:func:`completeness` of the line of ``key`` (None: no such line)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    with open(path) as handle:
+        for line in handle:
+            if line.strip():
+                record = json.loads(line)
+                if record_key(record) == key:
+                    return completeness(record)
+    return None
+
+
+def has_record(path: str | Path, key: RecordKey, wanted: int = TRACE) -> bool:
+    """Whether the trees file already holds the line of ``key`` with at least ``wanted``
+    (:func:`completeness`): then a job that would produce ``wanted`` has nothing to add."""
+    found = existing_completeness(path, key)
+    return found is not None and found >= wanted
 
 
 def append_record(path: str | Path, record: dict) -> bool:
-    """Add one record atomically, unless a record with the same key is already there.
+    """Add one record atomically, unless a record with the same key and at least as much
+    (:func:`completeness`) is already there; a line with less is replaced.
 
     Args:
         path: the ``trees.jsonl`` file (created with its folder if missing).
@@ -65,15 +97,20 @@ def append_record(path: str | Path, record: dict) -> bool:
         True when the line was written, False when its key was already present.
     """
     path = Path(path)
+    key, new = record_key(record), completeness(record)
     with _locked(path):
-        existing = path.read_text() if path.exists() else ""
-        if record_key(record) in read_keys(path):
+        lines = [line for line in (path.read_text().splitlines() if path.exists() else [])
+                 if line.strip()]
+        found = [i for i, line in enumerate(lines) if record_key(json.loads(line)) == key]
+        if found and completeness(json.loads(lines[found[0]])) >= new:
             return False
-        if existing and not existing.endswith("\n"):
-            existing += "\n"
+        if found:  # the line with less, replaced where it was
+            lines[found[0]] = json.dumps(record)
+        else:
+            lines.append(json.dumps(record))
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with open(tmp, "w") as handle:
-            handle.write(existing + json.dumps(record) + "\n")
+            handle.write("".join(f"{line}\n" for line in lines))
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
