@@ -383,6 +383,10 @@ CASES = [
     Case("predict-model-not-in-the-registry",
          ["stage=predict", "model=not-a-model", "model_dir={model_dir}"],
          f"model='not-a-model': unknown model; use one of {KNOWN_MODELS} or a config.json path"),
+    Case("predict-model-config-json-missing",
+         ["stage=predict", "model={tmp}/config.json", "model_dir={model_dir}"],
+         "model='{tmp}/config.json': no such file or folder (a Hugging Face config.json, or a "
+         "folder holding one, is read from disk)"),
     Case("predict-seq-len-beyond-positions",
          ["stage=predict", "model=tiny/bert", "seq_len=100", "model_dir={model_dir}"],
          "seq_len=100: tiny/bert takes at most 64 tokens (its position embeddings)"),

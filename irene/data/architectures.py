@@ -142,6 +142,10 @@ def config_from_name(name_or_path: str) -> tf.PretrainedConfig:
     path = Path(name_or_path)
     if path.exists():
         return tf.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if (name_or_path.endswith((".json", "/")) or name_or_path.startswith(("/", ".", "~"))
+            or name_or_path.count("/") > 1):  # a path, not a registry name such as tiny/bert
+        raise SettingsError(f"model={name_or_path!r}: no such file or folder (a Hugging Face "
+                            "config.json, or a folder holding one, is read from disk)")
     known = ", ".join(sorted(MODEL_REGISTRY))
     raise SettingsError(f"model={name_or_path!r}: unknown model; use one of {known} or a "
                         "config.json path")
