@@ -101,19 +101,11 @@ def _csv_cell(value: Any, float_format: str) -> str:
 
 def _numeric(value: Any) -> float | None:
     """A cell as a number, as ``pandas.to_numeric(errors="coerce")`` reads it (None: not one)."""
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, int | float) or type(value).__module__ == "numpy":
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            return None
-    elif isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            return None
-    else:
+    if isinstance(value, MeanSd) or value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
         return None
     return None if math.isnan(number) else number
 

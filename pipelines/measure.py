@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from irene.measure.meters import NullMeter, meter_from_settings
 from irene.measure.runner import environment, measure_into, resolve_device, wanted_completeness
 from irene.measure.settings import MeterSettings, ProtocolSettings
-from irene.measure.store import ENERGY, TRACE, has_record
+from irene.measure.store import ENERGY, TRACE, existing_completeness
 from irene.measure.summary import summarize, summary_line, summary_metrics
 from pipelines.config import MeasureConfig
 from pipelines.tracking import log_artifact, log_metrics, tracked_run
@@ -73,19 +73,19 @@ def run(cfg: DictConfig) -> Path:
     output = Path(settings.output)
     model, batch_size, seq_len = str(cfg.model), int(cfg.batch_size), int(cfg.seq_len)
     device = resolve_device(settings.device, settings.gpu_index)  # absent: an error, always
-    key = (model, batch_size, seq_len)
-    if has_record(output, key, ENERGY if settings.measure else TRACE):  # nothing to add
+    found = existing_completeness(output, (model, batch_size, seq_len))  # None: no line yet
+    if found is not None and found >= (ENERGY if settings.measure else TRACE):  # nothing to add
         log.info("%s %dx%d already measured in %s: skipped", model, batch_size, seq_len, output)
         print(f"trees: {output}")
         return output
     meter = meter_from_settings(settings, device) if settings.measure else NullMeter()
-    if has_record(output, key, wanted_completeness(meter, settings.measure)):
+    if found is not None and found >= wanted_completeness(meter, settings.measure):
         meter.close()
         log.info("%s %dx%d already in %s with all this meter (%s) measures: skipped", model,
                  batch_size, seq_len, output, meter.name)
         print(f"trees: {output}")
         return output
-    if has_record(output, key):
+    if found is not None:
         log.info("%s %dx%d is in %s without energy: measured again with meter %s, and its "
                  "line replaced", model, batch_size, seq_len, output, meter.name)
     params = {

@@ -30,6 +30,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from irene.data.io import atomic_write_bytes
+
 # MLflow's alembic revisions whose tables runs, tags, params, metrics and latest_metrics this
 # module writes as MLflow does (checked with MLflow 3.17, whose head this is). A store of
 # another revision is written by MLflow itself.
@@ -209,9 +211,8 @@ class SqliteTracker:
             if params:
                 self.log_params(params)
             if config_yaml is not None:
-                self._copy_in(run_id, None, lambda target: target.write_text(config_yaml,
-                                                                             encoding="utf-8"),
-                              "config.yaml")
+                atomic_write_bytes(self._artifacts(run_id) / "config.yaml",
+                                   config_yaml.encode("utf-8"))
         except BaseException:
             self.end("FAILED")
             raise
@@ -282,26 +283,14 @@ class SqliteTracker:
                        [(k, str(v)[:MAX_TAG_LENGTH], run_id) for k, v in tags.items()])
 
     def log_artifact(self, path: str, artifact_path: str | None) -> None:
+        """A file, or a folder's files, under the run's artifact folder, where MLflow's local
+        artifact repository puts them (a file through a temporary name: never seen half)."""
         source = Path(path)
-        run_id = self._open[-1]
+        folder = self._artifacts(self._open[-1])
         if source.is_dir():
-            self._copy_in(run_id, artifact_path or source.name,
-                          lambda target: shutil.copytree(source, target, dirs_exist_ok=True), "")
+            shutil.copytree(source, folder / (artifact_path or source.name), dirs_exist_ok=True)
         else:
-            self._copy_in(run_id, artifact_path,
-                          lambda target: shutil.copyfile(source, target), source.name)
-
-    def _copy_in(self, run_id: str, artifact_path: str | None, write, name: str) -> None:
-        """Write one artifact (a file, or a folder's files) under the run's artifact folder,
-        through a temporary name so that a reader never sees half of it."""
-        folder = self._artifacts(run_id) / (artifact_path or "")
-        folder.mkdir(parents=True, exist_ok=True)
-        if name:
-            partial = folder / f".{name}.{os.getpid()}.partial"
-            write(partial)
-            os.replace(partial, folder / name)
-        else:
-            write(folder)
+            atomic_write_bytes(folder / (artifact_path or "") / source.name, source.read_bytes())
 
     def started(self, index: int) -> str:
         """The id of the ``index``-th run started."""

@@ -101,11 +101,13 @@ def append_record(path: str | Path, record: dict) -> bool:
     with _locked(path):
         lines = [line for line in (path.read_text().splitlines() if path.exists() else [])
                  if line.strip()]
-        found = [i for i, line in enumerate(lines) if record_key(json.loads(line)) == key]
-        if found and completeness(json.loads(lines[found[0]])) >= new:
-            return False
-        if found:  # the line with less, replaced where it was
-            lines[found[0]] = json.dumps(record)
+        for i, line in enumerate(lines):
+            there = json.loads(line)
+            if record_key(there) == key:
+                if completeness(there) >= new:
+                    return False
+                lines[i] = json.dumps(record)  # the line with less, replaced where it was
+                break
         else:
             lines.append(json.dumps(record))
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
