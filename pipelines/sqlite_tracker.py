@@ -28,7 +28,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import quote, unquote, urlparse
 
 from irene.data.io import atomic_write_bytes
 
@@ -85,7 +85,7 @@ def unusable(uri: str, experiment: str) -> str | None:
     if (Path.home() / ".mlflow" / "credentials").exists():
         return "MLflow credentials are stored (they name the run's user)"
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True,
+        with contextlib.closing(sqlite3.connect(f"file:{quote(str(path.absolute()))}?mode=ro", uri=True,
                                                 timeout=_BUSY_TIMEOUT_S)) as connection:
             revision = connection.execute("SELECT version_num FROM alembic_version").fetchone()
             if revision is None or revision[0] not in KNOWN_SCHEMAS:

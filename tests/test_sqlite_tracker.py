@@ -189,3 +189,18 @@ def test_the_prestart_guess_follows_the_command_line(store, tmp_path, monkeypatc
     assert not _direct_store_likely(["run.py", "stage=train"])  # the default store: none yet
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     assert _direct_store_likely(["run.py", "tracking.experiment=e"])
+
+
+def test_a_store_whose_path_has_uri_characters_is_written_directly(tmp_path):
+    folder = tmp_path / "a dir?#%"
+    folder.mkdir()
+    uri = f"sqlite:///{folder / 'store.db'}"
+    client = mlflow.MlflowClient(uri)
+    client.create_experiment("e", artifact_location=(folder / "artifacts").as_uri())
+    assert unusable(uri, "e") is None
+    tracker = SqliteTracker(uri, "e")
+    tracker.start("r", {}, False, {"p": "1"}, "a: 1\n")
+    tracker.end("FINISHED")
+    run = client.get_run(tracker.run_ids[0])
+    assert run.data.params == {"p": "1"} and run.info.status == "FINISHED"
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
