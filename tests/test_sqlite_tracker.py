@@ -192,7 +192,7 @@ def test_the_prestart_guess_follows_the_command_line(store, tmp_path, monkeypatc
 
 
 def test_a_store_whose_path_has_uri_characters_is_written_directly(tmp_path):
-    folder = tmp_path / "a dir?#%"
+    folder = tmp_path / "a dir #1 100%"
     folder.mkdir()
     uri = f"sqlite:///{folder / 'store.db'}"
     client = mlflow.MlflowClient(uri)
