@@ -86,7 +86,9 @@ def main() -> None:
                         help=f"comma-separated feature sources among {SOURCES}")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    trees = import_device(os.environ.get("IRENE_DATA_DIR", "/work/shared/data/irene/device_1"))
+    if not os.environ.get("IRENE_DATA_DIR"):
+        raise SystemExit("static_transfer: set IRENE_DATA_DIR to a published device folder")
+    trees = import_device(os.environ["IRENE_DATA_DIR"])
     options = {} if args.default_leaves else {"leaf_degrees": [1]}
     start_s = time.perf_counter()
     frame = table(trees, options, tuple(args.sources.split(",")))

@@ -1,5 +1,5 @@
-"""Shared fixtures: the published device-1 data (read from $IRENE_DATA_DIR or ../shared, never
-copied into the project), small synthetic trees, and one MLflow store per test session."""
+"""Shared fixtures: the published device-1 data (read from $IRENE_DATA_DIR, never copied into
+the project), small synthetic trees, and one MLflow store per test session."""
 
 from __future__ import annotations
 
@@ -10,16 +10,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DEVICE_1 = ROOT.parent / "shared" / "data" / "irene" / "device_1"
-# the trees measured on an H200 with stage=measure (../shared beside the checkout, or set)
-H200_TREES = Path(os.environ.get("IRENE_H200_TREES",
-                                 ROOT.parent / "shared" / "data" / "h200" / "trees.jsonl"))
+# the trees this project measured on an H200 with stage=measure (shipped in datasets/h200)
+H200_TREES = ROOT / "datasets" / "h200" / "trees.jsonl"
 
 
 def _device_dir() -> Path | None:
-    for candidate in (os.environ.get("IRENE_DATA_DIR"), SHARED_DEVICE_1):
-        if candidate and (Path(candidate) / "model_level_features.csv").is_file():
-            return Path(candidate)
+    """Device 1's folder: $IRENE_DATA_DIR itself, or its ``device_1/``."""
+    root = os.environ.get("IRENE_DATA_DIR")
+    if not root:
+        return None
+    for candidate in (Path(root), Path(root) / "device_1"):
+        if (candidate / "model_level_features.csv").is_file():
+            return candidate
     return None
 
 
@@ -27,7 +29,8 @@ def _device_dir() -> Path | None:
 def device_dir() -> Path:
     path = _device_dir()
     if path is None:
-        pytest.fail("published data not found: set IRENE_DATA_DIR to a device folder")
+        pytest.fail("published data not found: set IRENE_DATA_DIR to device 1's folder "
+                    "(or to a folder holding device_1/)")
     return path
 
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
 from irene.data.architectures import model_from_name
@@ -12,7 +9,7 @@ from irene.data.tree import iter_nodes
 from irene.measure.flops import IRENE_LEAF_TYPES
 from irene.measure.trace import FOLDED_ACTIVATIONS, trace_model, trace_tree
 
-DATA_DIR = Path(os.environ.get("IRENE_DATA_DIR", "/work/shared/data/irene/device_1"))
+
 MODELS = ("bert-base-uncased", "gpt2", "distilbert-base-uncased")
 SHAPES = ((8, 32), (16, 128))
 TOLERANCE_MIB = 1e-9
@@ -20,13 +17,11 @@ CPU_MODELS = {"gpt2": "cpu"}
 
 
 @pytest.fixture(scope="module")
-def published() -> dict:
+def published(device_dir) -> dict:
     """Published nodes by (model, batch_size, seq_len) and scope."""
-    if not DATA_DIR.is_dir():
-        pytest.skip(f"published data not found at {DATA_DIR}")
     from irene.data.published import import_device
 
-    trees = import_device(DATA_DIR, list(MODELS))
+    trees = import_device(device_dir, list(MODELS))
     return {
         (t["model_name"], int(t["batch_size"]), int(t["seq_len"])): {
             n["scope"]: n for n in iter_nodes(t["frontend_tree"])

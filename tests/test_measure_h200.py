@@ -1,4 +1,4 @@
-"""Trees measured on an H200 (../shared/data/h200) through the stages, and the leakage rule."""
+"""Trees measured on an H200 (datasets/h200, shipped with the project) through the stages, and the leakage rule."""
 
 from __future__ import annotations
 
@@ -23,8 +23,7 @@ register_configs()
 
 @pytest.fixture(scope="module")
 def h200_path() -> Path:
-    if not H200.is_file():
-        pytest.skip(f"H200 trees not found at {H200} (set IRENE_H200_TREES)")
+    assert H200.is_file(), f"{H200} is part of the project: is the checkout complete?"
     return H200
 
 

@@ -11,7 +11,7 @@ def test_which_skips_hide_a_guard():
     assert hides_a_guard("could not import 'irene.data.tree': No module named 'irene'")
     assert hides_a_guard("could not import 'pipelines.config': boom")
     assert hides_a_guard("published data not found at /nowhere")
-    assert hides_a_guard("H200 trees not found at /x (set IRENE_H200_TREES)")
+    assert hides_a_guard("H200 trees not found at /x")
     assert not hides_a_guard("chromium not installed (Debian: apt-get install chromium)")
     assert not hides_a_guard("PostgreSQL is not installed here")
     assert not hides_a_guard("could not import 'plotly': No module named 'plotly'")
