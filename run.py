@@ -28,7 +28,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from irene.errors import SettingsError, UserError, one_line  # noqa: E402
+from irene.errors import FULL_ERROR_ENV, SettingsError, UserError, full_error_requested, one_line  # noqa: E402
 from pipelines.config import STAGES, bad_group_option, register_configs  # noqa: E402
 from pipelines.sweep import record_job_error, watch_sweep_process  # noqa: E402
 from pipelines.tracking import Terminated  # noqa: E402
@@ -46,6 +46,44 @@ def run_stage(cfg: DictConfig) -> None:
     importlib.import_module(f"pipelines.{cfg.stage}").run(cfg)
 
 
+def unknown_settings(node: DictConfig, prefix: str = "") -> list[str]:
+    """Keys of ``node`` that its typed schema does not have, added with ``+key=value``: Hydra
+    accepts those without a check (``+predicter=irene`` would change nothing and say nothing).
+    Nodes without a dataclass schema (a predictor's, whose keys its constructor checks) are
+    not walked."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    schema = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(schema):
+        return []
+    fields = {f.name for f in dataclasses.fields(schema)}
+    unknown = []
+    for key, value in node.items_ex(resolve=False):
+        if key not in fields:
+            unknown.append(f"{prefix}{key}")
+        elif isinstance(value, DictConfig):
+            unknown += unknown_settings(value, f"{prefix}{key}.")
+    return unknown
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Fail in one line on a setting that does not exist (see :func:`unknown_settings`)."""
+    unknown = unknown_settings(cfg)
+    if unknown:
+        import difflib
+
+        from omegaconf import OmegaConf
+
+        key = unknown[0]
+        parent, _, name = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        close = difflib.get_close_matches(name, [str(k) for k in node if k != name], n=1)
+        hint = f"; did you mean {(parent + '.' if parent else '') + close[0]}?" if close else ""
+        raise SettingsError(f"{key}: no such setting or config group{hint}")
+
+
 def report_user_error(error: BaseException, multirun: bool) -> None:
     """The one line of a user error: exit code 2 for a single run; in a sweep's job, the
     job's log and ``error.txt`` (the sweep exits 2 at its end)."""
@@ -60,9 +98,10 @@ def report_user_error(error: BaseException, multirun: bool) -> None:
 def execute(cfg: DictConfig, *, multirun: bool = False) -> None:
     """Run the stage; a user error becomes its one line (see the module docstring)."""
     try:
+        check_settings(cfg)
         run_stage(cfg)
     except USER_ERRORS as error:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if full_error_requested():
             raise
         report_user_error(error, multirun)
     except (Terminated, KeyboardInterrupt) as stop:
@@ -83,57 +122,17 @@ def main(cfg: DictConfig) -> None:
     _SINGLE_RUN_DONE = not multirun
 
 
-# Command-line words after which a config may set ``hydra.mode`` outside conf/ (whose configs
-# never set it: tests/test_pipeline.py checks every one).
-_MODE_MAY_BE_SET = ("hydra.mode", "hydra.searchpath", "--config-dir", "-cd", "--config-path",
-                    "-cp", "--config-name", "-cn", "-m", "--multirun")
+def config_error_line(error: Exception) -> str:
+    """The one ``error:`` line of a setting Hydra cannot apply (``predictor.lr=abc``,
+    ``data.pth=x``, ``seeds=[1,2``): Hydra's message and its cause, joined on one line."""
+    from hydra.errors import OverrideParseException
 
-
-def skip_mode_probe(argv: list[str]) -> bool:
-    """Skip Hydra's mode probe for a plain single run (0.4 s of a warm job).
-
-    Before a run, Hydra composes the whole config once only to read ``hydra.mode`` from it,
-    then composes it again for the run. None of conf/'s configs sets ``hydra.mode``, so that
-    probe finds nothing (Hydra then runs a single run, as for ``hydra.mode`` unset) unless the
-    command line sets it or names configs from elsewhere; only then is the probe kept.
-    """
-    if any(word.split("=", 1)[0].lstrip("+~") in _MODE_MAY_BE_SET
-           or word.startswith(("--config-dir=", "--config-path=", "--config-name="))
-           for word in argv[1:]):
-        return False
-    from hydra._internal.hydra import Hydra
-
-    Hydra.get_mode = lambda self, config_name, overrides: None  # what the probe finds here
-    return True
-
-
-def one_line_config_errors() -> None:
-    """A setting Hydra cannot apply (``predictor.lr=abc``, ``tracking.direct=maybe``,
-    ``data.pth=x``) ends in one ``error:`` line and exit code 2, like every user error; Hydra
-    would print six lines and exit 1. ``HYDRA_FULL_ERROR=1`` keeps Hydra's report."""
-    import hydra._internal.utils as hydra_utils
-    from hydra.errors import ConfigCompositionException, OverrideParseException
-
-    report = hydra_utils.run_and_report
-
-    def run_and_report(func):
-        def composed():
-            try:
-                return func()
-            except (ConfigCompositionException, OverrideParseException) as error:
-                if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                    raise
-                parts = [" ".join(line.strip() for line in str(error).splitlines() if line.strip())]
-                if isinstance(error, OverrideParseException):
-                    parts.insert(0, error.override)
-                if error.__cause__ is not None and str(error.__cause__).strip():
-                    parts.append(str(error.__cause__).strip().splitlines()[0])
-                print(f"error: {': '.join(parts)}", file=sys.stderr, flush=True)
-                raise SystemExit(2) from None
-
-        return report(composed)
-
-    hydra_utils.run_and_report = run_and_report
+    parts = [" ".join(line.strip() for line in str(error).splitlines() if line.strip())]
+    if isinstance(error, OverrideParseException):
+        parts.insert(0, error.override)
+    if error.__cause__ is not None and str(error.__cause__).strip():
+        parts.append(str(error.__cause__).strip().splitlines()[0])
+    return f"error: {': '.join(parts)}"
 
 
 def exit_without_teardown() -> None:
@@ -156,10 +155,21 @@ if __name__ == "__main__":
         dismiss_prestarted()
         print(f"error: {bad_option}", file=sys.stderr)
         raise SystemExit(2)
-    skip_mode_probe(sys.argv)
-    one_line_config_errors()
+    # Hydra prints its own multi-line report of a failure and exits 1, unless HYDRA_FULL_ERROR=1
+    # (public, documented), where it re-raises: the errors come here and get their one line.
+    # The user's own choice is kept for the stages (irene.errors.full_error_requested).
+    os.environ.setdefault(FULL_ERROR_ENV, os.environ.get("HYDRA_FULL_ERROR", "0"))
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
     try:
         main()
+    except (ConfigCompositionException, OverrideParseException) as error:
+        dismiss_prestarted()
+        if full_error_requested():
+            raise
+        print(config_error_line(error), file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     except (Terminated, KeyboardInterrupt) as stop:  # a sweep's own process; its jobs said theirs
         print(f"error: {stop or 'interrupted'}; the sweep's runs are marked KILLED", file=sys.stderr)
         raise SystemExit(143 if isinstance(stop, Terminated) else 130) from None

@@ -2,8 +2,8 @@
 
 Every one is a :class:`UserError`. ``run.py`` turns a ``UserError`` raised by a stage into one
 line ``error: <message>`` on stderr and exit code 2 (no traceback unless
-``HYDRA_FULL_ERROR=1``); anything else is a bug and keeps its traceback. Each class also
-derives from the built-in exception callers already catch (``ValueError``,
+``HYDRA_FULL_ERROR=1``, see :func:`full_error_requested`); anything else is a bug and keeps
+its traceback. Each class also derives from the built-in exception callers already catch (``ValueError``,
 ``FileNotFoundError``, ``ArithmeticError``), so code written against those keeps working.
 
 Messages are one line and name where the problem is: ``file:line: field 'x': problem`` for
@@ -31,6 +31,20 @@ class MissingInputError(UserError, FileNotFoundError):
 
 class NonFiniteResultError(UserError, ArithmeticError):
     """A prediction or metric is NaN or infinite (e.g. training diverged)."""
+
+
+FULL_ERROR_ENV = "IRENE_FULL_ERROR"  # the user's HYDRA_FULL_ERROR, kept by run.py (see there)
+
+
+def full_error_requested() -> bool:
+    """Whether the user asked for tracebacks instead of one-line errors (``HYDRA_FULL_ERROR=1``).
+
+    ``run.py`` always sets ``HYDRA_FULL_ERROR=1`` for Hydra itself, so that Hydra re-raises
+    instead of printing its own report, and keeps the user's value in ``IRENE_FULL_ERROR``
+    (inherited by sweep jobs and the tracking worker)."""
+    import os
+
+    return os.environ.get(FULL_ERROR_ENV, os.environ.get("HYDRA_FULL_ERROR")) == "1"
 
 
 def one_line(error: BaseException) -> str:

@@ -175,42 +175,9 @@ def test_cli_unknown_group_option_is_one_line_and_exit_2(tmp_path):
         "'unstructured']"]
 
 
-@pytest.mark.parametrize("experiment", [None] + sorted(p.stem for p in
-                                                       (ROOT / "conf" / "experiment").glob("*.yaml")))
-def test_no_config_sets_hydra_mode(experiment):
-    """run.py skips Hydra's mode probe for single runs because of this (see skip_mode_probe)."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"experiment={experiment}"] if experiment else [],
-                      return_hydra_config=True)
-    assert cfg.hydra.mode is None
-
-
-@pytest.mark.parametrize(("argv", "skipped"), [
-    (["run.py", "stage=crossvalidate", "strategy=none"], True),
-    (["run.py", "stage=crossvalidate", "hydra.run.dir=/tmp/x", "experiment=per_model"], True),
-    (["run.py", "-m", "strategy=none,end2end"], False),
-    (["run.py", "--multirun", "strategy=none"], False),
-    (["run.py", "hydra.mode=MULTIRUN", "strategy=none,end2end"], False),
-    (["run.py", "++hydra.mode=MULTIRUN"], False),
-    (["run.py", "--config-dir", "/elsewhere", "stage=train"], False),
-    (["run.py", "--config-dir=/elsewhere"], False),
-    (["run.py", "-cn", "other"], False),
-    (["run.py", "hydra.searchpath=[file:///elsewhere]"], False),
-])
-def test_mode_probe_is_skipped_only_for_plain_single_runs(argv, skipped, monkeypatch):
-    from hydra._internal.hydra import Hydra
-
-    import run
-
-    monkeypatch.setattr(Hydra, "get_mode", Hydra.get_mode)  # restored after the test
-    probe = Hydra.get_mode
-    assert run.skip_mode_probe(argv) is skipped
-    assert (Hydra.get_mode is not probe) is skipped
-
-
 @pytest.mark.slow
 def test_a_hydra_mode_override_still_makes_a_sweep(tmp_path):
-    """The probe is kept when the command line sets hydra.mode: two jobs, as Hydra does."""
+    """hydra.mode=MULTIRUN on the command line sweeps, as -m does: two jobs."""
     out = subprocess.run([sys.executable, "run.py", "hydra.mode=MULTIRUN", "stage=report",
                           "tracking=off", "data=device_1,device_2",
                           f"hydra.sweep.dir={tmp_path}"],
@@ -220,8 +187,8 @@ def test_a_hydra_mode_override_still_makes_a_sweep(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("setting", "message"), [
-    ("tracking.direct=maybe", "error: Error merging override tracking.direct=maybe: Value 'maybe' "
-                              "is not a valid bool (type str)"),
+    ("tracking.background=maybe", "error: Error merging override tracking.background=maybe: "
+                                  "Value 'maybe' is not a valid bool (type str)"),
     ("predictor.lr=abc", "error: Error merging override predictor.lr=abc: Value 'abc' of type "
                          "'str' could not be converted to Float"),
     ("data.pth=x", "error: Could not override 'data.pth'. To append to your config use "
