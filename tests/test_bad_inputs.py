@@ -23,7 +23,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import run as cli
-from irene.data import published
+from irene.data import locate, published
 from irene.data.architectures import MODEL_REGISTRY
 from irene.data.published import CSV_FILES, csv_name, import_device
 from irene.data.tree import iter_nodes, write_trees
@@ -99,7 +99,7 @@ def world(device_dir, tmp_path_factory):
     def offline(url, timeout):
         raise OSError("network disabled in the tests")
 
-    mp.setattr(published.urllib.request, "urlopen", offline)
+    mp.setattr(locate.urllib.request, "urlopen", offline)
     uri = f"sqlite:///{outputs / 'mlflow.db'}"
     from pipelines import featurize, train
 

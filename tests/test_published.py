@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from irene.data import published
+from irene.data import locate, published
 from irene.data.published import DataFormatError, DataNotFoundError, import_device, resolve_device_dir
 from irene.data.tree import iter_nodes, read_trees, validate_tree, write_trees
 
@@ -87,7 +87,7 @@ def test_missing_data_explains_where_it_looked(tmp_path, monkeypatch):
     def offline(url, timeout):
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(published.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(locate.urllib.request, "urlopen", offline)
     with pytest.raises(DataNotFoundError) as error:
         resolve_device_dir(None, "device_1", datasets_dir=tmp_path / "ds")
     text = str(error.value)
@@ -101,7 +101,7 @@ def test_missing_data_explains_where_it_looked(tmp_path, monkeypatch):
 
 def test_download_checks_sha256(tmp_path, monkeypatch):
     monkeypatch.delenv("IRENE_DATA_DIR", raising=False)
-    monkeypatch.setattr(published.urllib.request, "urlopen",
+    monkeypatch.setattr(locate.urllib.request, "urlopen",
                         lambda url, timeout: io.BytesIO(b"not the published file"))
     with pytest.raises(DataNotFoundError, match="sha256"):
         resolve_device_dir(None, "device_1", datasets_dir=tmp_path)
@@ -114,7 +114,7 @@ def test_download_lands_verified_files(device_dir, tmp_path, monkeypatch):
     def serve(url, timeout):
         return io.BytesIO((device_dir / url.rsplit("/", 1)[1]).read_bytes())
 
-    monkeypatch.setattr(published.urllib.request, "urlopen", serve)
+    monkeypatch.setattr(locate.urllib.request, "urlopen", serve)
     folder = resolve_device_dir(None, "device_1", datasets_dir=tmp_path)
     assert folder == tmp_path / "device_1"
     assert published.sha256_of(folder / "ml1_level_features.csv") == \
