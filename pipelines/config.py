@@ -13,6 +13,7 @@ one place, the constructor's signature; :func:`build_predictor` instantiates it.
 from __future__ import annotations
 
 import inspect
+import secrets
 import re
 import typing
 from dataclasses import MISSING, dataclass, field, make_dataclass
@@ -64,9 +65,6 @@ class TrackingConfig:
     # log from a second process while the stage computes (single runs that have not imported
     # MLflow yet; see pipelines.tracking): false logs from the stage's own process
     background: bool = True
-    # a single run on a local sqlite store that MLflow has created writes its rows with
-    # sqlite3, without importing MLflow (pipelines.sqlite_tracker); false: MLflow writes
-    direct: bool = True
 
 
 @dataclass
@@ -336,6 +334,10 @@ def register_configs() -> None:
         store.store(group="predictor", name=f"{cls.name}_schema", node=estimator_schema(cls))
     if not OmegaConf.has_resolver("outputs"):
         OmegaConf.register_new_resolver("outputs", lambda: str(outputs_dir()))
+    if not OmegaConf.has_resolver("unique"):
+        # one random suffix per process (cached, like ${now:}; Hydra copies the cache into
+        # every job of a sweep): runs started in the same second get folders of their own
+        OmegaConf.register_new_resolver("unique", lambda: secrets.token_hex(3), use_cache=True)
 
 
 def bad_group_option(overrides: list[str], conf_dir: Path) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ def test_every_preset_has_only_known_settings(experiment):
     ("+predicter=irene", "predicter", "did you mean predictor?"),
     ("+data.pathh=x", "data.pathh", "did you mean data.path?"),
     ("+predictor.epoch=3", "predictor.epoch", "did you mean predictor.epochs?"),
-    ("+measure.simulated.bogus=2", "measure.simulated.bogus", None),
+    ("+tracking.bogus=2", "tracking.bogus", None),
 ])
 def test_an_added_key_the_schema_lacks_is_refused(override, unknown, hint):
     cfg = _compose([override])
@@ -49,15 +50,16 @@ def test_an_added_key_the_schema_lacks_is_refused(override, unknown, hint):
     ("predictor.lr=abc", "error: Error merging override predictor.lr=abc: Value 'abc' of type "
                          "'str' could not be converted to Float"),
 ])
-def test_cli_unknown_or_unusable_setting_is_one_line_and_exit_2(setting, message):
+def test_cli_unknown_or_unusable_setting_is_one_line_and_exit_2(setting, message, tmp_path):
     out = subprocess.run([sys.executable, "run.py", "stage=evaluate", "tracking=off", setting],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+                         cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "IRENE_OUTPUTS": str(tmp_path)})
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().splitlines() == [message]
 
 
-def test_cli_hydra_full_error_keeps_hydras_exception():
-    env = {"HYDRA_FULL_ERROR": "1", "PATH": "/usr/bin:/bin"}
+def test_cli_hydra_full_error_keeps_hydras_exception(tmp_path):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1", "IRENE_OUTPUTS": str(tmp_path)}
     out = subprocess.run([sys.executable, "run.py", "stage=evaluate", "tracking=off",
                           "data.pth=x"], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env=env)
