@@ -31,7 +31,6 @@ import json
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -44,7 +43,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from irene.errors import UserError, one_line
 from pipelines.paths import log, outputs_dir
-from pipelines.sqlite_tracker import DirectWriteError, SqliteTracker, unusable
 
 HOST_TAG, PID_TAG, PID_START_TAG = "irene.host", "irene.pid", "irene.pid_start"
 
@@ -346,51 +344,6 @@ class InProcessTracker:
         pass
 
 
-class DirectTracker(SqliteTracker):
-    """MLflow's sqlite store written without MLflow (:mod:`pipelines.sqlite_tracker`): the
-    stale-run check first, then the calls of :class:`InProcessTracker` at no import cost.
-    A refused or failed write raises :class:`TrackingError`."""
-
-    def __init__(self, uri: str, experiment: str):
-        with self._reported(uri, "open"):
-            super().__init__(uri, experiment)
-            _close_stale(self.running_runs(),
-                         lambda run_id, tags: self.close_run(run_id, tags, "KILLED"))
-
-    @staticmethod
-    @contextlib.contextmanager
-    def _reported(uri: str, op: str) -> Iterator[None]:
-        try:
-            yield
-        except (DirectWriteError, OSError, sqlite3.Error) as error:
-            raise TrackingError(f"MLflow tracking to {uri} failed: {op}: {one_line(error)}") from None
-
-    def start(self, name: str, tags: dict[str, str], nested: bool, params: dict[str, str],
-              config_yaml: str | None) -> None:
-        with self._reported(self.uri, "start"):
-            super().start(name, tags, nested, params, config_yaml)
-
-    def end(self, status: str) -> None:
-        with self._reported(self.uri, "end"):
-            super().end(status)
-
-    def log_params(self, params: dict[str, str]) -> None:
-        with self._reported(self.uri, "log_params"):
-            super().log_params(params)
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None) -> None:
-        with self._reported(self.uri, "log_metrics"):
-            super().log_metrics(metrics, step)
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        with self._reported(self.uri, "set_tags"):
-            super().set_tags(tags)
-
-    def log_artifact(self, path: str, artifact_path: str | None) -> None:
-        with self._reported(self.uri, "log_artifact"):
-            super().log_artifact(path, artifact_path)
-
-
 class BackgroundTracker:
     """The same calls as :class:`InProcessTracker`, sent in order to a tracking worker
     process (:mod:`pipelines.tracking_worker`); only :meth:`run_id` and :meth:`close` wait."""
@@ -461,7 +414,7 @@ class BackgroundTracker:
             raise TrackingError(f"MLflow tracking to {self.uri} failed: {reply['errors'][0]}")
 
 
-Tracker = InProcessTracker | BackgroundTracker | DirectTracker
+Tracker = InProcessTracker | BackgroundTracker
 _TRACKER: Tracker | None = None  # the stage's, while it runs
 
 
@@ -479,17 +432,10 @@ def _new_tracker(cfg: DictConfig, background: bool) -> Tracker:
     from pipelines.tracking_worker import dismiss_prestarted
 
     target = (tracking_uri(cfg), cfg.tracking.experiment, artifact_root(cfg))
-    if background and cfg.tracking.get("background", True) and not _multirun():
-        if cfg.tracking.get("direct", True):
-            reason = unusable(target[0], target[1])
-            if reason is None:
-                dismiss_prestarted()
-                log.debug("tracking: written without MLflow (pipelines.sqlite_tracker)")
-                return DirectTracker(target[0], target[1])
-            log.debug("tracking: MLflow writes (%s)", reason)
-        if "mlflow" not in sys.modules:
-            log.debug("tracking: MLflow writes from a tracking worker")
-            return BackgroundTracker(*target)
+    if (background and cfg.tracking.get("background", True) and not _multirun()
+            and "mlflow" not in sys.modules):
+        log.debug("tracking: MLflow writes from a tracking worker")
+        return BackgroundTracker(*target)
     dismiss_prestarted()
     log.debug("tracking: MLflow writes from this process")
     return InProcessTracker(*target)

@@ -64,24 +64,7 @@ def prestart(argv: list[str]) -> None:
         return
     if os.environ.get("MLFLOW_TRACKING_URI", "").startswith("databricks"):
         return
-    if _direct_store_likely(argv):
-        return
     _PRESTARTED = spawn()
-
-
-def _direct_store_likely(argv: list[str]) -> bool:
-    """Whether the stage will most likely write its runs without MLflow
-    (:mod:`pipelines.sqlite_tracker`), judged from the command line before the config is
-    composed: then no worker is started (a wrong guess costs a late worker, or a dismissed one)."""
-    from pipelines.paths import outputs_dir
-    from pipelines.sqlite_tracker import unusable
-
-    given = dict(word.lstrip("+").split("=", 1) for word in argv[1:] if "=" in word)
-    if given.get("tracking.direct", "true").lower() == "false" or "tracking" in given:
-        return False
-    uri = (given.get("tracking.uri") or os.environ.get("MLFLOW_TRACKING_URI")
-           or f"sqlite:///{outputs_dir() / 'mlflow.db'}")
-    return unusable(uri, given.get("tracking.experiment", "irene")) is None
 
 
 def take_prestarted() -> subprocess.Popen | None:

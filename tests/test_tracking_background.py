@@ -29,7 +29,7 @@ STAGE = textwrap.dedent("""
     uri, mode, folder = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     cfg = OmegaConf.create({"stage": "probe", "tracking": {
         "enabled": True, "uri": uri, "experiment": "same", "artifact_root": None,
-        "background": mode != "in-process", "direct": mode == "direct"}})
+        "background": mode != "in-process"}})
     (folder / "views").mkdir(parents=True, exist_ok=True)
     (folder / "table.csv").write_text("a,b\\n1,2\\n")
     (folder / "views" / "tree.txt").write_text("root 1 J\\n")
@@ -93,22 +93,19 @@ def _contents(client: mlflow.MlflowClient, run_id: str) -> dict:
 
 
 @pytest.mark.slow
-def test_background_and_direct_tracking_write_what_in_process_tracking_writes(tmp_path):
-    """The same calls through MLflow in the stage's process, through the tracking worker, and
-    written without MLflow (pipelines.sqlite_tracker) give the same runs, read with MLflow."""
+def test_background_tracking_writes_what_in_process_tracking_writes(tmp_path):
+    """The same calls through MLflow in the stage's process and through the tracking worker
+    give the same runs, read with MLflow."""
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     mlflow.MlflowClient(uri).search_experiments()
     in_process = _stage(tmp_path, uri, "in-process")  # creates the experiment
     background = _stage(tmp_path, uri, "background")
-    direct = _stage(tmp_path, uri, "direct")
     assert background["mlflow_imported"] is False  # the worker imported it, not the stage
-    assert direct["mlflow_imported"] is False and direct["tracker"] == "DirectTracker"
     assert background["tracker"] == "BackgroundTracker"
     assert in_process["mlflow_imported"] is True
     client = mlflow.MlflowClient(uri)
     runs = {}
-    for mode, result in (("background", background), ("in-process", in_process),
-                         ("direct", direct)):
+    for mode, result in (("background", background), ("in-process", in_process)):
         parent = _contents(client, result["run_id"])
         children = client.search_runs(
             [client.get_run(result["run_id"]).info.experiment_id],
@@ -124,9 +121,8 @@ def test_background_and_direct_tracking_write_what_in_process_tracking_writes(tm
     assert [c["name"] for c in children] == ["fold a", "fold b"]
     assert [c["metrics"]["error"] for c in children] == [1.5, 2.5]
     assert runs["background"] == runs["in-process"]
-    assert runs["direct"] == runs["in-process"]
-    config = client.download_artifacts(direct["run_id"], "config.yaml", str(tmp_path / "dl"))
-    assert "direct: true" in Path(config).read_text()
+    config = client.download_artifacts(background["run_id"], "config.yaml", str(tmp_path / "dl"))
+    assert "background: true" in Path(config).read_text()
 
 
 @pytest.mark.slow
@@ -158,17 +154,17 @@ def test_the_main_job_imports_neither_torch_nor_mlflow_nor_pandas_and_logs_every
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} == {
         "report/crossvalidation.csv", "report/crossvalidation.md"}
     assert parent.data.tags["data.source"] == "data.trees"
-    # again, on the store that now exists: written without MLflow and without a worker
+    # again, on the store that now exists: the worker again, MLflow still not in the stage
     again = subprocess.run(
         [sys.executable, "-X", "importtime", "run.py", "stage=crossvalidate",
          f"data.trees={trees}", f"tracking.uri={uri}", "tracking.experiment=main-job",
          "show_progress=false", f"hydra.run.dir={tmp_path / 'again'}", "hydra.verbose=irene"],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "tracking: written without MLflow" in again.stdout + again.stderr
+    assert "tracking: MLflow writes from a tracking worker" in again.stdout + again.stderr
     imported = {line.rsplit("|", 1)[1].strip() for line in again.stderr.splitlines()
                 if line.startswith("import time:")}
-    assert "pipelines.sqlite_tracker" in imported and "mlflow" not in imported
+    assert "pipelines.tracking_worker" in imported and "mlflow" not in imported
     second = client.search_runs([experiment], "tags.stage = 'crossvalidate'",
                                 order_by=["attributes.start_time DESC"])[0]
     assert second.info.run_id != parent.info.run_id and second.info.status == "FINISHED"

@@ -174,8 +174,7 @@ RUNNER = textwrap.dedent("""
     uri, ready, wait_for = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
     cfg = OmegaConf.create({"tracking": {"enabled": True, "uri": uri, "experiment": "faults",
                                          "artifact_root": None,
-                                         "background": sys.argv[5] != "in-process",
-                                         "direct": sys.argv[5] == "direct"}})
+                                         "background": sys.argv[5] != "in-process"}})
     while time.time() < wait_for:  # start together
         time.sleep(0.001)
     try:
@@ -190,16 +189,14 @@ RUNNER = textwrap.dedent("""
 
 
 def _start(tmp_path: Path, uri: str, name: str, sleep_s: float, start_at: float = 0.0,
-           background: bool = False, direct: bool = False):
+           background: bool = False):
     """A process that runs a stage's run for ``sleep_s``; with ``background`` its tracking
-    is done by a tracking worker, with ``direct`` written without MLflow where the store
-    allows (as for a stage started from the command line)."""
+    is done by a tracking worker (as for a stage started from the command line)."""
     script = tmp_path / "runner.py"
     script.write_text(RUNNER)
     ready = tmp_path / f"{name}.ready"
     process = subprocess.Popen([sys.executable, str(script), uri, str(ready), str(start_at),
-                                str(sleep_s), "direct" if direct else
-                                "background" if background else "in-process"],
+                                str(sleep_s), "background" if background else "in-process"],
                                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return process, ready
@@ -266,27 +263,6 @@ def test_a_killed_stage_has_its_run_ended_by_the_tracking_worker(tmp_path):
     closed = _status(uri, kill_id)
     assert closed.info.status == "KILLED"
     assert "the stage's process ended" in closed.data.tags["irene.closed_by"]
-
-
-@pytest.mark.slow
-def test_direct_tracking_ends_terminated_runs_killed_and_killed_ones_are_closed_next(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
-    mlflow.MlflowClient(uri).create_experiment("faults", artifact_location=tmp_path.as_uri())
-    term, term_ready = _start(tmp_path, uri, "term", 600, direct=True)
-    kill, kill_ready = _start(tmp_path, uri, "kill", 600, direct=True)
-    term_id, kill_id = _wait_for(term_ready, term), _wait_for(kill_ready, kill)
-    term.send_signal(signal.SIGTERM)
-    kill.send_signal(signal.SIGKILL)
-    assert term.wait(timeout=60) == 143 and kill.wait(timeout=60) == -signal.SIGKILL
-    assert _status(uri, term_id).info.status == "KILLED"
-    assert _status(uri, kill_id).info.status == "RUNNING"
-    after, after_ready = _start(tmp_path, uri, "after", 0.0, direct=True)  # the next run
-    assert after.wait(timeout=120) == 0, after.stdout.read()
-    closed = _status(uri, kill_id)
-    assert closed.info.status == "KILLED" and "stale-run check" in closed.data.tags[
-        "irene.closed_by"]
-    assert _status(uri, after_ready.read_text()).info.status == "FINISHED"
-    assert "tracker DirectTracker" in after.stdout.read()
 
 
 def test_only_runs_of_dead_processes_of_this_host_are_closed(tmp_path):
