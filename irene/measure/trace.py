@@ -21,10 +21,21 @@ Two conventions for the static features (:data:`CONVENTIONS`):
   other leaves keep their physical bytes, and the activation modules of
   :data:`FOLDED_ACTIVATIONS` (plain functions in the 2020 code) are not nodes: their ops are
   their parent's own work. FLOPs are the same in both conventions.
+
+Static features follow from shapes alone, so a model built on the ``meta`` device (no weights,
+no activations: :func:`irene.data.architectures.model_from_name` with ``device="meta"``) is
+traced in seconds with memory independent of its size and of the input's shape. A value that a
+forward pass reads in a branch (Transformers' causal masks ask whether the position ids hold
+packed sequences) cannot come from a meta tensor: the tracer computes it on the CPU from the
+ops that made it, which depend only on the input ids and shapes (:class:`_MetaValues`), so the
+branch goes the way it goes on real tensors and the tree equals the real trace's. Measuring
+needs real tensors; on a real device :func:`trace_model` first estimates the activations
+from a meta trace and refuses, in one line, a shape that cannot fit in free memory.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,14 +47,18 @@ from torch.overrides import TorchFunctionMode
 
 from irene.data.architectures import model_from_name
 from irene.data.tree import FEATURE_FIELDS
+from irene.errors import SettingsError, UserError
 from irene.measure.flops import LEAF_OPS, OpCost, irene_leaf_bytes, is_known_op, op_cost, op_name
 
 __all__ = [
     "CONVENTIONS",
     "FOLDED_ACTIVATIONS",
+    "MetaTraceError",
     "Trace",
     "TraceNode",
     "check_convention",
+    "check_activations_fit",
+    "estimate_activation_bytes",
     "model_from_name",
     "node_to_dict",
     "random_input_ids",
@@ -186,13 +201,145 @@ def _signature(instance_type: str, module: nn.Module | None, args: tuple, kwargs
     return f"{instance_type}|{_shape_signature(args)}|{_shape_signature(kwargs)}|{params}"
 
 
+class MetaTraceError(UserError, RuntimeError):
+    """A forward pass on the ``meta`` device needs a value that shapes alone do not give."""
+
+
+# Values computed on the CPU for one read of a meta trace: at most this many bytes, so memory
+# stays bounded whatever the shape. The causal masks' packed-sequence check computes four
+# batch x seq_len tensors (int64 and bool): 1.6 MiB at 64 x 1024; refused past ~10M tokens.
+MAX_META_VALUE_BYTES = 256 << 20
+_Recipe = tuple  # (tensor, func, args, kwargs, path into func's output) or (tensor, None, value)
+
+
+class _MetaValues:
+    """The recipe of every meta tensor a traced forward pass makes, to compute its value on
+    the CPU when a branch reads it (``bool(t)``, ``t.item()``...): the op that raised on meta
+    is run again on the CPU values of its inputs, each recomputed from its own recipe.
+
+    Tensors without a recipe (weights, buffers) and tensors changed in place have no value:
+    a read that needs one raises :class:`MetaTraceError`.
+    """
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.recipes: dict[int, _Recipe] = {}
+        self.mutated: set[int] = set()
+        self.computed_bytes = 0  # bytes of the values computed for the current read
+
+    def constant(self, tensor: torch.Tensor, value: Any) -> None:
+        """``tensor`` (meta) stands for ``value`` (CPU)."""
+        self.recipes[id(tensor)] = (tensor, None, value)
+
+    def record(self, func: Callable[..., Any], args: tuple, kwargs: dict, out: Any) -> None:
+        """Remember how ``out``'s meta tensors were made, or that an op changed one in place."""
+        name = getattr(func, "__name__", "")
+        target = kwargs.get("out")
+        if isinstance(target, torch.Tensor):
+            self.mutated.add(id(target))
+        inplace = name == "__setitem__" or (name.startswith("__i") and name.endswith("__")) or (
+            name.endswith("_") and not name.startswith("_"))
+        if inplace and args and isinstance(args[0], torch.Tensor):
+            self.mutated.add(id(args[0]))
+            return
+        for path, tensor in _tensor_paths(out):
+            if tensor.is_meta and id(tensor) not in self.recipes:
+                self.recipes[id(tensor)] = (tensor, func, args, kwargs, path)
+
+    def compute(self, func: Callable[..., Any], args: tuple, kwargs: dict, error: Exception) -> Any:
+        """Run ``func`` on the CPU values of its meta inputs; tensor results come back as meta
+        tensors whose values are remembered."""
+        memo: dict[int, Any] = {}
+        self.computed_bytes = 0
+        try:
+            real_args, real_kwargs = self._real(args, memo), self._real(kwargs, memo)
+        except MetaTraceError as unresolved:
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise MetaTraceError(f"{self.model_name}: cannot trace on the meta device: "
+                                 f"a branch reads the value of a tensor ({op_name(func)}: {first}), and {unresolved}") from error
+        out = func(*real_args, **real_kwargs)
+        return self._to_meta(out)
+
+    def _to_meta(self, out: Any) -> Any:
+        if isinstance(out, torch.Tensor):
+            meta = out.to("meta")
+            self.constant(meta, out)
+            return meta
+        if isinstance(out, (list, tuple)) and any(isinstance(o, torch.Tensor) for o in out):
+            items = [self._to_meta(o) for o in out]
+            return type(out)(*items) if hasattr(out, "_fields") else type(out)(items)
+        return out
+
+    def _real(self, obj: Any, memo: dict[int, Any]) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return self._value(obj, memo) if obj.is_meta else obj
+        if isinstance(obj, torch.device):
+            return torch.device("cpu") if obj.type == "meta" else obj
+        if isinstance(obj, str) and obj == "meta":
+            return "cpu"
+        if isinstance(obj, (list, tuple)):
+            items = [self._real(o, memo) for o in obj]
+            return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+        if isinstance(obj, dict):
+            return {k: self._real(v, memo) for k, v in obj.items()}
+        return obj
+
+    def _value(self, tensor: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
+        key = id(tensor)
+        if key in memo:
+            return memo[key]
+        recipe = self.recipes.get(key)
+        if key in self.mutated or recipe is None:
+            what = "changed in place" if key in self.mutated else "a weight, buffer or input"
+            raise MetaTraceError(f"it depends on a tensor of shape {tuple(tensor.shape)} that is "
+                                 f"{what}; trace on a real device (stage=measure)")
+        if recipe[1] is None:
+            value = recipe[2]
+        else:
+            # checked before computing, from the meta tensor's shape (a view counts in full)
+            self.computed_bytes += tensor.numel() * tensor.element_size()
+            if self.computed_bytes > MAX_META_VALUE_BYTES:
+                raise MetaTraceError(f"the values it depends on exceed {MAX_META_VALUE_BYTES >> 20} "
+                                     "MiB; use a smaller batch_size or seq_len")
+            _, func, args, kwargs, path = recipe
+            value = func(*self._real(args, memo), **self._real(kwargs, memo))
+            for index in path:
+                value = value[index]
+        memo[key] = value
+        return value
+
+
+def _tensor_paths(obj: Any, path: tuple = ()) -> Iterator[tuple[tuple, torch.Tensor]]:
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif isinstance(obj, (list, tuple)):
+        for index, item in enumerate(obj):
+            yield from _tensor_paths(item, (*path, index))
+
+
+def _has_meta(obj: Any) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return obj.is_meta
+    if isinstance(obj, (list, tuple)):
+        return any(_has_meta(o) for o in obj)
+    if isinstance(obj, dict):
+        return any(_has_meta(o) for o in obj.values())
+    return False
+
+
 class _Recorder(TorchFunctionMode):
     """Builds the tree: module hooks push/pop nodes, the mode charges every op."""
 
     def __init__(
-        self, model: nn.Module, capture_inputs: bool, convention: str = "physical", batch_size: int = 1
+        self,
+        model: nn.Module,
+        capture_inputs: bool,
+        convention: str = "physical",
+        batch_size: int = 1,
+        values: _MetaValues | None = None,
     ) -> None:
         super().__init__()
+        self.values = values  # on the meta device: how to compute a value a branch reads
         self.capture_inputs = capture_inputs
         self.irene = convention == "irene"
         self.batch_size = batch_size
@@ -296,7 +443,14 @@ class _Recorder(TorchFunctionMode):
     # --- torch function mode -------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        try:
+            out = func(*args, **kwargs)
+        except (RuntimeError, NotImplementedError) as error:
+            if self.values is None or not (_has_meta(args) or _has_meta(kwargs)):
+                raise
+            out = self.values.compute(func, args, kwargs, error)  # a value read on meta
+        if self.values is not None:
+            self.values.record(func, args, kwargs, out)
         if self.active and self.stack:
             self._charge(func, args, kwargs, out)
         return out
@@ -365,8 +519,13 @@ def trace_model(
     capture_inputs: bool = False,
     seed: int = 0,
     convention: str = "physical",
+    check_memory: bool = True,
 ) -> Trace:
     """Run one forward pass on random token ids and record its tree.
+
+    On the ``meta`` device nothing is allocated and no id is drawn (see the module's
+    docstring); the tree equals the one traced on real tensors. On a real device the
+    activations are first estimated from shapes (:func:`check_activations_fit`).
 
     Args:
         model: a base transformer model (see :func:`model_from_name`), in eval mode.
@@ -378,17 +537,31 @@ def trace_model(
         seed: seed of the random input ids.
         convention: ``"physical"`` (bytes read + written) or ``"irene"`` (the published
             trees' ``mem_bytes`` and leaf structure); see :data:`CONVENTIONS`.
+        check_memory: on a real device, refuse a shape whose activations cannot fit.
 
     Returns:
         The trace; its nodes carry the per-op costs and, if asked, the captured inputs.
 
     Raises:
         ValueError: an unknown convention.
+        SettingsError: the activations would not fit in the device's free memory.
+        MetaTraceError: on ``meta``, a branch reads a value shapes do not give.
     """
     check_convention(convention)
     device = next(itertools.chain(model.parameters(), model.buffers())).device
-    ids = random_input_ids(model.config.vocab_size, batch_size, seq_len, device, seed)
-    recorder = _Recorder(model, capture_inputs, convention, batch_size)
+    values = None
+    if device.type == "meta":
+        # no ids are drawn: their values are computed only if a branch reads them
+        values = _MetaValues(f"{model_name} {batch_size}x{seq_len}")
+        ids = torch.empty((batch_size, seq_len), dtype=torch.long, device="meta")
+        values.recipes[id(ids)] = (ids, random_input_ids,
+                                   (model.config.vocab_size, batch_size, seq_len, "cpu", seed), {}, ())
+    else:
+        if check_memory:
+            check_activations_fit(model, batch_size, seq_len, model_name,
+                                  capture_inputs=capture_inputs, convention=convention)
+        ids = random_input_ids(model.config.vocab_size, batch_size, seq_len, device, seed)
+    recorder = _Recorder(model, capture_inputs, convention, batch_size, values)
     handles = []
     for module in model.modules():
         if isinstance(module, _CONTAINERS + _DROPOUTS):
@@ -403,6 +576,80 @@ def trace_model(
             handle.remove()
     _fix_childless_modules(recorder.root)
     return Trace(model_name, batch_size, seq_len, recorder.root, recorder.unknown_ops, convention)
+
+
+def _meta_twin(model: nn.Module) -> nn.Module:
+    """The same architecture, built from ``model.config`` on the meta device (no weights)."""
+    with torch.device("meta"):
+        twin = type(model)(copy.deepcopy(model.config))
+    return twin.eval()
+
+
+def _free_bytes(device: torch.device) -> int:
+    """Free memory of ``device``: the GPU's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def estimate_activation_bytes(
+    model: nn.Module, batch_size: int, seq_len: int, *, capture_inputs: bool,
+    convention: str = "physical",
+) -> int:
+    """Bytes of activations a traced forward pass of ``model`` holds, from shapes alone.
+
+    A meta twin of ``model`` is traced (seconds, no memory). With ``capture_inputs`` every
+    node's inputs stay referenced until the node is measured, so the estimate is the sum of
+    the distinct tensors the nodes take (weights excluded) plus the largest of them, the
+    output of the op working on it; without, three times the largest tensor (an op's input,
+    its output and a mask of the same size). An estimate, not a bound: the allocator's
+    caching and fragmentation come on top.
+    """
+    twin = model if next(model.parameters()).is_meta else _meta_twin(model)
+    trace = trace_model(twin, batch_size, seq_len, "estimate", capture_inputs=True, convention=convention)
+    weights = {id(t) for t in itertools.chain(twin.parameters(), twin.buffers())}
+    sizes: dict[int, int] = {}
+    for node in trace.nodes():
+        for tensor in _tensors_of((node.args, node.kwargs)):
+            if id(tensor) not in weights:
+                sizes[id(tensor)] = tensor.numel() * tensor.element_size()
+    largest = max(sizes.values(), default=0)
+    return sum(sizes.values()) + largest if capture_inputs else 3 * largest
+
+
+def _tensors_of(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _tensors_of(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors_of(item)
+
+
+def check_activations_fit(
+    model: nn.Module, batch_size: int, seq_len: int, model_name: str, *, capture_inputs: bool,
+    convention: str = "physical",
+) -> int:
+    """The estimated activation bytes of tracing ``model`` (see
+    :func:`estimate_activation_bytes`), if they fit in its device's free memory.
+
+    Raises:
+        SettingsError: in one line, when they do not.
+    """
+    device = next(model.parameters()).device
+    need = estimate_activation_bytes(model, batch_size, seq_len, capture_inputs=capture_inputs,
+                                     convention=convention)
+    free = _free_bytes(device)
+    if need > free:
+        raise SettingsError(
+            f"{model_name} {batch_size}x{seq_len}: its activations need about {need / 2**30:.1f} GiB "
+            f"(estimated from shapes{', every node input kept for measuring' if capture_inputs else ''})"
+            f" but {device} has {free / 2**30:.1f} GiB free; use a smaller batch_size or seq_len")
+    return need
 
 
 def check_convention(convention: str) -> str:

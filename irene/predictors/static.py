@@ -38,9 +38,10 @@ def trace_static(model: str, shapes: Iterable[tuple[int, int]], *,
                  attn_implementation: str = "eager", convention: str = "physical") -> list[Tree]:
     """Trace ``model`` once per (batch size, sequence length) into trees with static features.
 
-    The model is built on the ``meta`` device (no weights, milliseconds even for bert-large);
-    a model whose forward pass needs real values (e.g. Llama's mask preparation calls
-    ``.item()``) is rebuilt on the CPU with random weights.
+    The model is built and traced on the ``meta`` device: no weights and no activations, so
+    time and memory do not grow with the model or the shapes (values a branch reads, such as
+    the causal masks' packed-sequence check, are computed from the input ids alone; see
+    :mod:`irene.measure.trace`). The trees equal those traced on real tensors.
 
     Args:
         model: a name of ``irene.data.architectures.MODEL_REGISTRY`` or a local ``config.json``.
@@ -73,21 +74,9 @@ def trace_static(model: str, shapes: Iterable[tuple[int, int]], *,
         if longest is not None and s > longest:
             raise SettingsError(f"seq_len={s}: {model} takes at most {longest} tokens "
                                 "(its position embeddings)")
-    device = "meta"
-    module = model_from_name(model, attn_implementation, device=device)
-    trees = []
-    for batch_size, seq_len in shapes:
-        try:
-            trees.append(trace_tree(module, batch_size, seq_len, model, convention))
-        except (RuntimeError, NotImplementedError) as error:
-            if device != "meta":
-                raise
-            log.info("%s cannot be traced on the meta device (%s): tracing on the CPU",
-                     model, str(error).splitlines()[0])
-            device = "cpu"
-            module = model_from_name(model, attn_implementation, device=device)
-            trees.append(trace_tree(module, batch_size, seq_len, model, convention))
-    return trees
+    module = model_from_name(model, attn_implementation, device="meta")
+    return [trace_tree(module, batch_size, seq_len, model, convention)
+            for batch_size, seq_len in shapes]
 
 
 def parse_shapes(shapes: Sequence[Sequence[int]] | None, batch_size: int, seq_len: int
