@@ -255,8 +255,9 @@ class _MetaValues:
             real_args, real_kwargs = self._real(args, memo), self._real(kwargs, memo)
         except MetaTraceError as unresolved:
             first = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise MetaTraceError(f"{self.model_name}: cannot trace on the meta device: "
-                                 f"a branch reads the value of a tensor ({op_name(func)}: {first}), and {unresolved}") from error
+            raise MetaTraceError(f"{self.model_name}: cannot trace on the meta device: a branch "
+                                 f"reads the value of a tensor ({op_name(func)}: {first}), and "
+                                 f"{unresolved}") from error
         out = func(*real_args, **real_kwargs)
         return self._to_meta(out)
 
@@ -578,8 +579,13 @@ def trace_model(
     return Trace(model_name, batch_size, seq_len, recorder.root, recorder.unknown_ops, convention)
 
 
-def _meta_twin(model: nn.Module) -> nn.Module:
-    """The same architecture, built from ``model.config`` on the meta device (no weights)."""
+def _meta_twin(model: nn.Module) -> nn.Module | None:
+    """The same architecture on the meta device (no weights): a Transformers model rebuilt
+    from its config; ``None`` for any other module."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return None
     with torch.device("meta"):
         twin = type(model)(copy.deepcopy(model.config))
     return twin.eval()
@@ -597,7 +603,7 @@ def _free_bytes(device: torch.device) -> int:
 def estimate_activation_bytes(
     model: nn.Module, batch_size: int, seq_len: int, *, capture_inputs: bool,
     convention: str = "physical",
-) -> int:
+) -> int | None:
     """Bytes of activations a traced forward pass of ``model`` holds, from shapes alone.
 
     A meta twin of ``model`` is traced (seconds, no memory). With ``capture_inputs`` every
@@ -606,9 +612,19 @@ def estimate_activation_bytes(
     output of the op working on it; without, three times the largest tensor (an op's input,
     its output and a mask of the same size). An estimate, not a bound: the allocator's
     caching and fragmentation come on top.
+
+    Returns:
+        The bytes; ``None`` when ``model`` is neither on meta nor a Transformers model (no
+        twin can be built) or a branch of its forward pass needs values (:class:`MetaTraceError`).
     """
     twin = model if next(model.parameters()).is_meta else _meta_twin(model)
-    trace = trace_model(twin, batch_size, seq_len, "estimate", capture_inputs=True, convention=convention)
+    if twin is None:
+        return None
+    try:
+        trace = trace_model(twin, batch_size, seq_len, "estimate", capture_inputs=True,
+                            convention=convention)
+    except MetaTraceError:
+        return None
     weights = {id(t) for t in itertools.chain(twin.parameters(), twin.buffers())}
     sizes: dict[int, int] = {}
     for node in trace.nodes():
@@ -633,9 +649,10 @@ def _tensors_of(obj: Any) -> Iterator[torch.Tensor]:
 def check_activations_fit(
     model: nn.Module, batch_size: int, seq_len: int, model_name: str, *, capture_inputs: bool,
     convention: str = "physical",
-) -> int:
+) -> int | None:
     """The estimated activation bytes of tracing ``model`` (see
-    :func:`estimate_activation_bytes`), if they fit in its device's free memory.
+    :func:`estimate_activation_bytes`), if they fit in its device's free memory; ``None``
+    (nothing checked) when there is no estimate.
 
     Raises:
         SettingsError: in one line, when they do not.
@@ -643,6 +660,8 @@ def check_activations_fit(
     device = next(model.parameters()).device
     need = estimate_activation_bytes(model, batch_size, seq_len, capture_inputs=capture_inputs,
                                      convention=convention)
+    if need is None:
+        return None
     free = _free_bytes(device)
     if need > free:
         raise SettingsError(
