@@ -2,7 +2,7 @@
 
 Two uses:
 
-* :class:`SimulatedMeter` (``measure.meter=simulated``): real time, a noisy constant power;
+* :class:`SimulatedMeter` (``measure/meter=simulated``): real time, a noisy constant power;
   the stage, the tests and the overhead benchmark run end to end without hardware. Its
   energies describe the simulation, never the machine, and the trees say ``simulated``.
 * :class:`SimulatedDevice`: a virtual clock, a callable of known duration and power and a
@@ -19,10 +19,37 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from irene.measure.meters.base import EnergyMeter
 from irene.measure.settings import SimulatedMeterSettings
+
+#: ``regular``: an update every ``tick_s`` exactly; ``h200``: the NVML timing measured on the
+#: H200 so far (:func:`h200_gaps_s`).
+TICK_TIMINGS = ("regular", "h200")
+
+
+def h200_gaps_s(tick_s: float, rng: random.Random) -> Iterator[float]:
+    """Gaps between counter updates like the H200's NVML energy counter under load: a median
+    gap of ``tick_s`` (100 ms), none shorter than 0.3 ``tick_s`` (30 ms) nor longer than 1.25
+    ``tick_s`` (125 ms).
+
+    Half the updates land on the lattice ``k·tick_s``, the other half up to a quarter tick
+    late (so the long-run rate stays one per ``tick_s``), and one gap in ten is split by an
+    extra update at least 0.3 ``tick_s`` from either end.
+    """
+    last = 0.0
+    k = 1
+    while True:
+        update = k * tick_s + (rng.uniform(0.0, 0.25 * tick_s) if rng.random() < 0.5 else 0.0)
+        shortest = 0.3 * tick_s
+        if rng.random() < 0.1 and update - last >= 2 * shortest:
+            extra = last + rng.uniform(shortest, update - last - shortest)
+            yield extra - last
+            last = extra
+        yield update - last
+        last = update
+        k += 1
 
 
 class TickCounter:
@@ -31,9 +58,13 @@ class TickCounter:
     Args:
         settings: tick period, noise, resolution and seed.
         start_s: the clock's value at creation.
+        tick_timing: ``regular`` or ``h200`` (irregular gaps, :func:`h200_gaps_s`).
     """
 
-    def __init__(self, settings: SimulatedMeterSettings, start_s: float) -> None:
+    def __init__(self, settings: SimulatedMeterSettings, start_s: float, *,
+                 tick_timing: str = "regular") -> None:
+        if tick_timing not in TICK_TIMINGS:
+            raise ValueError(f"tick_timing: must be one of {', '.join(TICK_TIMINGS)}, got {tick_timing!r}")
         self.settings = settings
         self.rng = random.Random(settings.seed)
         self.time_s = start_s
@@ -43,6 +74,9 @@ class TickCounter:
         self.next_noise_s = start_s
         tick = settings.tick_s
         self.next_tick_s = start_s + (self.rng.uniform(0.0, tick) if tick > 0 else math.inf)
+        self.updates_s: list[float] = []  # when the counter published (the h200 timing's test)
+        self._gaps = h200_gaps_s(tick, random.Random(settings.seed + 2)) \
+            if tick_timing == "h200" and tick > 0 else None
 
     def advance(self, until_s: float, power_w: float) -> None:
         """Integrate ``power_w`` (times the noise) from the last time to ``until_s``."""
@@ -56,7 +90,8 @@ class TickCounter:
             self.time_s = end
             if self.time_s >= self.next_tick_s:
                 self.published_j = self.energy_j
-                self.next_tick_s += s.tick_s
+                self.updates_s.append(self.time_s)
+                self.next_tick_s += next(self._gaps) if self._gaps is not None else s.tick_s
 
     def value_j(self) -> float:
         """What a read returns: the last published integral, at the counter's resolution."""
@@ -66,20 +101,29 @@ class TickCounter:
 
 
 class SimulatedMeter(EnergyMeter):
-    """A ticking counter of a constant, noisy power in real time (``measure.meter=simulated``).
+    """A ticking counter of a constant, noisy power in real time (``measure/meter=simulated``).
 
     Args:
         settings: tick period, power, noise, resolution, seed.
         clock: seconds; ``time.perf_counter`` by default.
+        **fields: the fields of :class:`SimulatedMeterSettings` one by one, instead of
+            ``settings`` (how ``conf/measure/meter/simulated.yaml`` builds it).
     """
 
     name = "simulated"
 
     def __init__(self, settings: SimulatedMeterSettings | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
-        self.settings = (settings or SimulatedMeterSettings()).validate()
+                 clock: Callable[[], float] = time.perf_counter, **fields: object) -> None:
+        if settings is not None and fields:
+            raise TypeError("SimulatedMeter takes settings or its fields, not both")
+        self.settings = (settings or SimulatedMeterSettings(**fields)).validate()
         self.clock = clock
         self.counter = TickCounter(self.settings, clock())
+
+    @property
+    def period_s(self) -> float:
+        """The simulated tick period, known exactly (0: a continuous counter)."""
+        return self.settings.tick_s
 
     @classmethod
     def available(cls, **kwargs: object) -> bool:
@@ -100,7 +144,6 @@ class SimulatedMeter(EnergyMeter):
 
 class _VirtualMeter(EnergyMeter):
     name = "simulated"
-    is_gpu = True
 
     def __init__(self, device: SimulatedDevice) -> None:
         self.device = device
@@ -128,6 +171,7 @@ class SimulatedDevice:
         read_s: duration of one counter read (including the device synchronise), seconds.
         gap_power_w: power during reads, watts (default: ``busy_power_w``).
         start_s: the virtual clock's start.
+        tick_timing: the counter's update timing, ``regular`` or ``h200`` (:func:`h200_gaps_s`).
 
     Attributes:
         meter: the device's counter as an :class:`EnergyMeter`.
@@ -137,14 +181,14 @@ class SimulatedDevice:
 
     def __init__(self, counter: SimulatedMeterSettings, call_s: float, busy_power_w: float, *,
                  call_jitter: float = 0.0, read_s: float = 20e-6, gap_power_w: float | None = None,
-                 start_s: float = 1000.0) -> None:
+                 start_s: float = 1000.0, tick_timing: str = "regular") -> None:
         self.call_s = call_s
         self.busy_power_w = busy_power_w
         self.call_jitter = call_jitter
         self.read_s = read_s
         self.gap_power_w = busy_power_w if gap_power_w is None else gap_power_w
         self.time_s = start_s
-        self.counter = TickCounter(counter, start_s)
+        self.counter = TickCounter(counter, start_s, tick_timing=tick_timing)
         self.rng = random.Random(counter.seed + 1)
         self.calls = 0
         self.reads = 0

@@ -129,9 +129,9 @@ def measure_nodes(
                      if abs(_value(m) / _value(results[s]) - 1) > settings.drift_threshold]
             results, passes = again, 2
             drift = _value(root_again) / _value(root_last) - 1
-            root_final = root_last.pooled_with(root_again)
+            root_final, root_parts = root_last.pooled_with(root_again), (root_last, root_again)
         else:
-            root_final = root_first.pooled_with(root_last)
+            root_final, root_parts = root_first.pooled_with(root_last), (root_first, root_last)
         state_end = meters.device_state()
     results[root.scope] = root_final
     if abs(drift) > settings.drift_threshold:
@@ -165,7 +165,10 @@ def measure_nodes(
         "drift_flagged": abs(drift) > settings.drift_threshold,
         "passes": passes,
         "moved": moved,
-        "remeasured_for_spread": sorted(ids[s] for s, m in results.items() if m.attempts > 1),
+        # the root's pooled measurement counts both of its measurements' attempts: judge each
+        "remeasured_for_spread": sorted(
+            ids[s] for s, m in results.items()
+            if (any(part.attempts > 1 for part in root_parts) if s == root.scope else m.attempts > 1)),
         "high_spread": sorted(ids[s] for s, v in spreads.items() if v > settings.spread_threshold),
         "nodes_measured": len(results),
         "measurements": plan["done"],

@@ -62,7 +62,7 @@ def settle(fn: Callable[[], object], meters: MeterSet, settings: ProtocolSetting
         window = _aligned_windows(poller, 1, window_s)[0]
         times.append(window.busy_s / window.calls)
         if meters.measures_energy and window.duration_s > 0:
-            powers.append(window.energy_j / window.duration_s)
+            powers.append(window.counter_j / window.duration_s)  # the device's, reads included
         elapsed = clock() - start_s
         stable = len(times) >= 3 and _relative_range(times[-3:]) <= settings.settle_tolerance and (
             not powers or _relative_range(powers[-3:]) <= settings.settle_tolerance)
