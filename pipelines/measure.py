@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
-from irene.measure.meters import NullMeter, meter_from_settings
+from irene.errors import SettingsError, UserError, one_line
+from irene.measure.meters import EnergyMeter, NullMeter, meter_for_device
 from irene.measure.runner import environment, measure_into, resolve_device, wanted_completeness
 from irene.measure.settings import MeterSettings, ProtocolSettings
 from irene.measure.store import ENERGY, TRACE, existing_completeness
@@ -27,27 +29,93 @@ from pipelines.tracking import log_artifact, log_metrics, tracked_run
 
 log = logging.getLogger(__name__)
 
+#: One YAML per meter (its ``_target_`` and arguments): the group ``measure/meter``.
+METER_DIR = Path(__file__).resolve().parents[1] / "conf" / "measure" / "meter"
 
-def measure_settings(cfg: DictConfig) -> MeasureConfig:
-    """The ``measure`` block as a validated :class:`MeasureConfig` (also from an untyped config).
+
+def meter_config(cfg: DictConfig) -> DictConfig:
+    """The ``measure.meter`` node: the selected ``conf/measure/meter/<name>.yaml``.
+
+    A name in its place (``measure.meter=nvml``, the former form; or no meter at all: ``auto``)
+    is read from that file into the config, where its interpolations resolve.
 
     Raises:
-        SettingsError: one line naming the first out-of-range field and its valid range.
+        SettingsError: a name without a file, in one line with the choices.
     """
+    node = cfg.measure.get("meter")
+    if isinstance(node, DictConfig):
+        return node
+    name = "auto" if node is None else str(node)
+    path = METER_DIR / f"{name}.yaml"
+    if not path.is_file():
+        choices = ", ".join(sorted(p.stem for p in METER_DIR.glob("*.yaml")))
+        raise SettingsError(f"measure.meter={name}: no such meter; choose one of {choices} "
+                            f"(conf/measure/meter/), as measure/meter=<name>")
+    cfg.measure.meter = OmegaConf.load(path)
+    return cfg.measure.meter
+
+
+def measure_settings(cfg: DictConfig) -> MeasureConfig:
+    """The ``measure`` block as a validated :class:`MeasureConfig` (also from an untyped
+    config); its ``meter`` is the meter config, resolved (a plain dict with ``_target_``).
+
+    Raises:
+        SettingsError: one line naming the first out-of-range or missing field.
+    """
+    meter = meter_config(cfg)
+    try:
+        resolved = OmegaConf.to_container(meter, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as error:
+        key = error.full_key or "measure.meter"
+        raise SettingsError(f"{key}: must be set for this meter ({key}=...)") from None
     node = OmegaConf.merge(OmegaConf.structured(MeasureConfig), cfg.measure)
-    return OmegaConf.to_object(node).validate()
+    node.meter = None  # built from the resolved copy: its interpolations name the whole config
+    settings = OmegaConf.to_object(node)
+    settings.meter = resolved
+    return settings.validate()
+
+
+def build_meter(settings: MeasureConfig, device: str) -> EnergyMeter:
+    """Instantiate the meter config (``_target_``) and fit it to ``device`` (``auto`` picks the
+    device's counter; a meter of another device is refused: MeterMismatchError).
+
+    Raises:
+        UserError: the meter's own one-line error (unavailable here, a bad argument or file);
+            anything else the meter's constructor raised, as one SettingsError line.
+    """
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        built = instantiate(settings.meter)
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        target = settings.meter.get("_target_", "?")
+        raise SettingsError(f"measure.meter ({target}): {one_line(cause or error)}") from None
+    return meter_for_device(built, device)
+
+
+def _flat(prefix: str, value: Any, into: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _flat(f"{prefix}.{key}", item, into)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _flat(f"{prefix}.{index}", item, into)
+    else:
+        into[prefix] = value
+    return into
 
 
 def protocol_params(settings: MeasureConfig) -> dict[str, Any]:
-    """Every protocol and meter setting, as MLflow parameters (``protocol.*``, ``meter.*``)."""
+    """Every protocol and meter setting, as MLflow parameters (``protocol.*``, ``meter.*``;
+    the meter config flattened: ``meter._target_``, ``meter.tick_s``...)."""
     params = {f"protocol.{f.name}": getattr(settings, f.name) for f in dataclasses.fields(ProtocolSettings)}
     for f in dataclasses.fields(MeterSettings):
-        value = getattr(settings, f.name)
-        if dataclasses.is_dataclass(value):
-            params.update({f"meter.{f.name}.{k}": v for k, v in dataclasses.asdict(value).items()})
-        else:
-            params[f"meter.{f.name}"] = value
-    return params
+        _flat(f"meter.{f.name}", getattr(settings, f.name), params)
+    return {key.replace("meter.meter.", "meter.", 1): value for key, value in params.items()}
 
 
 def _tracking(cfg: DictConfig, track: bool, params: dict[str, Any]) -> contextlib.AbstractContextManager:
@@ -78,7 +146,7 @@ def run(cfg: DictConfig) -> Path:
         log.info("%s %dx%d already measured in %s: skipped", model, batch_size, seq_len, output)
         print(f"trees: {output}")
         return output
-    meter = meter_from_settings(settings, device) if settings.measure else NullMeter()
+    meter = build_meter(settings, device) if settings.measure else NullMeter()
     if found is not None and found >= wanted_completeness(meter, settings.measure):
         meter.close()
         log.info("%s %dx%d already in %s with all this meter (%s) measures: skipped", model,
@@ -112,7 +180,6 @@ def run(cfg: DictConfig) -> Path:
                 device=device,
                 attn_implementation=settings.attn_implementation,
                 measure=settings.measure,
-                gpu_index=settings.gpu_index,
                 seed=settings.seed,
                 convention=settings.convention,
                 show_progress=bool(cfg.get("show_progress", True)),

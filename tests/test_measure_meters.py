@@ -3,14 +3,41 @@
 from __future__ import annotations
 
 import builtins
+import functools
 import logging
 import types
 
 import pytest
 
-from irene.measure.meters import NullMeter, NvmlMeter, RaplMeter, RaplPermissionError, make_meter
+from irene.measure.meters import (
+    GPU_ENERGY_FEATURE,
+    DeviceCounter,
+    MeterMismatchError,
+    NullMeter,
+    NvmlMeter,
+    RaplMeter,
+    RaplPermissionError,
+    SimulatedMeter,
+    SumMeter,
+    check_device,
+    meter_for_device,
+    reading_feature_of,
+)
 from irene.measure.meters import nvml as nvml_module
 from irene.measure.meters import rapl as rapl_module
+
+
+def _auto(rapl_root) -> DeviceCounter:
+    """conf/measure/meter/auto.yaml's candidates, the RAPL one on a given powercap root."""
+    return DeviceCounter([NvmlMeter, functools.partial(RaplMeter, root=rapl_root)])
+
+
+def _nvml_absent(monkeypatch) -> None:
+    """A machine without NVML: the meter's import of pynvml fails as it does there."""
+    def absent():
+        raise nvml_module.MeterUnavailableError("the NVML meter needs the package nvidia-ml-py: absent")
+
+    monkeypatch.setattr(nvml_module, "_pynvml", absent)
 
 MAX_UJ = 262_143_328_850
 
@@ -71,29 +98,26 @@ def test_rapl_permission_error_explains(powercap, monkeypatch, caplog):
     message = str(error.value)
     assert "CVE-2020-8694" in message and "chmod" in message and "root" in message
     assert not RaplMeter.available(root=root)
-    monkeypatch.setattr(NvmlMeter, "available", classmethod(lambda cls, **kw: False))
     with caplog.at_level(logging.WARNING):
-        meter = make_meter("auto", rapl_root=root)
+        meter = _auto(root).for_device("cpu")
     assert isinstance(meter, NullMeter)
     assert len(caplog.records) == 1 and "CVE-2020-8694" in caplog.text
 
 
-def test_no_meter_says_so_once(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(NvmlMeter, "available", classmethod(lambda cls, **kw: False))
+def test_no_meter_says_so_once(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
-        meter = make_meter("auto", rapl_root=tmp_path / "absent")
+        meter = _auto(tmp_path / "absent").for_device("cpu")
     assert isinstance(meter, NullMeter) and not meter.measures_energy
     assert len(caplog.records) == 1
     assert "No energy meter" in caplog.text and "ground_truth_energy" in caplog.text
+    assert "no RAPL package domain" in caplog.text
     with pytest.raises(RuntimeError):
         meter.read_energy_j()
-    with pytest.raises(ValueError):
-        make_meter("wattmeter")
 
 
-def test_auto_prefers_rapl_without_gpu(powercap, monkeypatch):
-    monkeypatch.setattr(NvmlMeter, "available", classmethod(lambda cls, **kw: False))
-    assert isinstance(make_meter("auto", rapl_root=powercap[0]), RaplMeter)
+def test_auto_on_the_cpu_takes_rapl_and_never_opens_nvml(powercap, monkeypatch):
+    monkeypatch.setattr(nvml_module, "_pynvml", lambda: pytest.fail("auto opened NVML for a CPU model"))
+    assert isinstance(_auto(powercap[0]).for_device("cpu"), RaplMeter)
 
 
 class _FakeNvml(types.SimpleNamespace):
@@ -149,8 +173,9 @@ def test_nvml_meter_reads_millijoules_after_synchronize(monkeypatch):
     assert meter.read_energy_j() == 12.5
     assert fake.events == ["sync", "read", "sync", "read"]
     assert meter.utilisation() == {"gpu": 97.0, "gpu_mem": 40.0, "gpu_clk": 1410.0, "gpu_mem_clk": 1215.0}
+    assert [probe() for probe in meter.probes()] == [meter.utilisation()]
     assert meter.describe()["driver_version"] == "550.00"
-    assert isinstance(make_meter("auto"), NvmlMeter)
+    assert isinstance(DeviceCounter([NvmlMeter, RaplMeter]).for_device("cuda:0"), NvmlMeter)
     meter.close()
     assert fake.events[-1] == "shutdown"
 
@@ -176,24 +201,49 @@ def test_nvml_device_state_names_throttle_reasons(monkeypatch):
 
 
 def test_auto_matches_the_device(powercap, monkeypatch, caplog):
-    monkeypatch.setattr(NvmlMeter, "available", classmethod(lambda cls, **kw: False))
-    assert isinstance(make_meter("auto", rapl_root=powercap[0], device="cpu"), RaplMeter)
+    _nvml_absent(monkeypatch)
+    assert isinstance(_auto(powercap[0]).for_device("cpu"), RaplMeter)
     with caplog.at_level(logging.WARNING):
-        meter = make_meter("auto", rapl_root=powercap[0], device="cuda:0")  # RAPL cannot see a GPU
-    assert isinstance(meter, NullMeter) and "NVML cannot read GPU 0" in caplog.text
+        meter = _auto(powercap[0]).for_device("cuda:0")  # RAPL cannot see a GPU: never tried
+    assert isinstance(meter, NullMeter) and "nvidia-ml-py" in caplog.text and "RAPL" not in caplog.text
 
 
 def test_rapl_plus_nvml_sums_both(powercap, monkeypatch):
     fake = _FakeNvml()
     monkeypatch.setattr(nvml_module, "_pynvml", lambda: fake)
-    meter = make_meter("rapl+nvml", rapl_root=powercap[0], device="cuda:0")
-    monkeypatch.setattr(meter.parts()[1], "synchronize", False)
+    meter = meter_for_device(SumMeter([RaplMeter(powercap[0]), NvmlMeter(0, synchronize=False)]), "cuda:0")
     assert meter.name == "rapl+nvml" and [p.name for p in meter.parts()] == ["rapl", "nvml"]
     before = meter.read_energy_j()
     (powercap[1] / "energy_uj").write_text("3000000\n")  # CPU +2 J
     fake.energy_mj += 1_500  # GPU +1.5 J
     assert meter.read_energy_j() - before == pytest.approx(3.5)
     assert meter.describe()["meter"] == "rapl+nvml" and "rapl_domains" in meter.describe()
+    assert [probe() for probe in meter.probes()] == [meter.parts()[1].utilisation()]  # the GPU part's
+    assert meter.period_s is None  # neither part knows its period: probed
+
+
+def test_a_meter_of_another_device_is_refused(powercap, monkeypatch):
+    """From what each part declares it measures: no meter is named in the rule."""
+    monkeypatch.setattr(nvml_module, "_pynvml", _FakeNvml)
+    gpu, cpu = NvmlMeter(0, synchronize=False), RaplMeter(powercap[0])
+    with pytest.raises(MeterMismatchError, match="meter nvml measures cuda but the model runs on cpu"):
+        check_device(gpu, "cpu")
+    with pytest.raises(MeterMismatchError, match="meter rapl measures cpu but the model runs on cuda:0"):
+        meter_for_device(cpu, "cuda:0")
+    with pytest.raises(MeterMismatchError, match="its part nvml measures cuda but the model runs on cpu"):
+        check_device(SumMeter([cpu, gpu]), "cpu")  # an idle GPU would be added to the target
+    for device in ("cpu", "cuda:0"):  # no device of this machine: never refused
+        check_device(SimulatedMeter(), device)
+        check_device(NullMeter(), device)
+    check_device(SumMeter([cpu, gpu]), "cuda:0")
+
+
+def test_what_meters_declare():
+    assert reading_feature_of("nvml") == GPU_ENERGY_FEATURE  # a GPU's own counter
+    assert reading_feature_of("rapl") is None and reading_feature_of("rapl+nvml") is None
+    assert NvmlMeter.measured_devices == {"cuda"} and RaplMeter.measured_devices == {"cpu"}
+    assert SimulatedMeter().period_s == 0.1  # known exactly: the protocol does not probe it
+    assert NullMeter().probes() == [] and NullMeter.measured_devices is None
 
 
 def test_simulated_counter_publishes_only_at_ticks():

@@ -17,6 +17,7 @@ from irene.measure.runner import measure_into
 from irene.measure.store import append_record, read_keys
 
 ROOT = Path(__file__).resolve().parents[1]
+TRACE = ROOT / "tests" / "data" / "counter_trace_simulated.csv"  # recorded from the simulated meter
 
 
 def _compose(overrides):
@@ -34,7 +35,8 @@ def _cfg(tmp_path, **measure):
     values = {"meter": "none", "device": "cpu", "min_window_s": 0.002, "windows": 1, "warmup": 0,
               "sample_interval_s": 0.001, "settle_min_s": 0, "track": False,
               "output": str(tmp_path / "trees.jsonl"), **measure}
-    overrides = [f"measure.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()]
+    overrides = [f"measure/meter={values.pop('meter')}"]  # the group: conf/measure/meter/<name>.yaml
+    overrides += [f"measure.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()]
     return _compose(["stage=measure", "model=tiny/bert", "batch_size=2", "seq_len=8", "show_progress=false",
                      *overrides])
 
@@ -43,9 +45,9 @@ def test_defaults_live_in_the_schema_only():
     """conf/measure/default.yaml repeats no default: the schema (and the settings it inherits)
     holds each one once."""
     block = OmegaConf.load(ROOT / "conf" / "measure" / "default.yaml")
-    assert block is None or len(block) == 0
+    assert list(block) == ["defaults"] and list(block.defaults) == [{"meter": "auto"}, "_self_"]
     cfg = _compose(["stage=measure"])
-    assert cfg.measure.meter == "auto" and cfg.measure.device == "auto"
+    assert cfg.measure.meter._target_ == "irene.measure.meters.DeviceCounter" and cfg.measure.device == "auto"
     assert cfg.measure.protocol == "aligned" and cfg.measure.windows == 3
     assert cfg.measure.reuse_identical is True and cfg.measure.attn_implementation == "eager"
 
@@ -63,43 +65,90 @@ def test_bad_type_or_key_fails_at_compose_time(override):
     ("measure.windows=0", "measure.windows: must be an integer >= 1, got 0"),
     ("measure.min_window_s=0", "measure.min_window_s: must be a number > 0, got 0.0"),
     ("measure.protocol=sloppy", "measure.protocol: must be one of aligned, fixed, got 'sloppy'"),
-    ("measure.meter=wattmeter", "measure.meter: must be one of auto, nvml, rapl, rapl+nvml, simulated, none"),
-    ("measure.simulated.tick_s=-1", "measure.simulated.tick_s: must be a number >= 0, got -1.0"),
+    ("measure.meter=wattmeter",
+     "measure.meter=wattmeter: no such meter; choose one of auto, none, nvml, rapl, rapl+nvml, "
+     "simulated (conf/measure/meter/), as measure/meter=<name>"),
+    ("measure/meter=simulated measure.meter.tick_s=-1",
+     "measure.meter.tick_s: must be a number >= 0, got -1"),
+    ("measure/meter=simulated +measure.meter.tik_s=1",
+     "measure.meter (irene.measure.meters.simulated.SimulatedMeter): SimulatedMeterSettings.__init__() "
+     "got an unexpected keyword argument 'tik_s'"),
     ("measure.settle_max_s=0.5", "measure.settle_max_s: must be a number >= settle_min_s (1.0), got 0.5"),
     ("measure.device=tpu", "measure.device: must be auto, cpu, cuda or cuda:N, got 'tpu'"),
     ("measure.device=cuda:1", "measure.device: cuda:1 is not the GPU the meter reads (measure.gpu_index=0)"),
 ])
 def test_out_of_range_fails_at_start_in_one_line(tmp_path, override, message):
-    from irene.measure.settings import SettingsError
+    from irene.errors import UserError  # SettingsError; a missing file: MissingInputError
     from pipelines import measure as stage
 
-    cfg = _compose(["stage=measure", "model=tiny/bert", f"measure.output={tmp_path / 't.jsonl'}", override])
-    with pytest.raises(SettingsError) as error:
+    cfg = _compose(["stage=measure", "model=tiny/bert", "measure.device=cpu",
+                    f"measure.output={tmp_path / 't.jsonl'}", *override.split()])
+    with pytest.raises(UserError) as error:
         stage.run(cfg)
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
     assert not (tmp_path / "t.jsonl").exists()
 
 
 def test_settings_instantiate_the_protocol_and_the_meter():
-    from irene.measure.meters import SimulatedMeter, meter_from_settings
+    from irene.measure.meters import SimulatedMeter
     from irene.measure.settings import ProtocolSettings
-    from pipelines.measure import measure_settings
+    from pipelines.measure import build_meter, measure_settings
 
-    cfg = _compose(["stage=measure", "measure=simulated", "measure.simulated.tick_s=0.05",
-                    "measure.windows=5"])
+    cfg = _compose(["stage=measure", "measure=simulated", "measure.meter.tick_s=0.05", "measure.windows=5"])
     settings = measure_settings(cfg)
     assert isinstance(settings, ProtocolSettings) and settings.windows == 5
-    meter = meter_from_settings(settings, "cpu")
+    meter = build_meter(settings, "cpu")
     assert isinstance(meter, SimulatedMeter) and meter.settings.tick_s == 0.05
 
 
-def test_meter_must_measure_the_device_the_model_runs_on():
-    from irene.measure.meters import MeterUnavailableError, make_meter
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "measure" / "meter").glob("*.yaml")))
+def test_every_meter_option_composes_and_names_a_meter(name, tmp_path):
+    """Each conf/measure/meter/*.yaml composes and its _target_ is a meter (or auto's picker);
+    the ones this machine can open are built, and `measure.meter=<name>` (the former form)
+    gives the same config as the group `measure/meter=<name>`."""
+    from hydra.utils import get_object
 
-    with pytest.raises(MeterUnavailableError, match="reads the GPU but the model runs on cpu"):
-        make_meter("nvml", device="cpu")
-    with pytest.raises(MeterUnavailableError, match=r"rapl\+nvml"):
-        make_meter("rapl", device="cuda:0")
+    from irene.measure.meters import DeviceCounter, EnergyMeter, MeterUnavailableError
+    from pipelines.measure import build_meter, measure_settings, meter_config
+
+    extra = [f"measure.meter.path={TRACE}"] if name == "replay" else []
+    group = _compose(["stage=measure", f"measure/meter={name}", *extra])
+    target = get_object(group.measure.meter._target_)
+    assert target is DeviceCounter or issubclass(target, EnergyMeter)
+    legacy = _compose(["stage=measure", f"measure.meter={name}"])
+    assert OmegaConf.to_container(meter_config(legacy)) == OmegaConf.to_container(
+        _compose(["stage=measure", f"measure/meter={name}"]).measure.meter)
+    try:
+        meter = build_meter(measure_settings(group), "cpu")
+    except MeterUnavailableError as error:  # no such hardware here (NVML, RAPL): said in one line
+        assert "\n" not in str(error)
+        return
+    assert isinstance(meter, EnergyMeter)
+    meter.close()
+
+
+def test_the_simulated_yaml_repeats_the_settings_defaults():
+    import dataclasses
+
+    from irene.measure.settings import SimulatedMeterSettings
+
+    block = OmegaConf.load(ROOT / "conf" / "measure" / "meter" / "simulated.yaml")
+    assert {k: v for k, v in block.items() if k != "_target_"} == dataclasses.asdict(SimulatedMeterSettings())
+
+
+def test_meter_must_measure_the_device_the_model_runs_on(tmp_path):
+    from irene.measure.meters import MeterMismatchError
+    from pipelines.measure import build_meter, measure_settings
+
+    package = tmp_path / "intel-rapl:0"
+    package.mkdir()
+    (package / "energy_uj").write_text("1000\n")
+    (package / "max_energy_range_uj").write_text("262143328850\n")
+    cfg = _compose(["stage=measure", "measure/meter=rapl", f"measure.meter.root={tmp_path}"])
+    settings = measure_settings(cfg)
+    assert build_meter(settings, "cpu").name == "rapl"
+    with pytest.raises(MeterMismatchError, match="meter rapl measures cpu but the model runs on cuda:0"):
+        build_meter(settings, "cuda:0")
 
 
 def test_stage_appends_once_and_skips_on_rerun(tmp_path, monkeypatch, capsys):
@@ -168,7 +217,7 @@ def test_a_times_only_line_does_not_stop_a_measurement_with_energy(tmp_path, mon
     assert "ground_truth_energy" not in json.loads(path.read_text())["frontend_tree"]
     stage.run(_cfg(tmp_path))  # the same meter again: nothing to add
     assert measured == [1]
-    simulated = {"meter": "simulated", "simulated.tick_s": 0.001}
+    simulated = {"meter": "simulated", "meter.tick_s": 0.001}
     stage.run(_cfg(tmp_path, **simulated))
     assert measured == [1, 1]
     lines = path.read_text().splitlines()
@@ -234,7 +283,7 @@ def test_real_config_with_mlflow(tmp_path, capsys):
             "seq_len=4",
             "measure=simulated",
             "measure.device=cpu",
-            "measure.simulated.tick_s=0.005",
+            "measure.meter.tick_s=0.005",
             "measure.min_window_s=0.01",
             "measure.windows=2",
             "measure.settle_min_s=0.05",
@@ -255,15 +304,16 @@ def test_real_config_with_mlflow(tmp_path, capsys):
     assert out[-1] == f"trees: {path}" and out[-2].startswith("tiny/gpt2 1x4: 15/30 nodes measured, root ")
     record = json.loads(path.read_text())
     block = record["measurement"]
-    # the probe reads a real-time counter: on a loaded machine it may see updates late
-    assert block["ground_truth_meter"] == "simulated" and 0.0025 < block["tick_s"] < 0.05
+    # the simulated meter declares its period: not probed
+    assert block["ground_truth_meter"] == "simulated" and block["tick_s"] == 0.005
+    assert block["ground_truth_features"] == []  # not a GPU's own counter: no feature is the target
     assert block["protocol"] == "aligned" and block["device"] == "cpu" and "settle" in block
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")
     assert len(runs) == 1
     params, metrics = runs[0].data.params, runs[0].data.metrics
     assert params["meter"] == "simulated" and params["protocol.min_window_s"] == "0.01"
-    assert params["protocol.protocol"] == "aligned" and params["meter.simulated.tick_s"] == "0.005"
+    assert params["protocol.protocol"] == "aligned" and params["meter.tick_s"] == "0.005"
     assert {"torch_version", "transformers_version", "device"} <= set(params)
     assert metrics["root_energy_j"] == pytest.approx(record["frontend_tree"]["ground_truth_energy"])
     assert metrics["nodes_measured"] == 15 and "window_spread_median" in metrics and "tick_s" in metrics

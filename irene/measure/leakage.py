@@ -1,10 +1,12 @@
 """Refuse a feature that is the ground truth itself.
 
-With NVML as the only meter, a node's GPU energy counter *is* its ground truth: a predictor
-given ``gpu_energy_mean`` as a feature reads the answer. New measurements never record it
-then (``irene.measure.protocol.MeterSet``); trees measured before that rule (such as the
-H200 data set, where ``gpu_energy_mean == ground_truth_energy`` on almost every node) are
-recognised here, and a feature set that reads such a feature is refused in one line.
+With a GPU's own counter as the only meter, a node's GPU energy *is* its ground truth: a
+predictor given ``gpu_energy_mean`` as a feature reads the answer. New measurements never
+record it then (``irene.measure.protocol``) and say so in the record's ``measurement`` block
+(``ground_truth_features``, from the meter's declared ``reading_feature``); trees measured
+before that rule (such as the H200 data set, where ``gpu_energy_mean == ground_truth_energy``
+on almost every node) are recognised here, and a feature set that reads such a feature is
+refused in one line. This module knows meters only through that declaration.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from collections.abc import Iterable, Sequence
 
 from irene.data.forest import feature_list
 from irene.data.tree import Tree, TreeFormatError, iter_nodes
+from irene.measure.meters import GPU_ENERGY_FEATURE, reading_feature_of
 
 #: Features that are an energy counter's reading: the target itself when that counter is the
 #: only meter.
-ENERGY_FEATURES = ("gpu_energy_mean",)
+ENERGY_FEATURES = (GPU_ENERGY_FEATURE,)
 #: Relative difference under which a feature equals the target on a node.
 EQUAL_RTOL = 1e-9
 #: Share of the nodes (with both values) on which a feature equal to the target is a leak.
@@ -27,13 +30,20 @@ class LeakedTargetError(TreeFormatError):
     """A selected feature is the ground truth itself; the message says which and what to do."""
 
 
-def _declared_target(tree: Tree) -> str | None:
-    """``"nvml"`` when a measured tree declares NVML its sole ground truth (so its GPU counter
-    was not recorded as a feature), else ``None``."""
+def _declared_target(tree: Tree, feature: str) -> str | None:
+    """The ground-truth meter's name when a measured tree declares that ``feature`` is its
+    ground truth (so that feature was not recorded), else ``None``.
+
+    The block's ``ground_truth_features``; a block written before that field existed is read
+    through the meter's class (:func:`irene.measure.meters.reading_feature_of`)."""
     block = tree.get("measurement") or {}
-    if block.get("ground_truth_meter") == "nvml" and not block.get("gpu_energy_mean_meter"):
-        return "nvml"
-    return None
+    meter = block.get("ground_truth_meter")
+    if "ground_truth_features" in block:
+        declared = feature in block["ground_truth_features"]
+    else:
+        recorded = block.get("gpu_energy_mean_meter")
+        declared = bool(meter) and reading_feature_of(meter) == feature and not recorded
+    return str(meter) if declared else None
 
 
 def leaked_features(trees: Iterable[Tree], features: Sequence[str]) -> dict[str, str]:
@@ -60,7 +70,7 @@ def leaked_features(trees: Iterable[Tree], features: Sequence[str]) -> dict[str,
         if both and equal >= LEAK_SHARE * both:
             found[feature] = f"it equals ground_truth_energy on {equal} of {both} nodes"
             continue
-        declared = sorted({m for m in map(_declared_target, trees) if m})
+        declared = sorted({m for m in (_declared_target(t, feature) for t in trees) if m})
         if declared:
             found[feature] = (f"the {'/'.join(declared)} counter is the ground truth of these trees, so it "
                               "was not recorded as a feature")
@@ -81,4 +91,4 @@ def check_no_leaked_target(trees: Iterable[Tree], feature_sets: Sequence[str], s
         raise LeakedTargetError(
             f"{source}: feature {feature!r} (feature sets {list(feature_sets)}) is the target: {evidence}; "
             "the GPU counter was the only meter. Use features=model_specs, or measure a ground truth "
-            "of its own (measure.meter=rapl+nvml), see docs/measure.md")
+            "of its own beside the GPU counter (a summed meter), see docs/measure.md")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import sys
@@ -14,7 +15,7 @@ import transformers
 
 from irene.data.architectures import model_from_name
 from irene.errors import SettingsError
-from irene.measure.meters import EnergyMeter, NullMeter, NvmlMeter
+from irene.measure.meters import GPU_ENERGY_FEATURE, EnergyMeter, NullMeter, Probe
 from irene.measure.protocol import ProgressCallback, ProtocolSettings, device_sync, measure_nodes
 from irene.measure.store import ENERGY, TIMES, TRACE, append_record, has_record
 from irene.measure.trace import trace_model, trace_to_record
@@ -34,19 +35,23 @@ def resolve_device(device: str, gpu_index: int = 0) -> str:
     return device
 
 
-def gpu_companion(meter: EnergyMeter, device: str, gpu_index: int) -> EnergyMeter | None:
-    """The GPU counter that supplies GPU utilisation and, unless it is the ground truth itself,
-    ``gpu_energy_mean``.
+def gpu_counter(meter: EnergyMeter) -> EnergyMeter | None:
+    """The part of the ground-truth meter whose reading is a GPU's own counter (it supplies
+    ``gpu_energy_mean`` beside another ground truth, and never as the only one), if any."""
+    return next((p for p in meter.parts() if p.reading_feature == GPU_ENERGY_FEATURE), None)
 
-    The ground-truth meter's GPU part when it has one (``nvml``, ``rapl+nvml``); a separate NVML
-    meter when the model runs on a GPU under another meter; ``None`` on CPU.
-    """
-    for part in meter.parts():
-        if part.is_gpu and isinstance(part, NvmlMeter):
-            return part
-    if torch.device(device).type == "cuda" and NvmlMeter.available(gpu_index=gpu_index):
-        return NvmlMeter(gpu_index)
-    return None
+
+def ground_truth_features(meter: EnergyMeter) -> list[str]:
+    """Node features that the ground truth itself is: the reading feature of a meter that is
+    the only ground truth (e.g. ``gpu_energy_mean`` under a GPU counter alone). Recorded in
+    the ``measurement`` block for :mod:`irene.measure.leakage`."""
+    parts = meter.parts() if meter.measures_energy else []
+    return [parts[0].reading_feature] if len(parts) == 1 and parts[0].reading_feature else []
+
+
+def meter_probes(meter: EnergyMeter) -> list[Probe]:
+    """The probes every part of the meter offers (utilisation, clocks)."""
+    return [probe for part in meter.parts() for probe in part.probes()]
 
 
 def _progress_bar(label: str, enabled: bool) -> tuple[ProgressCallback | None, Any]:
@@ -75,7 +80,6 @@ def measure_configuration(
     device: str = "cpu",
     attn_implementation: str = "eager",
     measure: bool = True,
-    gpu_index: int = 0,
     seed: int = 0,
     convention: str = "physical",
     show_progress: bool = False,
@@ -86,12 +90,13 @@ def measure_configuration(
         model_name: a name accepted by :func:`irene.data.architectures.model_from_name`.
         batch_size: batch size of the input.
         seq_len: sequence length of the input.
-        meter: ground-truth energy meter (default: none, i.e. no energy).
+        meter: ground-truth energy meter (default: none, i.e. no energy); its parts' probes
+            are sampled, a part that is a GPU counter supplies ``gpu_energy_mean`` beside
+            another ground truth, and its ``period_s`` (when known) replaces probing the tick.
         settings: protocol settings (default: :class:`ProtocolSettings`).
         device: ``"cpu"`` or ``"cuda:N"`` (see :func:`resolve_device`).
         attn_implementation: forced attention implementation.
         measure: False records static features only (no run of the protocol).
-        gpu_index: NVML index of the GPU used.
         seed: seed of the random input ids.
         convention: static-feature convention of the trace (``physical`` or ``irene``).
         show_progress: a progress bar over the nodes, with an ETA, on stderr.
@@ -110,17 +115,18 @@ def measure_configuration(
                         convention=convention)
     if not measure:
         return trace_to_record(trace)
-    gpu_meter = gpu_companion(meter, device, gpu_index)
-    probes = [gpu_meter.utilisation] if isinstance(gpu_meter, NvmlMeter) else None
+    if settings.tick_s is None and meter.measures_energy and meter.period_s is not None:
+        settings = dataclasses.replace(settings, tick_s=meter.period_s)  # known exactly: not probed
     on_progress, bar = _progress_bar(f"{model_name} {batch_size}x{seq_len}", show_progress)
     try:
-        result = measure_nodes(trace, meter, settings, sync=device_sync(device), gpu_meter=gpu_meter,
-                               probes=probes, on_progress=on_progress)
+        result = measure_nodes(trace, meter, settings, sync=device_sync(device), gpu_meter=gpu_counter(meter),
+                               probes=meter_probes(meter) or None, on_progress=on_progress)
     finally:
         if bar is not None:
             bar.close()
     record = trace_to_record(trace, result.fields)
     record["measurement"] = {"device": device, **result.report,
+                             "ground_truth_features": ground_truth_features(meter),
                              "total_seconds": time.perf_counter() - start_s}
     return record
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 
 import psutil
 
-#: A probe returns named readings, e.g. ``{"gpu": 97.0, "gpu_clk": 1410.0}``.
-Probe = Callable[[], dict[str, float]]
+from irene.measure.meters.base import Probe  # named readings, e.g. {"gpu": 97.0, "gpu_clk": 1410.0}
+
+__all__ = ["Probe", "UtilisationSampler", "host_probe"]
 
 
 def host_probe() -> dict[str, float]:

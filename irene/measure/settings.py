@@ -9,13 +9,13 @@ its valid range before any work starts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 from irene import errors
 
 PROTOCOLS = ("aligned", "fixed")
 DRIFT_ACTIONS = ("flag", "remeasure")
-METERS = ("auto", "nvml", "rapl", "rapl+nvml", "simulated", "none")
 
 
 # An out-of-range setting; the message is one line: ``measure.<field>: must be ..., got ...``.
@@ -89,7 +89,8 @@ class ProtocolSettings:
 
 @dataclass
 class SimulatedMeterSettings:
-    """A simulated energy counter (``meter=simulated``): tests, benchmarks, the protocol's proof."""
+    """A simulated energy counter (``measure/meter=simulated``, whose YAML repeats these
+    defaults): tests, benchmarks, the protocol's proof."""
 
     tick_s: float = 0.1  # counter update period, seconds (0: a continuous counter)
     power_w: float = 300.0  # mean power, watts
@@ -98,7 +99,7 @@ class SimulatedMeterSettings:
     resolution_j: float = 0.001  # counter resolution, joules (NVML: 1 mJ; 0: exact)
     seed: int = 0  # seed of the noise and of the tick phase
 
-    def validate(self, prefix: str = "measure.simulated.") -> SimulatedMeterSettings:
+    def validate(self, prefix: str = "measure.meter.") -> SimulatedMeterSettings:
         """Check every range; raise :class:`SettingsError` naming the first bad field."""
         for name, rule in (("tick_s", ">= 0"), ("power_w", "> 0"), ("noise", ">= 0"),
                            ("noise_interval_s", "> 0"), ("resolution_j", ">= 0")):
@@ -112,15 +113,13 @@ class SimulatedMeterSettings:
 class MeterSettings:
     """Which energy meter gives the ground truth (see docs/measure.md, "Meters and features")."""
 
-    meter: str = "auto"  # auto | nvml | rapl | rapl+nvml | simulated | none
-    gpu_index: int = 0  # GPU of the NVML meter and of device=cuda
-    rapl_root: str = "/sys/class/powercap"  # powercap root of the RAPL meter (tests use a fake tree)
-    simulated: SimulatedMeterSettings = field(default_factory=SimulatedMeterSettings)  # meter=simulated
+    # the meter's config: a conf/measure/meter/<name>.yaml (its _target_ and arguments), chosen
+    # with measure/meter=<name> (default: auto, in the measure option's defaults list)
+    meter: Any = None
+    gpu_index: int = 0  # GPU of device=cuda and of the NVML meter (its YAML reads this key)
 
     def validate(self, prefix: str = "measure.") -> MeterSettings:
         """Check every range; raise :class:`SettingsError` naming the first bad field."""
-        _check(self.meter in METERS, "meter", f"one of {', '.join(METERS)}", self.meter, prefix)
         _check(_int(self.gpu_index) and self.gpu_index >= 0, "gpu_index", "an integer >= 0",
                self.gpu_index, prefix)
-        self.simulated.validate(f"{prefix}simulated.")
         return self

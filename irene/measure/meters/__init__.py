@@ -1,114 +1,106 @@
-"""Energy meters behind one interface: NVML (GPU), RAPL (CPU packages), their sum, simulated, none.
+"""Energy meters behind one interface (:class:`EnergyMeter`, ``base.py``), one file each.
 
-:func:`meter_from_settings` builds the meter of the ``measure`` config (``MeterSettings``) for
-the device the model runs on; ``meter: auto`` picks the counter of that device: NVML for a
-GPU, RAPL for the CPU, else the null meter, which measures nothing and says so once.
+The ``measure`` stage builds the meter of its config (``conf/measure/meter/<name>.yaml``,
+chosen with ``measure/meter=<name>``) with Hydra, then hands the built object to
+:func:`meter_for_device`: a meter is checked against the device the model runs on
+(:func:`check_device`), a :class:`DeviceCounter` (``auto``) picks the counter of that device,
+else the null meter, which measures nothing and says so once. Nothing here names a meter:
+adding one is a file in this package and a YAML (docs/architecture.md, "Adding a meter").
 """
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-
-from irene.measure.meters.base import EnergyMeter, MeterUnavailableError
+from irene.measure.meters.auto import DeviceCounter, device_type
+from irene.measure.meters.base import (
+    GPU_ENERGY_FEATURE,
+    REGISTRY,
+    EnergyMeter,
+    MeterUnavailableError,
+    Probe,
+    reading_feature_of,
+)
 from irene.measure.meters.combined import SumMeter
 from irene.measure.meters.null import NullMeter
 from irene.measure.meters.nvml import NvmlMeter
 from irene.measure.meters.rapl import DEFAULT_POWERCAP_ROOT, RaplMeter, RaplPermissionError
 from irene.measure.meters.simulated import SimulatedDevice, SimulatedMeter
-from irene.measure.settings import METERS, MeterSettings, SimulatedMeterSettings
 
 __all__ = [
+    "DEFAULT_POWERCAP_ROOT",
+    "GPU_ENERGY_FEATURE",
+    "REGISTRY",
+    "DeviceCounter",
     "EnergyMeter",
+    "MeterMismatchError",
     "MeterUnavailableError",
     "NullMeter",
     "NvmlMeter",
+    "Probe",
     "RaplMeter",
     "RaplPermissionError",
     "SimulatedDevice",
     "SimulatedMeter",
     "SumMeter",
-    "make_meter",
-    "meter_from_settings",
+    "check_device",
+    "meter_for_device",
+    "reading_feature_of",
 ]
-
-log = logging.getLogger(__name__)
 
 
 class MeterMismatchError(MeterUnavailableError):
     """The meter does not measure the device the model runs on."""
 
 
-def _no_meter(reason: str) -> NullMeter:
-    log.warning("No energy meter for this device (%s): recording features and times only, "
-                "without ground_truth_energy.", reason)
-    return NullMeter()
+def check_device(meter: EnergyMeter, device: str) -> None:
+    """Refuse a meter that does not measure the device the model runs on.
 
-
-def make_meter(
-    kind: str = "auto",
-    *,
-    gpu_index: int = 0,
-    rapl_root: str | Path = DEFAULT_POWERCAP_ROOT,
-    device: str | None = None,
-    simulated: SimulatedMeterSettings | None = None,
-) -> EnergyMeter:
-    """Build the energy meter named by ``kind``.
-
-    Args:
-        kind: one of :data:`irene.measure.settings.METERS`.
-        gpu_index: GPU of the NVML meter.
-        rapl_root: powercap root of the RAPL meter.
-        device: where the model runs (``cpu``, ``cuda:N``); with ``auto`` it picks the counter
-            of that device, and a named meter that measures another device is refused.
-            ``None``: no check, and ``auto`` takes NVML if usable, else RAPL.
-        simulated: settings of ``kind="simulated"``.
-
-    Returns:
-        The meter. With ``"auto"`` and no usable counter, a :class:`NullMeter`, announced in
-        one log line.
+    From the parts' :attr:`~EnergyMeter.measured_devices` (parts that declare none, such as
+    a simulated or replayed counter, are never refused): some part must measure the model's
+    device, and every part must measure that device or the host CPU that drives it (a GPU
+    counter beside a model on the CPU would add an idle GPU to the target).
 
     Raises:
-        MeterUnavailableError: when an explicitly named meter cannot be used.
-        MeterMismatchError: when a named meter measures another device than ``device``.
-        ValueError: for an unknown kind.
+        MeterMismatchError: one line naming the meter, what it measures and the device.
     """
-    if kind not in METERS:
-        raise ValueError(f"unknown meter {kind!r}: use {', '.join(METERS)}")
-    on_gpu = None if device is None else str(device).split(":")[0] == "cuda"
-    if on_gpu is False and kind in ("nvml", "rapl+nvml"):
-        raise MeterMismatchError(f"meter={kind} reads the GPU but the model runs on {device}: "
-                                 "use device=cuda (or auto), or meter=rapl")
-    if on_gpu and kind == "rapl":
-        raise MeterMismatchError(f"meter=rapl reads only the CPU packages but the model runs on {device}: "
-                                 "use meter=rapl+nvml (CPU + GPU) or meter=nvml")
-    if kind == "nvml":
-        return NvmlMeter(gpu_index)
-    if kind == "rapl":
-        return RaplMeter(rapl_root)
-    if kind == "rapl+nvml":
-        return SumMeter([RaplMeter(rapl_root), NvmlMeter(gpu_index)])
-    if kind == "simulated":
-        return SimulatedMeter(simulated)
-    if kind == "none":
-        return NullMeter()
-    # auto
-    if on_gpu is not False and NvmlMeter.available(gpu_index=gpu_index):
-        return NvmlMeter(gpu_index)
-    if on_gpu:
-        return _no_meter(f"NVML cannot read GPU {gpu_index}")
-    try:
-        return RaplMeter(rapl_root)
-    except MeterUnavailableError as error:
-        return _no_meter(f"no NVML GPU; RAPL: {error}")
+    kind = device_type(device)
+    parts = [p for p in meter.parts() if p.measured_devices is not None]
+    if not parts:
+        return
+    used = {kind, "cpu"}  # the host CPU runs the model or launches its kernels
+    measured = sorted(set().union(*(p.measured_devices for p in parts)))
+    if not any(kind in p.measured_devices for p in parts):
+        raise MeterMismatchError(
+            f"meter {meter.name} measures {'+'.join(measured)} but the model runs on {device}: use a meter "
+            f"of that device (measure/meter=auto picks it) or the measure.device that meter reads")
+    for part in parts:
+        if not part.measured_devices & used:
+            devices = "+".join(sorted(part.measured_devices))
+            raise MeterMismatchError(
+                f"meter {meter.name}: its part {part.name} measures {devices} "
+                f"but the model runs on {device}, which does not use it: drop that part or use "
+                f"measure/meter=auto")
 
 
-def meter_from_settings(settings: MeterSettings, device: str | None = None) -> EnergyMeter:
-    """The meter of the ``measure`` config for a model running on ``device``.
+def meter_for_device(built: EnergyMeter | DeviceCounter, device: str) -> EnergyMeter:
+    """The meter for a model on ``device``, from what the meter config built.
 
     Args:
-        settings: the validated meter settings (the ``measure`` config block is one).
-        device: where the model runs (see :func:`make_meter`).
+        built: a meter (checked with :func:`check_device`) or a :class:`DeviceCounter`
+            (``auto``: picks the device's counter, else the null meter).
+        device: where the model runs (``cpu``, ``cuda:N``).
+
+    Raises:
+        MeterMismatchError: a meter of another device.
+        TypeError: ``built`` is neither.
     """
-    return make_meter(settings.meter, gpu_index=settings.gpu_index, rapl_root=settings.rapl_root,
-                      device=device, simulated=settings.simulated)
+    if isinstance(built, DeviceCounter):
+        return built.for_device(device)
+    if not isinstance(built, EnergyMeter):
+        raise TypeError("a meter config must build an EnergyMeter or a DeviceCounter, "
+                        f"got {type(built).__name__}")
+    try:
+        check_device(built, device)
+    except MeterMismatchError:
+        built.close()
+        raise
+    return built

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from irene.measure.meters.base import EnergyMeter
+from irene.measure.meters.base import EnergyMeter, Probe
 
 
 class SumMeter(EnergyMeter):
@@ -30,6 +30,16 @@ class SumMeter(EnergyMeter):
     def read_energy_j(self) -> float:
         """Sum of the parts' cumulative energies, in joules."""
         return sum(p.read_energy_j() for p in self._parts)
+
+    @property
+    def period_s(self) -> float | None:
+        """The slowest part's period when every part knows its own, else ``None`` (probed)."""
+        periods = [p.period_s for p in self._parts]
+        return None if any(p is None for p in periods) else max(periods)
+
+    def probes(self) -> list[Probe]:
+        """Every part's probes."""
+        return [probe for part in self._parts for probe in part.probes()]
 
     def parts(self) -> list[EnergyMeter]:
         """The summed meters."""

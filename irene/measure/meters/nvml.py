@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from irene.measure.meters.base import EnergyMeter, MeterUnavailableError
+from irene.measure.meters.base import GPU_ENERGY_FEATURE, EnergyMeter, MeterUnavailableError, Probe
 
 
 def _pynvml() -> Any:
-    import pynvml  # imported lazily: the package is optional on CPU-only machines
-
+    try:
+        import pynvml  # imported lazily: the package is optional on CPU-only machines
+    except ImportError as error:
+        raise MeterUnavailableError("the NVML meter needs the package nvidia-ml-py (import pynvml): "
+                                    f"{error}") from error
     return pynvml
 
 
@@ -29,7 +32,8 @@ class NvmlMeter(EnergyMeter):
     """
 
     name = "nvml"
-    is_gpu = True
+    measured_devices = frozenset({"cuda"})
+    reading_feature = GPU_ENERGY_FEATURE
 
     def __init__(self, gpu_index: int = 0, synchronize: bool = True) -> None:
         self.gpu_index = gpu_index
@@ -65,6 +69,10 @@ class NvmlMeter(EnergyMeter):
             # Synchronise before reading the counter, so the window closes after the kernels finish.
             torch.cuda.synchronize(self.gpu_index)
         return self._nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle) / 1000.0
+
+    def probes(self) -> list[Probe]:
+        """GPU utilisation and clocks (:meth:`utilisation`)."""
+        return [self.utilisation]
 
     def utilisation(self) -> dict[str, float]:
         """GPU and GPU-memory utilisation (percent), SM and memory clocks (MHz)."""

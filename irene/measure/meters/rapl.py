@@ -62,6 +62,7 @@ class RaplMeter(EnergyMeter):
     """
 
     name = "rapl"
+    measured_devices = frozenset({"cpu"})
 
     def __init__(self, root: str | Path = DEFAULT_POWERCAP_ROOT) -> None:
         self.root = Path(root)
