@@ -66,13 +66,15 @@ def test_bad_type_or_key_fails_at_compose_time(override):
     ("measure.min_window_s=0", "measure.min_window_s: must be a number > 0, got 0.0"),
     ("measure.protocol=sloppy", "measure.protocol: must be one of aligned, fixed, got 'sloppy'"),
     ("measure.meter=wattmeter",
-     "measure.meter=wattmeter: no such meter; choose one of auto, none, nvml, rapl, rapl+nvml, "
+     "measure.meter=wattmeter: no such meter; choose one of auto, none, nvml, rapl, rapl+nvml, replay, "
      "simulated (conf/measure/meter/), as measure/meter=<name>"),
     ("measure/meter=simulated measure.meter.tick_s=-1",
      "measure.meter.tick_s: must be a number >= 0, got -1"),
     ("measure/meter=simulated +measure.meter.tik_s=1",
      "measure.meter (irene.measure.meters.simulated.SimulatedMeter): SimulatedMeterSettings.__init__() "
      "got an unexpected keyword argument 'tik_s'"),
+    ("measure/meter=replay", "measure.meter.path: must be set for this meter (measure.meter.path=...)"),
+    ("measure/meter=replay measure.meter.path=absent.csv", "absent.csv: no such counter trace file"),
     ("measure.settle_max_s=0.5", "measure.settle_max_s: must be a number >= settle_min_s (1.0), got 0.5"),
     ("measure.device=tpu", "measure.device: must be auto, cpu, cuda or cuda:N, got 'tpu'"),
     ("measure.device=cuda:1", "measure.device: cuda:1 is not the GPU the meter reads (measure.gpu_index=0)"),
