@@ -92,8 +92,8 @@ def _read_csv(folder: Path, level: str) -> pd.DataFrame:
     path = folder / csv_name(level)
     try:
         frame = pd.read_csv(path, dtype={"level_name": str, "model_name": str})
-    except UnicodeDecodeError as error:
-        raise DataFormatError(f"{path}: not UTF-8 text (byte {error.start + 1}); is this a "
+    except UnicodeDecodeError:
+        raise DataFormatError(f"{path}: not UTF-8 text (byte {_first_bad_byte(path)}); is this a "
                               "CSV file?") from None
     except pd.errors.EmptyDataError:
         raise DataFormatError(f"{path}:1: empty file; expected the header "
@@ -112,6 +112,8 @@ def _read_csv(folder: Path, level: str) -> pd.DataFrame:
         value = float(values.iloc[row][column])
         plain = int(value) if value.is_integer() and abs(value) < 2**53 else value
         problem = value_problem(_COLUMN_FIELDS[column], raw if np.isnan(value) else plain)
+        if problem and isinstance(raw, float) and np.isnan(raw):  # pandas reads "" as NaN
+            problem = problem.rpartition(", got ")[0] + ", got an empty cell (or NaN)"
         if problem:
             raise DataFormatError(f"{path}:{row + 2}: field {column!r}: {problem}")
     for column in ("level_name", "model_name"):
@@ -124,6 +126,16 @@ def _read_csv(folder: Path, level: str) -> pd.DataFrame:
     frame["src_level"] = level
     frame["src_file"] = str(path)
     return frame
+
+
+def _first_bad_byte(path: Path) -> int:
+    """1-based offset in the file of its first byte that is not UTF-8 (pandas reports an
+    offset within the chunk it was decoding)."""
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        return error.start + 1
+    return 0
 
 
 def _first_problems(values: pd.DataFrame, columns: list[str]):
@@ -199,6 +211,15 @@ def _build_tree(model: str, batch_size: int, seq_len: int, rows: list[dict]) -> 
     op_counter: dict[tuple[str, str], int] = defaultdict(int)
     for row in (row for row in rows if row["src_level"] == "ml2"):
         scope, instance_type = _split_level_name(row)
+        where = f"{row['src_file']}:{row['src_line']}: field 'level_name'"
+        if scope not in counts:  # else it would hang silently under the nearest ancestor
+            raise DataFormatError(f"{where}: scope {scope!r} is not a module of {model} in this "
+                                  "transformers version")
+        holder = by_scope.get(scope)
+        if holder is not None and holder["type"] == NodeType.ML:
+            raise DataFormatError(f"{where}: scope {scope!r} is an ml1 row (a leaf, "
+                                  f"{Path(first_row[scope]['src_file']).name}:"
+                                  f"{first_row[scope]['src_line']}); it cannot hold {instance_type}")
         k = op_counter[(scope, instance_type)]
         op_counter[(scope, instance_type)] += 1
         node = _make_node(row, f"root.{scope}.{instance_type.lower()}_{k}", None, instance_type,

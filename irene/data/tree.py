@@ -170,7 +170,7 @@ def validate_tree(
             if field not in node:
                 fail(field, "missing", node)
         if node["type"] not in NODE_TYPES:
-            fail("type", f"must be one of {list(NODE_TYPES)}, got {node['type']!r}", node)
+            fail("type", f"must be one of {[t.value for t in NODE_TYPES]}, got {node['type']!r}", node)
         if not isinstance(node["child_nodes_obj"], list):
             fail("child_nodes_obj", "must be a list", node)
         if not node["child_nodes_obj"] and node["type"] != NodeType.ML:
@@ -186,6 +186,9 @@ def validate_tree(
         for field in ("scope", "instance_type"):
             if not isinstance(node[field], str) or not node[field]:
                 fail(field, f"must be a non-empty string, got {node[field]!r}", node)
+        level = node["level"]
+        if not (_is_finite_number(level) and level >= 0 and int(level) == level):
+            fail("level", f"must be a whole number >= 0, got {level!r}", node)
         for field in FEATURE_FIELDS:
             if field in node and node[field] is not None:
                 problem = value_problem(field, node[field])
@@ -260,8 +263,8 @@ def _shape_key(tree: Any) -> tuple | None:
     if not isinstance(tree, dict):
         return None
     key = (tree.get("model_name"), tree.get("batch_size"), tree.get("seq_len"))
-    if not isinstance(key[0], str) or not all(_is_finite_number(v) for v in key[1:]):
-        return None
+    if not isinstance(key[0], str) or not all(_is_finite_number(v) and int(v) == v for v in key[1:]):
+        return None  # not a shape (validation says why), never the shape of another tree
     return key[0], int(key[1]), int(key[2])
 
 
