@@ -63,8 +63,9 @@ class ServingLimits:
     Attributes:
         max_batch_size: inputs per forward pass.
         max_seq_len: tokens per input (also at most the model's position embeddings).
-        max_tokens: ``batch_size × seq_len`` of one row (tracing a model that cannot be
-            traced on the ``meta`` device allocates its activations on the CPU).
+        max_tokens: ``batch_size × seq_len`` of one row. Rows are traced on the ``meta``
+            device, so a row's memory does not grow with its shape or model size (the
+            values a branch reads, a few integers per token, are computed on the CPU).
         max_rows: shape rows per request.
         max_nodes: node rows per request.
         model_dirs: folders whose ``config.json`` files (at any depth) may be named by
