@@ -31,7 +31,8 @@ from irene.tables import Table, fold_spread, to_markdown, write_table
 from pipelines.config import build_predictor, run_params, seed_list, seeds_request
 from pipelines.data import load_forest
 from pipelines.paths import log, run_dir, setup
-from pipelines.tracking import finished_run, log_artifact, log_metrics, log_params, set_tag, tracked_run
+from pipelines.run_identity import finished_run
+from pipelines.tracking import Tracker, tracked_run
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -85,26 +86,27 @@ class _SeededTable:
     predicted_j: np.ndarray  # out-of-fold predictions of the first seed
 
 
-def _seeded(cfg: DictConfig, out: Path, forest, predictor, seeds: list[int]) -> _SeededTable:
+def _seeded(cfg: DictConfig, tracker: Tracker, out: Path, forest, predictor,
+            seeds: list[int]) -> _SeededTable:
     """Leave-one-model-out once per seed: a child run per (seed, fold), the seeds' table."""
     def on_fold(seed: int | None, left_out: str, errors: dict[str, float]) -> None:
         log.info("seed %-6s left out %-24s ml %.2f  module %.2f  model %.2f", seed, left_out,
                  *(errors.get(t, float("nan")) for t in ERROR_COLUMNS))
         params = {"left_out_model": left_out} | ({} if seed is None else {"seed": seed})
         name = f"fold {left_out}" + ("" if seed is None else f" seed {seed}")
-        with tracked_run(cfg, "crossvalidate-fold", params, name=name, nested=True):
-            log_metrics(errors)
+        with tracker.child_run("crossvalidate-fold", name, params) as fold:
+            fold.log_metrics(errors)
 
     result: SeededCrossValidationResult = seeded_leave_one_model_out(
         forest, predictor, seeds, n_jobs=int(cfg.cv_jobs), on_fold=on_fold)
     if not result.seed_dependent:
         log.info("predictor %r does not depend on a seed with these settings: fit once, "
                  "spread 0 (not %d identical times)", predictor.name, len(seeds))
-    set_tag("seed_dependent", str(result.seed_dependent).lower())
-    log_params({"num_seeds": result.num_seeds, "seeds_run": result.seeds})
+    tracker.set_tags({"seed_dependent": str(result.seed_dependent).lower()})
+    tracker.log_params({"num_seeds": result.num_seeds, "seeds_run": result.seeds})
     seeds_csv = atomic_write_text(out / "crossvalidation_seeds.csv",
                                   result.folds.to_csv(index=False, float_format="%.4f"))
-    log_artifact(seeds_csv, "report")
+    tracker.log_artifact(seeds_csv, "report")
     return _SeededTable(table=result.table(), predicted_j=result.predicted_j)
 
 
@@ -116,53 +118,53 @@ def run(cfg: DictConfig) -> CrossValidationReport:
         return resumed
     request = seeds_request(cfg)
     params = run_params(cfg) | ({} if request is None else {"seeds": request})
-    with tracked_run(cfg, "crossvalidate", params):
+    with tracked_run(cfg, "crossvalidate", params) as tracker:
         # a bad hyperparameter or seed fails here, before any data is read, as a FAILED run
         predictor = build_predictor(cfg, show_progress=False)
         seeds = seed_list(cfg)
         if seeds is not None and predictor.uses_seed():
             for seed in seeds:
                 clone(predictor).set_params(seed=seed).validate_params()
-        data = load_forest(cfg)
+        data = load_forest(cfg, tracker)
         forest = data.forest
         models = list(dict.fromkeys(forest.model_names))
         log.info("leave-one-model-out over %d models, %d trees, %d nodes", len(models),
                  forest.num_trees, forest.num_nodes)
-        log_params({"models": models, "num_trees": forest.num_trees})
+        tracker.log_params({"models": models, "num_trees": forest.num_trees})
 
         def on_fold(left_out: str, errors: dict[str, float], predictor: object) -> None:
             log.info("left out %-24s ml %.2f  module %.2f  model %.2f", left_out,
                      *(errors.get(t, float("nan")) for t in ERROR_COLUMNS))
-            with tracked_run(cfg, "crossvalidate-fold", {"left_out_model": left_out},
-                             name=f"fold {left_out}", nested=True):
-                log_metrics(errors)
+            with tracker.child_run("crossvalidate-fold", f"fold {left_out}",
+                                   {"left_out_model": left_out}) as fold:
+                fold.log_metrics(errors)
 
         try:
             if seeds is None:
                 result = leave_one_model_out(forest, predictor,
                                              show_progress=cfg.show_progress, on_fold=on_fold)
             else:
-                result = _seeded(cfg, out, forest, predictor, seeds)
+                result = _seeded(cfg, tracker, out, forest, predictor, seeds)
         except NotApplicableError as error:
             if not cfg.skip_not_applicable:
                 raise
             log.warning("not applicable, skipped: %s", error)
-            set_tag("not_applicable", str(error)[:500])
+            tracker.set_tags({"not_applicable": str(error)[:500]})
             return CrossValidationReport(result=None, csv_path=None, predictions_path=None)
         table = result.grid if seeds is None else result.table
         csv_path = out / "crossvalidation.csv"
         write_table(table, out, "crossvalidation")
         overall = (result.overall() if seeds is None
                    else table.loc["overall"].to_dict())
-        log_metrics({f"overall_{k}": v for k, v in overall.items()})
-        log_artifact(csv_path, "report")
-        log_artifact(out / "crossvalidation.md", "report")
+        tracker.log_metrics({f"overall_{k}": v for k, v in overall.items()})
+        tracker.log_artifact(csv_path, "report")
+        tracker.log_artifact(out / "crossvalidation.md", "report")
         predictions = None
         if cfg.save_predictions:
             predictions = write_trees(out / "predictions.jsonl",
                                       fill_predictions(data.trees(), forest, result.predicted_j),
                                       protect=[data.source])
-            log_artifact(predictions, "predictions")
+            tracker.log_artifact(predictions, "predictions")
     print("Percentage error - leave-one-model-out cross-validation")
     print(to_markdown(fold_spread(table)))
     print(f"crossvalidation table: {csv_path}")

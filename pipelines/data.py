@@ -30,7 +30,7 @@ from irene.data.published import (
 from irene.data.tree import Tree, read_trees, write_trees
 from irene.measure.leakage import check_no_leaked_target
 from pipelines.paths import datasets_dir, log, outputs_dir
-from pipelines.tracking import set_tags
+from pipelines.tracking import Tracker
 
 CACHE_VERSION = 1  # bump when the import's output changes
 
@@ -58,15 +58,16 @@ def select_models(trees: list[Tree], models: list[str], where: Path) -> list[Tre
     return [t for t in trees if t["model_name"] in models]
 
 
-def record_input(name: str, path: Path, *, source: str) -> str:
-    """Tag the active run with an input file's location and sha256; returns the digest."""
+def record_input(tracker: Tracker, name: str, path: Path, *, source: str) -> str:
+    """Tag the stage's run with an input file's location and sha256; returns the digest."""
     digest = sha256_of(path)
-    set_tags({f"{name}.location": str(Path(path).absolute()), f"{name}.source": source,
+    tracker.set_tags({f"{name}.location": str(Path(path).absolute()), f"{name}.source": source,
               f"{name}.sha256.{Path(path).name}": digest})
     return digest
 
 
-def load_trees(cfg: DictConfig, *, require_energy: bool = True) -> tuple[list[Tree], Path]:
+def load_trees(cfg: DictConfig, tracker: Tracker, *, require_energy: bool = True
+               ) -> tuple[list[Tree], Path]:
     """The data set's trees and the file they came from.
 
     ``data.trees`` is read as it is; otherwise the device's CSVs are located
@@ -75,8 +76,8 @@ def load_trees(cfg: DictConfig, *, require_energy: bool = True) -> tuple[list[Tr
     a trees file gives every model it has and the CSVs give the paper's six.
     """
     if cfg.data.trees:
-        return _read_trees_file(cfg, require_energy), Path(cfg.data.trees)
-    cache = _device_cache(cfg)
+        return _read_trees_file(cfg, tracker, require_energy), Path(cfg.data.trees)
+    cache = _device_cache(cfg, tracker)
     return read_cache(cache, require_energy=require_energy), cache
 
 
@@ -95,14 +96,14 @@ class DataSet:
         return self._trees
 
 
-def load_forest(cfg: DictConfig) -> DataSet:
+def load_forest(cfg: DictConfig, tracker: Tracker) -> DataSet:
     """:func:`load_trees` as a :class:`~irene.data.forest.Forest` (measured energies
     required). The forest of a device's import cache is itself cached (``.forest.npz``, keyed
     by the sha256 of the validated trees), so a repeated run reads arrays, not 14 MB of JSON."""
     if cfg.data.trees:
-        trees = _read_trees_file(cfg, require_energy=True)
+        trees = _read_trees_file(cfg, tracker, require_energy=True)
         return DataSet(build_forest(trees), Path(cfg.data.trees), trees)
-    cache = _device_cache(cfg)
+    cache = _device_cache(cfg, tracker)
     digest = sha256_of(cache)
     arrays = cache.with_name(f"{cache.stem}.{digest[:16]}.forest.npz")
     if arrays.is_file() and _is_validated(cache, digest, require_energy=True):
@@ -113,22 +114,22 @@ def load_forest(cfg: DictConfig) -> DataSet:
     return DataSet(forest, cache, trees)
 
 
-def _read_trees_file(cfg: DictConfig, require_energy: bool) -> list[Tree]:
+def _read_trees_file(cfg: DictConfig, tracker: Tracker, require_energy: bool) -> list[Tree]:
     path, models = Path(cfg.data.trees), wanted_models(cfg)
     log.info("reading trees from %s", path)
     trees = read_trees(path, require_energy=require_energy)
     check_no_leaked_target(trees, cfg.features.sets, path)  # a feature that is the target: refused
-    record_input("data", path, source="data.trees")
+    record_input(tracker, "data", path, source="data.trees")
     return trees if models is None else select_models(trees, models, path)
 
 
-def _device_cache(cfg: DictConfig) -> Path:
+def _device_cache(cfg: DictConfig, tracker: Tracker) -> Path:
     """The import cache of the configured device (imported now if it is not there yet)."""
     data = cfg.data
     location = locate_device(data.path, data.name, datasets_dir=datasets_dir(),
                              download=data.download)
     log.info("data of %s: %s (found through %s)", data.name, location.folder, location.source)
-    set_tags({"data.location": str(location.folder.absolute()), "data.source": location.source,
+    tracker.set_tags({"data.location": str(location.folder.absolute()), "data.source": location.source,
               **{f"data.sha256.{name}": digest for name, digest in location.sha256.items()}})
     models = wanted_models(cfg)
     models = list(PAPER_MODELS) if models is None else models

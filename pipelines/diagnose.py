@@ -30,7 +30,7 @@ from irene.tables import write_table
 from pipelines.config import build_predictor, predictor_class, run_params
 from pipelines.data import load_trees, record_input
 from pipelines.paths import log, run_dir, setup
-from pipelines.tracking import log_artifact, log_metrics, log_params, tracked_run
+from pipelines.tracking import tracked_run
 
 
 @dataclass
@@ -49,13 +49,13 @@ def run(cfg: DictConfig) -> DiagnosticsReport:
     label = f"{predictor_class(cfg).name} ({cfg.features.name})"
     params = {**run_params(cfg),
               "predictions": str(cfg.predictions) if cfg.predictions else "leave-one-model-out"}
-    with tracked_run(cfg, "diagnose", params):
-        trees, _ = load_trees(cfg)  # inside the run: its location and sha256 are logged
+    with tracked_run(cfg, "diagnose", params) as tracker:
+        trees, _ = load_trees(cfg, tracker)  # inside the run: its location and sha256 are logged
         forest = build_forest(trees)
-        log_params({"num_trees": forest.num_trees})
+        tracker.log_params({"num_trees": forest.num_trees})
         ratios = child_ratio_table(forest, tanh_scalar=tanh_scalar)
         if cfg.predictions:
-            record_input("predictions", Path(cfg.predictions), source="predictions")
+            record_input(tracker, "predictions", Path(cfg.predictions), source="predictions")
             forest, predicted = align_predictions(trees, read_trees(cfg.predictions),
                                                    str(cfg.predictions))
         else:
@@ -75,8 +75,8 @@ def run(cfg: DictConfig) -> DiagnosticsReport:
                 metrics[f"{node_type}_leaf_part_pct"] = float(sources.loc[key, "abs_leaf_part_pct"])
                 metrics[f"{node_type}_aggregation_part_pct"] = float(
                     sources.loc[key, "abs_aggregation_part_pct"])
-        log_metrics(metrics)
+        tracker.log_metrics(metrics)
         for path in [*paths, report]:
-            log_artifact(path, "report")
+            tracker.log_artifact(path, "report")
     print(f"diagnostics report: {report}")
     return DiagnosticsReport(ratios=ratios, sources=sources, report_path=report)

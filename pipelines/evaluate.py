@@ -12,7 +12,7 @@ from irene.evaluate.metrics import align_predictions, error_tables
 from irene.tables import to_markdown, write_table
 from pipelines.data import load_trees, record_input
 from pipelines.paths import run_dir, setup
-from pipelines.tracking import log_artifact, log_metrics, tracked_run
+from pipelines.tracking import tracked_run
 
 
 def run(cfg: DictConfig) -> dict:
@@ -20,21 +20,21 @@ def run(cfg: DictConfig) -> dict:
     if not cfg.predictions:
         raise SettingsError("stage=evaluate needs predictions=<predicted trees jsonl>")
     out = run_dir(cfg)
-    with tracked_run(cfg, "evaluate", {"predictions": str(cfg.predictions)}):
+    with tracked_run(cfg, "evaluate", {"predictions": str(cfg.predictions)}) as tracker:
         if cfg.trees:
             gold_trees = read_trees(cfg.trees, require_energy=True)
-            record_input("trees", Path(cfg.trees), source="trees")
+            record_input(tracker, "trees", Path(cfg.trees), source="trees")
         else:
-            gold_trees = load_trees(cfg)[0]
+            gold_trees = load_trees(cfg, tracker)[0]
         predicted_trees = read_trees(cfg.predictions)
-        record_input("predictions", Path(cfg.predictions), source="predictions")
+        record_input(tracker, "predictions", Path(cfg.predictions), source="predictions")
         forest, predicted = align_predictions(gold_trees, predicted_trees, cfg.predictions)
         tables = error_tables(forest, predicted)
         for name, table in tables.items():
             for path in write_table(table, out, f"errors_{name}"):
-                log_artifact(path, "report")
+                tracker.log_artifact(path, "report")
         summary = {t: float(v) for t, v in tables["by_node_type"]["mean"].items()}
-        log_metrics(summary)
+        tracker.log_metrics(summary)
     print("Mean percentage error by node type")
     print(to_markdown(tables["by_node_type"]))
     print(to_markdown(tables["by_model"]))

@@ -13,7 +13,7 @@ from irene.data.io import atomic_write_text
 from irene.data.tree import NODE_TYPES, write_trees
 from pipelines.data import load_trees
 from pipelines.paths import log, run_dir, setup
-from pipelines.tracking import log_artifact, log_metrics, tracked_run
+from pipelines.tracking import tracked_run
 
 
 @dataclass
@@ -28,8 +28,8 @@ def run(cfg: DictConfig) -> FeaturizeResult:
     setup(cfg)
     out = run_dir(cfg)
     with tracked_run(cfg, "featurize", {"data": cfg.data.name,
-                                        "models": list(cfg.data.models or [])}):
-        trees, source = load_trees(cfg)
+                                        "models": list(cfg.data.models or [])}) as tracker:
+        trees, source = load_trees(cfg, tracker)
         trees_path = write_trees(out / "trees.jsonl", trees, protect=[source])
         forest = build_forest(trees)
         names = dict(enumerate(map(str, NODE_TYPES)))
@@ -42,9 +42,9 @@ def run(cfg: DictConfig) -> FeaturizeResult:
         features_path = atomic_write_text(out / "features.csv", table.to_csv(index=False))
         counts = table.groupby(["model_name", "node_type"]).size().unstack(fill_value=0)
         log.info("%d trees, %d nodes\n%s", forest.num_trees, forest.num_nodes, counts)
-        log_metrics({"num_trees": forest.num_trees, "num_nodes": forest.num_nodes})
-        log_artifact(trees_path, "data")
-        log_artifact(features_path, "data")
+        tracker.log_metrics({"num_trees": forest.num_trees, "num_nodes": forest.num_nodes})
+        tracker.log_artifact(trees_path, "data")
+        tracker.log_artifact(features_path, "data")
     print(f"trees: {trees_path}")
     print(f"features: {features_path}")
     return FeaturizeResult(trees_path, features_path, forest.num_trees, forest.num_nodes)

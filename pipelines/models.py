@@ -12,10 +12,10 @@ from irene import predictors
 from irene.errors import SettingsError
 from irene.predictors.base import STATE_FILE
 from pipelines.paths import log, outputs_dir
-from pipelines.tracking import tracking_uri
+from pipelines.tracking import Tracker, tracking_uri
 
 
-def resolve_model_dir(cfg: DictConfig, into: Path) -> Path:
+def resolve_model_dir(cfg: DictConfig, into: Path, tracker: Tracker) -> Path:
     """The trained predictor's folder: ``model_dir``, or the ``model`` artifact of the MLflow
     run ``model_run`` (downloaded into ``into``), or, for a traced model (``model=``) with
     neither, the default static predictor of the configured data (trained once, then reused)."""
@@ -29,13 +29,13 @@ def resolve_model_dir(cfg: DictConfig, into: Path) -> Path:
                                                     artifact_path="model", dst_path=str(into))
         return Path(local)
     if cfg.get("model") or cfg.get("models"):  # traced models: static features suffice
-        return default_static_predictor(cfg)
+        return default_static_predictor(cfg, tracker)
     raise SettingsError(f"stage={cfg.stage} needs a trained predictor: model_dir=<folder written by "
                         "stage=train> or model_run=<MLflow run id of stage=train> (or model=<name> "
                         "to trace a model and use the default static predictor)")
 
 
-def default_static_predictor(cfg: DictConfig) -> Path:
+def default_static_predictor(cfg: DictConfig, tracker: Tracker) -> Path:
     """IrEne+ on static features (``model_specs``), trained on the configured data set.
 
     Kept under ``outputs/models/<key>/`` where the key hashes the predictor's class and
@@ -49,7 +49,7 @@ def default_static_predictor(cfg: DictConfig) -> Path:
     from pipelines.data import load_trees
 
     predictor = IrenePlusPredictor(feature_sets=["model_specs"])
-    trees, source = load_trees(cfg)
+    trees, source = load_trees(cfg, tracker)
     key = hashlib.sha256(json.dumps(
         [type(predictor).__qualname__, repr(sorted(predictor.get_params().items())),
          sha256_of(source), __version__]).encode()).hexdigest()[:16]
@@ -64,13 +64,13 @@ def default_static_predictor(cfg: DictConfig) -> Path:
     return folder
 
 
-def load_predictor(cfg: DictConfig, into: Path):
+def load_predictor(cfg: DictConfig, into: Path, tracker: Tracker):
     """The trained predictor and where it came from (for the run's params)."""
     from pipelines.data import record_input
 
-    model_dir = resolve_model_dir(cfg, into)
+    model_dir = resolve_model_dir(cfg, into, tracker)
     predictor = predictors.load(model_dir)
-    record_input("model", model_dir / predictors.base.STATE_FILE, source="model_dir" if
+    record_input(tracker, "model", model_dir / predictors.base.STATE_FILE, source="model_dir" if
                  cfg.get("model_dir") else f"model_run={cfg.model_run}")
     return predictor, model_dir
 

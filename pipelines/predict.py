@@ -40,11 +40,11 @@ from irene.tables import write_table
 from pipelines.data import load_trees, record_input
 from pipelines.models import load_predictor, unseen_policy
 from pipelines.paths import log, run_dir, setup
-from pipelines.tracking import log_artifact, log_metrics, log_params, tracked_run
+from pipelines.tracking import Tracker, tracked_run
 
 
 # --------------------------------------------------------------------------------- input
-def input_trees(cfg: DictConfig) -> tuple[list[Tree], Path | None, bool]:
+def input_trees(cfg: DictConfig, tracker: Tracker) -> tuple[list[Tree], Path | None, bool]:
     """The trees to predict, the file they came from (None when traced) and whether they
     were traced (static features only)."""
     if cfg.get("model"):
@@ -55,9 +55,9 @@ def input_trees(cfg: DictConfig) -> tuple[list[Tree], Path | None, bool]:
     if cfg.get("trees"):
         source = Path(cfg.trees)
         trees = read_trees(source)
-        record_input("trees", source, source="trees")
+        record_input(tracker, "trees", source, source="trees")
         return trees, source, False
-    trees, source = load_trees(cfg, require_energy=False)
+    trees, source = load_trees(cfg, tracker, require_energy=False)
     return trees, source, False
 
 
@@ -101,28 +101,28 @@ def run(cfg: DictConfig) -> Path:
     params = {"model_dir": str(cfg.model_dir), "model_run": str(cfg.get("model_run")),
               "model": str(cfg.get("model")), "unseen_op": unseen_policy(cfg) or ""}
     # packaging logs an MLflow model inside the run: the run must be this process's
-    with tracked_run(cfg, "predict", params, background=not cfg.get("package")):
-        predictor, model_dir = load_predictor(cfg, folder / "downloaded")
+    with tracked_run(cfg, "predict", params, background=not cfg.get("package")) as tracker:
+        predictor, model_dir = load_predictor(cfg, folder / "downloaded", tracker)
         policy, model_uri = unseen_policy(cfg), None
         if cfg.get("package"):
             if not cfg.tracking.enabled:
                 raise SettingsError("package=true logs an MLflow model: it needs tracking.enabled=true")
             model_uri = package(model_dir, policy, cfg.trace_convention)
-        trees, source, traced = input_trees(cfg)
-        log_params({"trees": str(source or "traced"), "predictor": type(predictor).__name__})
+        trees, source, traced = input_trees(cfg, tracker)
+        tracker.log_params({"trees": str(source or "traced"), "predictor": type(predictor).__name__})
         filled, forest, fallback = predict_trees(predictor, trees, policy, static_only=traced)
         write_trees(out, filled, protect=[source] if source else [])
         by_type = fallback_summary(forest, fallback)
         log.info("predicted %d nodes of %d trees (%d with a fallback regressor: %s)",
                  forest.num_nodes, forest.num_trees, int(fallback.sum()), by_type or "none")
-        log_metrics({"fallback_nodes": int(fallback.sum()), "trees": forest.num_trees})
+        tracker.log_metrics({"fallback_nodes": int(fallback.sum()), "trees": forest.num_trees})
         if by_type:
-            log_params({"fallback_types": by_type})
+            tracker.log_params({"fallback_types": by_type})
         totals = totals_table(filled)
         if traced:
             for tree in filled:
                 _, batch_size, seq_len = tree_key(tree)
-                log_metrics({f"energy_j.{batch_size}x{seq_len}":
+                tracker.log_metrics({f"energy_j.{batch_size}x{seq_len}":
                              tree["frontend_tree"]["predicted_energy"]})
         artifacts = [out, *write_table(totals, folder, "totals", floatfmt=".4g")]
         fallback_path = folder / "fallback.csv"
@@ -130,9 +130,9 @@ def run(cfg: DictConfig) -> Path:
         artifacts.append(fallback_path)
         view_paths = write_views(cfg, filled, folder / "views")
         for path in artifacts:
-            log_artifact(path, "predictions")
+            tracker.log_artifact(path, "predictions")
         if view_paths:
-            log_artifact(folder / "views", "views")
+            tracker.log_artifact(folder / "views", "views")
     print(f"predictions: {out}")
     if model_uri:  # last: what `make serve MODEL=...` takes
         print(f"pyfunc model: {model_uri}  (serve it: make serve MODEL={model_uri})")

@@ -55,7 +55,8 @@ class MlflowSweepCallback(Callback):
             return
         import mlflow
 
-        from pipelines.tracking import ensure_experiment, process_tags
+        from pipelines.stale_runs import process_tags
+        from pipelines.tracking import ensure_experiment
 
         experiment_id = ensure_experiment(config)
         tags = {"stage": "sweep", "sweep_dir": str(config.hydra.sweep.dir), **process_tags()}

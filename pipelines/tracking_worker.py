@@ -142,12 +142,12 @@ def main() -> None:
                 tracker = InProcessTracker(**message)
             elif op == "start":
                 started.append(None)
-                tracker.start(**message)
+                tracker._start(**message)
                 started[-1] = tracker.run_ids[-1]
-            elif op == "end":
-                tracker.end(**message)
+            elif op in ("end", "log_params", "log_metrics", "set_tags", "log_artifact"):
+                getattr(tracker, f"_{op}")(**message)  # the raw call, as the stage made it
             else:
-                getattr(tracker, op)(**message)
+                raise ValueError(f"unknown call {op!r}")
         except Exception as error:  # noqa: BLE001 - reported to the stage at close
             if os.environ.get("HYDRA_FULL_ERROR") == "1":  # else the stage's one line says it
                 traceback.print_exc(file=sys.stderr)

@@ -26,7 +26,7 @@ from irene.predictors.static import predict_trees, trace_static
 from irene.tables import write_table
 from pipelines.models import load_predictor, unseen_policy
 from pipelines.paths import log, run_dir, setup
-from pipelines.tracking import log_artifact, log_params, tracked_run
+from pipelines.tracking import tracked_run
 
 
 def grid(cfg: DictConfig) -> tuple[list[str], list[int], list[int]]:
@@ -99,9 +99,9 @@ def run(cfg: DictConfig) -> Path:
     params = {"models": models, "batch_sizes": batch_sizes, "seq_lens": seq_lens,
               "model_dir": str(cfg.model_dir), "model_run": str(cfg.get("model_run")),
               "unseen_op": str(cfg.get("unseen_op"))}
-    with tracked_run(cfg, "whatif", params):
-        predictor, _ = load_predictor(cfg, folder / "downloaded")
-        log_params({"predictor": type(predictor).__name__})
+    with tracked_run(cfg, "whatif", params) as tracker:
+        predictor, _ = load_predictor(cfg, folder / "downloaded", tracker)
+        tracker.log_params({"predictor": type(predictor).__name__})
         shapes = [(b, s) for b in batch_sizes for s in seq_lens]
         filled: list[Tree] = []
         for model in models:
@@ -116,6 +116,6 @@ def run(cfg: DictConfig) -> Path:
                  plot(table, folder / "whatif.png"),
                  write_trees(folder / "whatif_predictions.jsonl", filled)]
         for path in paths:
-            log_artifact(path, "whatif")
+            tracker.log_artifact(path, "whatif")
     print(f"what-if table: {folder / 'whatif.csv'}")
     return folder / "whatif.csv"

@@ -48,11 +48,12 @@ def cached_trees() -> Path:
 
     from pipelines.config import register_configs
     from pipelines.data import load_trees
+    from pipelines.tracking import NullTracker
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config")
-    return load_trees(cfg)[1]
+    return load_trees(cfg, NullTracker())[1]
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from irene.data.published import CSV_FILES, csv_name
 from irene.data.tree import TreeFormatError
 from pipelines import data as data_module
 from pipelines.config import register_configs
+from pipelines.tracking import NullTracker
 from tests.conftest import ROOT
 
 register_configs()
@@ -63,7 +64,7 @@ def _cfg(folder):
 def test_the_second_load_reads_arrays_and_equals_the_first(small_device, tmp_path, monkeypatch):
     monkeypatch.setenv("IRENE_OUTPUTS", str(tmp_path / "outputs"))
     cfg = _cfg(small_device)
-    first = data_module.load_forest(cfg)
+    first = data_module.load_forest(cfg, NullTracker())
     cache = first.source
     assert cache.name.endswith(".jsonl") and cache.with_name(cache.name + ".validated").is_file()
     assert len(list(cache.parent.glob("*.forest.npz"))) == 1
@@ -72,7 +73,7 @@ def test_the_second_load_reads_arrays_and_equals_the_first(small_device, tmp_pat
         raise AssertionError("the cached forest should be read without parsing trees")
 
     monkeypatch.setattr(data_module, "read_trees", no_parsing)
-    second = data_module.load_forest(cfg)
+    second = data_module.load_forest(cfg, NullTracker())
     assert_same_forest(second.forest, first.forest)
     assert_same_forest(second.forest, build_forest(first.trees()))
     monkeypatch.undo()
@@ -83,28 +84,28 @@ def test_the_second_load_reads_arrays_and_equals_the_first(small_device, tmp_pat
 def test_changed_cache_bytes_are_validated_again(small_device, tmp_path, monkeypatch):
     monkeypatch.setenv("IRENE_OUTPUTS", str(tmp_path / "outputs"))
     cfg = _cfg(small_device)
-    cache = data_module.load_forest(cfg).source
+    cache = data_module.load_forest(cfg, NullTracker()).source
     lines = cache.read_text().splitlines()
     lines[1] = lines[1].replace('"ground_truth_energy": ', '"ground_truth_energy": -', 1)
     cache.write_text("\n".join(lines) + "\n")
     with pytest.raises(TreeFormatError, match=rf"{cache.name}:2: .*ground_truth_energy"):
-        data_module.load_forest(cfg)
+        data_module.load_forest(cfg, NullTracker())
     with pytest.raises(TreeFormatError, match=rf"{cache.name}:2: "):
-        data_module.load_trees(cfg)
+        data_module.load_trees(cfg, NullTracker())
 
 
 def test_a_marker_of_another_version_is_not_trusted(small_device, tmp_path, monkeypatch):
     monkeypatch.setenv("IRENE_OUTPUTS", str(tmp_path / "outputs"))
     cfg = _cfg(small_device)
-    cache = data_module.load_forest(cfg).source
+    cache = data_module.load_forest(cfg, NullTracker()).source
     marker = cache.with_name(cache.name + ".validated")
     marker.write_text(marker.read_text().replace(" irene ", " irene 0.0.0-other "))
     calls = []
     validate = tree_module.validate_tree
     monkeypatch.setattr(tree_module, "validate_tree",
                         lambda *a, **k: calls.append(1) or validate(*a, **k))
-    data_module.load_trees(cfg)
+    data_module.load_trees(cfg, NullTracker())
     assert calls  # validated again, and the marker rewritten for this version
     calls.clear()
-    data_module.load_trees(cfg)
+    data_module.load_trees(cfg, NullTracker())
     assert not calls

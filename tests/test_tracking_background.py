@@ -34,22 +34,21 @@ STAGE = textwrap.dedent("""
     (folder / "table.csv").write_text("a,b\\n1,2\\n")
     (folder / "views" / "tree.txt").write_text("root 1 J\\n")
     with tracking.tracked_run(cfg, "probe", {"alpha": 0.5, "models": ["a", "b"]},
-                              name="probe run") as run:
+                              name="probe run") as tracker:
+        assert isinstance(tracker, tracking.Tracker)
         for fold in ("a", "b"):
-            with tracking.tracked_run(cfg, "probe-fold", {"left_out": fold},
-                                      name=f"fold {fold}", nested=True):
-                tracking.log_metrics({"error": 1.5 if fold == "a" else 2.5})
-        tracking.log_params({"num_trees": 3})
-        tracking.set_tag("data.source", "test")
+            with tracker.child_run("probe-fold", f"fold {fold}", {"left_out": fold}) as child:
+                child.log_metrics({"error": 1.5 if fold == "a" else 2.5})
+        tracker.log_params({"num_trees": 3})
+        tracker.set_tags({"data.source": "test"})
         for step, loss in enumerate([3.0, 2.0]):
-            tracking.log_metrics({"loss": loss}, step=step)
-        tracking.log_artifact(folder / "table.csv", "report")
-        tracking.log_artifact(folder / "views", "views")
-        run_id = run.info.run_id  # while the run is open
-        tracker = type(tracking._TRACKER).__name__
-    assert run.info.run_id == run_id  # and after it
+            tracker.log_metrics({"loss": loss}, step=step)
+        tracker.log_artifact(folder / "table.csv", "report")
+        tracker.log_artifact(folder / "views", "views")
+        run_id = tracker.run_id  # while the run is open
+    assert tracker.run_id == run_id  # and after it
     print(json.dumps({"run_id": run_id, "mlflow_imported": "mlflow" in sys.modules,
-                      "tracker": tracker}))
+                      "tracker": type(tracker).__name__}))
 """)
 
 
@@ -217,15 +216,43 @@ def test_no_worker_is_prestarted_when_the_command_says_none_is_needed(argv):
 def test_resume_reuses_only_a_run_of_the_same_code(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 
-    from pipelines import tracking
+    from pipelines import run_identity, tracking
 
     cfg = OmegaConf.create({"stage": "probe", "resume": True, "tracking": {
         "enabled": True, "uri": f"sqlite:///{tmp_path / 'store.db'}", "experiment": "resume",
         "artifact_root": None, "background": False}})
-    with tracking.tracked_run(cfg, "probe") as run:
+    with tracking.tracked_run(cfg, "probe") as tracker:
         pass
-    assert tracking.finished_run(cfg, "probe").info.run_id == run.info.run_id
-    identity = tracking.code_identity()
+    assert run_identity.finished_run(cfg, "probe").info.run_id == tracker.run_id
+    identity = run_identity.code_identity()
     assert identity.startswith(__import__("irene").__version__)
-    monkeypatch.setattr(tracking, "code_identity", lambda: identity + "+other")
-    assert tracking.finished_run(cfg, "probe") is None  # other code: computed again
+    monkeypatch.setattr(run_identity, "code_identity", lambda: identity + "+other")
+    assert run_identity.finished_run(cfg, "probe") is None  # other code: computed again
+
+
+def test_tracking_off_gives_the_stage_a_null_tracker_that_records_nothing(tmp_path):
+    from omegaconf import OmegaConf
+
+    from pipelines import tracking
+
+    cfg = OmegaConf.create({"stage": "probe", "tracking": {
+        "enabled": False, "uri": f"sqlite:///{tmp_path / 'store.db'}", "experiment": "off"}})
+    with tracking.tracked_run(cfg, "probe", {"alpha": 1}) as tracker:
+        assert isinstance(tracker, tracking.NullTracker) and isinstance(tracker, tracking.Tracker)
+        with tracker.child_run("probe-fold", "fold a", {"left_out": "a"}) as child:
+            child.log_metrics({"error": 1.0}, prefix="x_", step=0)
+        tracker.log_params({"models": ["a"]})
+        tracker.set_tags({"k": "v"})
+        tracker.log_artifact(tmp_path / "absent.csv", "report")
+    assert tracker.run_id is None
+    assert not (tmp_path / "store.db").exists()  # nothing was opened
+
+
+def test_every_tracker_implements_the_interface_the_stages_use():
+    from pipelines import tracking
+
+    names = [n for n in dir(tracking.Tracker) if not n.startswith("_")]
+    assert set(names) == {"run_id", "log_params", "log_metrics", "set_tags", "log_artifact",
+                          "child_run"}
+    for cls in (tracking.InProcessTracker, tracking.BackgroundTracker, tracking.NullTracker):
+        assert all(hasattr(cls, name) for name in names), cls

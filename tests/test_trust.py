@@ -28,7 +28,7 @@ from irene.data.published import (
 )
 from irene.data.tree import write_trees
 from pipelines.config import register_configs
-from pipelines.tracking import HOST_TAG, PID_START_TAG, PID_TAG, close_stale_runs, host_id
+from pipelines.stale_runs import HOST_TAG, PID_START_TAG, PID_TAG, close_stale_runs, host_id
 
 ROOT = Path(__file__).resolve().parents[1]
 register_configs()
@@ -178,10 +178,9 @@ RUNNER = textwrap.dedent("""
     while time.time() < wait_for:  # start together
         time.sleep(0.001)
     try:
-        with tracked_run(cfg, "probe") as run:
-            import pipelines.tracking
-            print("tracker", type(pipelines.tracking._TRACKER).__name__, flush=True)
-            ready.write_text(run.info.run_id)
+        with tracked_run(cfg, "probe") as tracker:
+            print("tracker", type(tracker).__name__, flush=True)
+            ready.write_text(tracker.run_id)
             time.sleep(float(sys.argv[4]))
     except Terminated:
         sys.exit(143)
