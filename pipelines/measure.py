@@ -20,12 +20,12 @@ from omegaconf.errors import MissingMandatoryValue
 
 from irene.errors import SettingsError, UserError, one_line
 from irene.measure.meters import EnergyMeter, NullMeter, meter_for_device
-from irene.measure.runner import environment, measure_into, resolve_device, wanted_completeness
+from irene.measure.runner import environment, gpu_counter, measure_into, resolve_device, wanted_completeness
 from irene.measure.settings import MeterSettings, ProtocolSettings
 from irene.measure.store import ENERGY, TRACE, existing_completeness
 from irene.measure.summary import summarize, summary_line, summary_metrics
 from pipelines.config import MeasureConfig
-from pipelines.tracking import NullTracker, tracked_run
+from pipelines.tracking import log_artifact, log_metrics, tracked_run
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,24 @@ def build_meter(settings: MeasureConfig, device: str) -> EnergyMeter:
     return meter_for_device(built, device)
 
 
+def build_companion(settings: MeasureConfig, meter: EnergyMeter, device: str) -> EnergyMeter | None:
+    """The counter of the model's device beside a ground truth without a GPU counter of its
+    own (``none``, ``simulated``, ``replay`` on a GPU): auto's candidates, picked quietly, for
+    its utilisation probes and ``gpu_energy_mean``. ``None`` when the ground truth has one or
+    none opens here."""
+    from hydra.utils import instantiate
+
+    if gpu_counter(meter) is not None:
+        return None
+    node = OmegaConf.create({"measure": {"gpu_index": settings.gpu_index}})
+    node.auto = OmegaConf.load(METER_DIR / "auto.yaml")
+    picked = instantiate(node.auto).for_device(device, quiet=True)
+    if gpu_counter(picked) is None:  # the CPU's counter, or none: nothing to add
+        picked.close()
+        return None
+    return picked
+
+
 def _flat(prefix: str, value: Any, into: dict[str, Any]) -> dict[str, Any]:
     if isinstance(value, dict):
         for key, item in value.items():
@@ -120,7 +138,7 @@ def protocol_params(settings: MeasureConfig) -> dict[str, Any]:
 
 def _tracking(cfg: DictConfig, track: bool, params: dict[str, Any]) -> contextlib.AbstractContextManager:
     if not track:
-        return contextlib.nullcontext(NullTracker())
+        return contextlib.nullcontext()
     return tracked_run(cfg, stage="measure", params=params)
 
 
@@ -168,14 +186,16 @@ def run(cfg: DictConfig) -> Path:
     }
     log.info("measuring %s %dx%d on %s, meter %s, %s protocol", model, batch_size, seq_len, device,
              meter.name, settings.protocol)
+    companion = build_companion(settings, meter, device) if settings.measure else None
     try:
-        with _tracking(cfg, settings.track, params) as tracker:
+        with _tracking(cfg, settings.track, params):
             record = measure_into(
                 output,
                 model,
                 batch_size,
                 seq_len,
                 meter=meter,
+                companion=companion,
                 settings=settings,
                 device=device,
                 attn_implementation=settings.attn_implementation,
@@ -189,10 +209,12 @@ def run(cfg: DictConfig) -> Path:
                 line = summary_line(summary)
                 log.info("%s", line)
                 print(line)
-                tracker.log_metrics(summary_metrics(summary))
+                log_metrics(summary_metrics(summary))
             if settings.track:
-                tracker.log_artifact(output)
+                log_artifact(output)
     finally:
         meter.close()
+        if companion is not None:
+            companion.close()
     print(f"trees: {output}")
     return output

@@ -353,3 +353,32 @@ def test_a_device_that_is_not_here_fails_even_when_the_shape_is_already_measured
     assert measure.run(_cfg(tmp_path)) == tmp_path / "trees.jsonl"  # on the CPU: skipped
     with pytest.raises(SettingsError, match=r"measure.device=cuda: CUDA is not available"):
         measure.run(_cfg(tmp_path, device="cuda"))
+
+
+def test_a_ground_truth_without_a_gpu_counter_gets_the_devices_counter_beside_it(tmp_path, monkeypatch):
+    """simulated (or none, replay) on a GPU: auto's GPU counter is read beside it for its
+    utilisation and gpu_energy_mean, which is not the target there."""
+    from irene.measure.meters import NvmlMeter, SimulatedMeter
+    from irene.measure.meters import nvml as nvml_module
+    from irene.measure.runner import measure_configuration
+    from irene.measure.settings import ProtocolSettings
+    from pipelines.measure import build_companion, measure_settings
+    from tests.test_measure_meters import _FakeNvml
+
+    monkeypatch.setattr(nvml_module, "_pynvml", _FakeNvml)
+    monkeypatch.setattr(nvml_module, "_torch_cuda_available", lambda: True)
+    settings = measure_settings(_compose(["stage=measure", "measure=simulated"]))
+    simulated = SimulatedMeter(tick_s=0.001, noise=0.0)
+    companion = build_companion(settings, simulated, "cuda:0")
+    assert isinstance(companion, NvmlMeter)
+    assert build_companion(settings, companion, "cuda:0") is None  # a GPU counter already
+    companion.synchronize = False  # no CUDA here: the fake counter is read as is
+    record = measure_configuration(
+        "tiny/bert", 1, 4, meter=simulated, companion=companion, device="cpu",
+        settings=ProtocolSettings(min_window_s=0.002, windows=1, warmup=0, sample_interval_s=0.001,
+                                  settle_min_s=0, max_remeasure=0, drift_action="flag"))
+    block, root = record["measurement"], record["frontend_tree"]
+    assert block["ground_truth_meter"] == "simulated" and block["gpu_energy_mean_meter"] == "nvml"
+    assert block["tick_s"] == 0.001  # the simulated meter's declared period, not probed
+    assert root["gpu"] == 97.0 and root["gpu_clk"] == 1410.0  # the companion's probes were sampled
+    assert root["gpu_energy_mean"] == 0.0 and root["ground_truth_energy"] > 0  # the fake GPU idles

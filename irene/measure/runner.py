@@ -76,6 +76,7 @@ def measure_configuration(
     seq_len: int,
     *,
     meter: EnergyMeter | None = None,
+    companion: EnergyMeter | None = None,
     settings: ProtocolSettings | None = None,
     device: str = "cpu",
     attn_implementation: str = "eager",
@@ -93,6 +94,9 @@ def measure_configuration(
         meter: ground-truth energy meter (default: none, i.e. no energy); its parts' probes
             are sampled, a part that is a GPU counter supplies ``gpu_energy_mean`` beside
             another ground truth, and its ``period_s`` (when known) replaces probing the tick.
+        companion: the counter of the model's device, read beside a ground truth that has
+            none of its own (``none``, ``simulated`` on a GPU): its probes are sampled and a
+            GPU counter's energy is recorded as ``gpu_energy_mean`` (not the target there).
         settings: protocol settings (default: :class:`ProtocolSettings`).
         device: ``"cpu"`` or ``"cuda:N"`` (see :func:`resolve_device`).
         attn_implementation: forced attention implementation.
@@ -119,8 +123,10 @@ def measure_configuration(
         settings = dataclasses.replace(settings, tick_s=meter.period_s)  # known exactly: not probed
     on_progress, bar = _progress_bar(f"{model_name} {batch_size}x{seq_len}", show_progress)
     try:
-        result = measure_nodes(trace, meter, settings, sync=device_sync(device), gpu_meter=gpu_counter(meter),
-                               probes=meter_probes(meter) or None, on_progress=on_progress)
+        gpu_meter = gpu_counter(meter) or (gpu_counter(companion) if companion is not None else None)
+        probes = meter_probes(meter) + (meter_probes(companion) if companion is not None else [])
+        result = measure_nodes(trace, meter, settings, sync=device_sync(device), gpu_meter=gpu_meter,
+                               probes=probes or None, on_progress=on_progress)
     finally:
         if bar is not None:
             bar.close()

@@ -42,8 +42,9 @@ class DeviceCounter:
     def __init__(self, candidates: Sequence[MeterFactory]) -> None:
         self.candidates = list(candidates)
 
-    def for_device(self, device: str) -> EnergyMeter:
-        """The counter of ``device`` (``cpu``, ``cuda:N``), else the null meter."""
+    def for_device(self, device: str, *, quiet: bool = False) -> EnergyMeter:
+        """The counter of ``device`` (``cpu``, ``cuda:N``), else the null meter (announced in
+        one log line unless ``quiet``)."""
         kind = device_type(device)
         reasons = []
         for factory in self.candidates:
@@ -55,6 +56,7 @@ class DeviceCounter:
             except MeterUnavailableError as error:
                 reasons.append(str(error))
         reason = "; ".join(reasons) or f"no meter of this project measures a {kind} device"
-        log.warning("No energy meter for this device (%s): recording features and times only, "
-                    "without ground_truth_energy.", reason)
+        if not quiet:
+            log.warning("No energy meter for this device (%s): recording features and times only, "
+                        "without ground_truth_energy.", reason)
         return NullMeter()
