@@ -58,3 +58,13 @@ def test_gpu_check_dry_run(tmp_path):
     assert any(x.startswith("tiny/gpt2 2x8 measured twice: root ") for x in summary)
     assert sum(x.startswith(("PASS", "FAIL")) for x in summary) == 3
     assert (tmp_path / "hydra" / "grid").is_dir()  # Hydra wrote into --out, not the checkout
+    # step 4: the raw counter, in the replay meter's format, replayable through the protocol
+    assert any(x.startswith(f"counter trace: {tmp_path / 'counter_trace.csv'}: ") for x in lines)
+    assert not any("counter trace FAILED" in x for x in lines)
+    from irene.measure.meters.replay import read_trace
+    from tests.test_measure_replay import test_a_recorded_trace_replays_through_the_protocol
+
+    trace = read_trace(tmp_path / "counter_trace.csv")
+    assert "SIMULATED" in trace.comments[0] and set(trace.phases()) == {"idle", "load"}
+    assert trace.update_period_s() == pytest.approx(0.01, rel=0.1)  # the dry run's 10 ms ticks
+    test_a_recorded_trace_replays_through_the_protocol(tmp_path / "counter_trace.csv")
