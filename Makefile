@@ -55,8 +55,8 @@ docs: tables  ## regenerate every results table in README.md and docs/ from fres
 VENV_PATH = PATH="$(abspath $(VENV))/bin:$$PATH"
 STORE = sqlite:///$(abspath $(OUT))/mlflow.db
 
-mlflow-ui: setup  ## browse the local store at http://127.0.0.1:5000
-	$(VENV_PATH) mlflow server --backend-store-uri $(STORE) --host 127.0.0.1 --port 5000
+mlflow-ui: setup  ## browse the local store: prints (and opens) the address of the runs table
+	$(VENV_PATH) $(PY) scripts/mlflow_ui.py --store $(STORE) --port 5000
 
 PORT ?= 5001
 serve: setup  ## serve a packaged predictor: make serve MODEL=models:/<id> (printed by stage=predict ... package=true)
