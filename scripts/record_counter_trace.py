@@ -102,7 +102,7 @@ def matmul_load(device: str, size: int):
             for _ in range(8):
                 torch.mm(a, b)
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(a.device))  # the stream the products run on
             pending.append(event)
 
     return busy
