@@ -4,7 +4,7 @@
 * :mod:`irene.measure.trace`: one forward pass -> tree of modules and ML primitives.
 * :mod:`irene.measure.flops`: explicit FLOP and byte formulas per primitive.
 * :mod:`irene.measure.settings`: protocol and meter settings (the config schema's defaults).
-* :mod:`irene.measure.meters`: NVML, RAPL, simulated and null meters behind one interface.
+* :mod:`irene.measure.meters`: NVML, RAPL, their sum, simulated, replayed, null: one interface.
 * :mod:`irene.measure.protocol`: isolated, counter-aligned, repeated measurement of every node.
 * :mod:`irene.measure.summary`: the one-line summary of a measured configuration.
 * :mod:`irene.measure.leakage`: refuse a feature that is the ground truth itself.
@@ -24,7 +24,8 @@ _EXPORTS = {
     "config_from_name": "irene.data.architectures",
     "model_from_name": "irene.data.architectures",
     "EnergyMeter": "irene.measure.meters",
-    "make_meter": "irene.measure.meters",
+    "DeviceCounter": "irene.measure.meters",
+    "meter_for_device": "irene.measure.meters",
     "ProtocolSettings": "irene.measure.settings",
     "MeterSettings": "irene.measure.settings",
     "measure_trace": "irene.measure.protocol",
