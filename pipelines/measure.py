@@ -25,7 +25,7 @@ from irene.measure.settings import MeterSettings, ProtocolSettings
 from irene.measure.store import ENERGY, TRACE, existing_completeness
 from irene.measure.summary import summarize, summary_line, summary_metrics
 from pipelines.config import MeasureConfig
-from pipelines.tracking import log_artifact, log_metrics, tracked_run
+from pipelines.tracking import NullTracker, tracked_run
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def protocol_params(settings: MeasureConfig) -> dict[str, Any]:
 
 def _tracking(cfg: DictConfig, track: bool, params: dict[str, Any]) -> contextlib.AbstractContextManager:
     if not track:
-        return contextlib.nullcontext()
+        return contextlib.nullcontext(NullTracker())
     return tracked_run(cfg, stage="measure", params=params)
 
 
@@ -188,7 +188,7 @@ def run(cfg: DictConfig) -> Path:
              meter.name, settings.protocol)
     companion = build_companion(settings, meter, device) if settings.measure else None
     try:
-        with _tracking(cfg, settings.track, params):
+        with _tracking(cfg, settings.track, params) as tracker:
             record = measure_into(
                 output,
                 model,
@@ -209,9 +209,9 @@ def run(cfg: DictConfig) -> Path:
                 line = summary_line(summary)
                 log.info("%s", line)
                 print(line)
-                log_metrics(summary_metrics(summary))
+                tracker.log_metrics(summary_metrics(summary))
             if settings.track:
-                log_artifact(output)
+                tracker.log_artifact(output)
     finally:
         meter.close()
         if companion is not None:
