@@ -1,15 +1,20 @@
-"""Mutation testing of the predictors and the metrics with mutmut, on a deterministic sample.
+"""Mutation testing with mutmut, on a deterministic sample (the predictors and metrics by default).
 
     python scripts/mutation.py                      # the working tree, 1 mutant in 16
     python scripts/mutation.py --rev 5a70ad6        # a commit (its own tests), same sample rule
     python scripts/mutation.py --sample 1           # every mutant (hours on two cores)
+    python scripts/mutation.py --sample 1 --mutate 'irene/measure/protocol/*' \\
+        --tests tests/test_protocol_scenarios.py --timeout-constant 5 --timeout-multiplier 10
+                                                    # another module, with its own fast tests
 
 The code is copied into a temporary folder (nothing is written into the checkout), mutmut
-generates every mutant of ``irene/predictors/*.py`` and ``irene/evaluate/metrics.py``, and a
-mutant is run when ``sha256(name) % sample == 0``: the same rule on any version of the code,
-so scores of two commits are comparable. Each mutant runs only the fast predictor and metric
-tests that cover its function (``--tests``). The result is a JSON and a markdown summary
-(killed, survived, no covering test, timeout; the diff of every survivor) under ``--out``.
+generates every mutant of the ``--mutate`` files (default ``irene/predictors/*.py`` and
+``irene/evaluate/metrics.py``), and a mutant is run when ``sha256(name) % sample == 0``: the
+same rule on any version of the code, so scores of two commits are comparable. Each mutant
+runs only the ``--tests`` that cover its function (default: the fast predictor and metric
+tests). The result is a JSON and a markdown summary (killed, survived, no covering test,
+timeout; per module; the diff of every survivor) under ``--out``. ``score`` counts killed
+mutants; ``detected`` adds those that made the tests hang (timeout).
 
 Not part of CI: it needs ``pip install mutmut==3.8.1`` and the published device-1 data
 (``$IRENE_DATA_DIR``).
@@ -21,6 +26,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -53,10 +59,11 @@ def copy_tree(rev: str | None, into: Path) -> None:
             shutil.copy2(source, into / name)
 
 
-def write_config(folder: Path, tests: list[str]) -> None:
+def write_config(folder: Path, tests: list[str], mutate: list[str], timeout_constant: float = 20,
+                 timeout_multiplier: float = 30) -> None:
     lines = ["[mutmut]", "source_paths =", "    irene", "also_copy =", "    pipelines", "    conf",
              "    run.py", "only_mutate ="]
-    lines += [f"    {pattern}" for pattern in MUTATE]
+    lines += [f"    {pattern}" for pattern in mutate]
     lines += ["pytest_add_cli_args_test_selection ="] + [f"    {t}" for t in tests]
     lines += ["pytest_add_cli_args =", "    -p", "    no:cacheprovider", "    -q",
               "    -m", "    not slow"]
@@ -64,7 +71,7 @@ def write_config(folder: Path, tests: list[str]) -> None:
     lines += ["process_isolation = forkserver"]
     # mutmut's wall-clock limit is (estimate + constant) × multiplier: on a shared machine a
     # test's estimate undercounts fixtures and load, so a slow mutant is not a "timeout"
-    lines += ["timeout_constant = 20", "timeout_multiplier = 30"]
+    lines += [f"timeout_constant = {timeout_constant}", f"timeout_multiplier = {timeout_multiplier}"]
     with (folder / "setup.cfg").open("a") as handle:
         handle.write("\n" + "\n".join(lines) + "\n")
 
@@ -100,13 +107,41 @@ def results(folder: Path, names: list[str]) -> dict[str, str]:
     return {n: status_by_exit_code[codes.get(n)] for n in names}
 
 
+def module_of(name: str) -> str:
+    """``irene.data.tree`` of ``irene.data.tree.x_read_trees__mutmut_3`` (or of a method's
+    ``irene.data.tree.xǁTreeǁread__mutmut_1``)."""
+    return re.split(r"\.x[_ǁ]", name, maxsplit=1)[0]
+
+
+def by_module(status: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Killed, total and score of each mutated module."""
+    table: dict[str, dict[str, float]] = {}
+    for name, verdict in sorted(status.items()):
+        row = table.setdefault(module_of(name), {"killed": 0, "timeout": 0, "total": 0})
+        row["total"] += 1
+        row["killed"] += verdict in ("killed", "caught by type check")
+        row["timeout"] += verdict == "timeout"
+    for row in table.values():
+        row["score"] = round(row["killed"] / row["total"], 4)
+        # a mutant that makes the tests hang is caught too, by the hang
+        row["detected"] = round((row["killed"] + row["timeout"]) / row["total"], 4)
+    return table
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rev", help="a commit (default: the working tree)")
     parser.add_argument("--sample", type=int, default=16, help="run 1 mutant in N (hash rule)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--tests", nargs="*", default=list(FAST_TESTS))
+    parser.add_argument("--mutate", nargs="*", default=list(MUTATE),
+                        help="files (glob patterns) to mutate, relative to the project")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "irene-mutation")
+    parser.add_argument("--timeout-constant", type=float, default=20,
+                        help="seconds added to a mutant's time limit (a hung mutant waits this long)")
+    parser.add_argument("--timeout-multiplier", type=float, default=30,
+                        help="times the covering tests' own duration, in a mutant's time limit")
+    parser.add_argument("--tag", help="name of the output files (default: the revision)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary copy")
     args = parser.parse_args()
 
@@ -120,7 +155,7 @@ def main() -> int:
     try:
         copy_tree(args.rev, work)
         tests = [t for t in args.tests if (work / t).is_file()]
-        write_config(work, tests)
+        write_config(work, tests, args.mutate, args.timeout_constant, args.timeout_multiplier)
         env = {**os.environ, "PYTHONPATH": str(work / "mutants"), "OMP_NUM_THREADS": "1",
                "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
         subprocess.run([sys.executable, "-c", GENERATE], cwd=work, check=True, env=env,
@@ -138,9 +173,11 @@ def main() -> int:
         summary = {"rev": args.rev or "working tree", "mutants": len(everything),
                    "sampled": len(chosen), "sample": args.sample, "tests": tests,
                    "counts": dict(counts), "score": killed / max(len(chosen), 1),
+                   "detected": (killed + counts["timeout"]) / max(len(chosen), 1),
+                   "by_module": by_module(status),
                    "survivors": sorted(n for n, s in status.items() if s != "killed")}
         args.out.mkdir(parents=True, exist_ok=True)
-        tag = (args.rev or "worktree").replace("/", "_")
+        tag = (args.tag or args.rev or "worktree").replace("/", "_")
         (args.out / f"mutation-{tag}.json").write_text(json.dumps(summary, indent=2) + "\n")
         diffs = []
         for name in summary["survivors"]:
@@ -149,7 +186,7 @@ def main() -> int:
             diffs.append(f"### {name} ({status[name]})\n\n```diff\n{shown.strip()}\n```\n")
         (args.out / f"survivors-{tag}.md").write_text("\n".join(diffs))
         print(json.dumps({k: summary[k] for k in ("rev", "mutants", "sampled", "counts",
-                                                   "score")}, indent=2))
+                                                   "score", "detected", "by_module")}, indent=2))
         print(f"survivors: {args.out / f'survivors-{tag}.md'}")
     finally:
         if args.keep:

@@ -12,6 +12,7 @@ the simulated truth, the recorded energy and the decision.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import statistics
@@ -64,6 +65,7 @@ class Rig:
         self.power_w = power_w if callable(power_w) else (lambda t, p=float(power_w): p)
         self.time_s = self.start_s = start_s
         self.counters: list[tuple[TickCounter, float]] = []
+        self.read_s = READ_S  # virtual seconds one counter read takes
         self.call_j: list[float] = []  # the true energy of every call, in order
         self.call_end_s: list[float] = []
 
@@ -111,8 +113,11 @@ class RigMeter(EnergyMeter):
 
     def read_energy_j(self) -> float:
         self.reads += 1
-        self.rig.advance(READ_S)
+        self.rig.advance(self.rig.read_s)
         return self.counter.value_j()
+
+    def device_state(self) -> dict[str, float | str]:
+        return {f"{self.name}_reads": float(self.reads)}
 
 
 def quick(**overrides: object) -> ProtocolSettings:
@@ -668,3 +673,246 @@ def test_order_is_shuffled_by_seed_and_root_is_first_and_last():
 def test_window_dataclass_defaults():
     window = Window(calls=2.0, energy_j=1.0, gpu_j=0.0, busy_s=0.1, duration_s=0.1)
     assert window.counter_j == 0.0
+
+
+# ------------------------------------------------------------------- windows, chunks, meters
+def test_a_slow_read_lengthens_the_chunk_and_the_window():
+    """1 ms per counter read: reads may take 2 % of a chunk, so a chunk lasts 50 ms; a window
+    spans at least min_chunks (10) of the shorter of a chunk and a tick: 0.5 s."""
+    rig = Rig(1e-3, 100.0)
+    rig.read_s = 1e-3
+    meter = rig.meter("slowread", 0.1, seed=5)
+    result = measure_callable(rig.call, meter, quick(windows=1), clock=rig.clock)
+    assert result.chunk == 50
+    assert result.windows[0].duration_s == pytest.approx(0.5, abs=1e-6)
+    assert result.ground_truth_energy == pytest.approx(0.1, rel=1e-6)
+
+
+@pytest.mark.parametrize(("overrides", "window_s"), [
+    ({"window_ticks": 3}, 0.3),
+    ({"min_window_s": 0.25}, 0.3),  # rounded up to whole ticks
+    ({"min_window_s": 0.3}, 0.3),  # already whole: not one more
+    ({"min_window_s": 0.01, "window_ticks": 1}, 0.1),
+    ({"min_window_s": 0.01, "window_ticks": 1, "chunk_s": 0.02}, 0.2),  # 10 chunks of 20 ms
+])
+def test_window_length_rules(overrides, window_s):
+    rig = Rig(1e-3, 100.0)
+    meter = rig.meter("gpu", 0.1, seed=6)
+    result = measure_callable(rig.call, meter, quick(windows=2, **overrides), clock=rig.clock)
+    assert [w.duration_s for w in result.windows] == pytest.approx([window_s] * 2, abs=1e-6)
+    assert result.ground_truth_energy == pytest.approx(0.1, rel=1e-6)
+
+
+def test_chunk_is_capped_by_max_repeats_and_warmup_runs_first():
+    rig = Rig(10e-6, 100.0)
+    meter = rig.meter("gpu", 0.01, seed=2)
+    result = measure_callable(rig.call, meter, quick(max_repeats=50, warmup=7, windows=1), clock=rig.clock)
+    assert result.chunk == 50  # 2 ms of 10 us calls would be 200
+    rig2 = Rig(1e-3, 100.0)
+    meter2 = rig2.meter("gpu", 0.01, seed=2)
+    meters = MeterSet(meter2)
+    meters.probe(rig2.clock)
+    before = len(rig2.call_j)
+    from irene.measure.protocol import windows as windows_module
+
+    windows_module._measure_aligned(rig2.call, meters, quick(warmup=7, windows=1), sync=lambda: None,
+                                    clock=rig2.clock, probes=None)
+    # 7 warm-up calls, then 1 + 2 timed calls (2 ms of 1 ms calls), then whole chunks of 2
+    assert (len(rig2.call_j) - before - 7 - 3) % 2 == 0 and len(rig2.call_j) - before > 10
+
+
+def test_a_counter_that_stops_updating_is_an_error_after_its_timeout():
+    rig = Rig(1e-3, 100.0)
+    meter = rig.meter("gpu", 0.1, seed=3)
+    meters = MeterSet(meter)
+    meters.probe(rig.clock)
+    meter.counter.next_tick_s = math.inf  # the counter freezes
+    settings = quick(windows=1)
+    start = rig.clock()
+    with pytest.raises(MeterUnavailableError) as caught:
+        node_module._measure_node(rig.call, meters, settings, sync=lambda: None, clock=rig.clock, probes=None)
+    assert str(caught.value) == "the energy counter stopped updating (no update in 7.2 s)"
+    # 0.2 s window + 20 ticks + 5 s, from the first read on (warm-up and timing before it)
+    assert rig.clock() - start == pytest.approx(7.2, abs=0.01)
+
+
+def test_utilisation_probes_reach_both_protocols_and_pooling_averages_them():
+    rig = Rig(10e-3, 100.0)
+    meter = rig.meter("exact", 0.0)
+    probed = {"n": 0}
+
+    def probe() -> dict[str, float]:
+        probed["n"] += 1
+        return {"gpu": 40.0 + probed["n"] % 2 * 20.0}
+
+    for protocol in ("fixed", "aligned"):
+        result = measure_callable(rig.call, meter, quick(protocol=protocol, tick_s=0.01, windows=1),
+                                  probes=[probe], clock=rig.clock)
+        assert 40.0 <= result.utilisation["gpu"] <= 60.0 and {"cpu", "mem"} <= set(result.utilisation)
+    a = NodeMeasurement(1.0, 2.0, 0.0, None, {"gpu": 40.0, "cpu": 10.0}, 1,
+                        [Window(1.0, 2.0, 0.0, 1.0, 1.0)], measuring_s=1.0)
+    b = NodeMeasurement(1.0, 4.0, 0.0, None, {"gpu": 60.0}, 1, [Window(1.0, 4.0, 0.0, 1.0, 1.0)],
+                        measuring_s=2.0, attempts=2)
+    pooled = a.pooled_with(b)
+    assert pooled.utilisation == {"gpu": 50.0, "cpu": 10.0}
+    assert (pooled.ground_truth_energy, pooled.attempts, pooled.measuring_s) == (3.0, 3, 3.0)
+    assert pooled.gpu_energy_mean is None and len(pooled.windows) == 2
+    assert pooled.energy_std_j == pytest.approx(math.sqrt(2.0))
+
+
+def test_sampling_interval_reaches_the_sampler():
+    """A 0.5 ms sampling interval during 10 real ms of calls: several samples, not only the
+    one taken when each window stops."""
+    import time as real_time
+
+    rig = Rig(1e-3, 100.0)
+    meter = rig.meter("exact", 0.0)
+    samples = {"n": 0}
+
+    def probe() -> dict[str, float]:
+        samples["n"] += 1
+        return {}
+
+    def call() -> None:
+        real_time.sleep(0.001)
+        rig.call()
+
+    settings = quick(protocol="fixed", min_window_s=0.01, windows=1, sample_interval_s=0.0005, warmup=0)
+    measure_callable(call, meter, settings, probes=[probe], clock=rig.clock)
+    assert samples["n"] >= 3
+
+
+def test_without_a_meter_times_are_measured_and_the_spread_is_of_time():
+    from irene.measure.meters import NullMeter
+
+    rig = Rig(1e-3, 100.0)
+    durations = iter([1e-3] * 10_000 + [2e-3] * 100_000)
+    base = rig.call
+
+    def call() -> None:
+        rig.call_s = next(durations)
+        base()
+
+    result = measure_callable(call, NullMeter(), quick(windows=3, min_window_s=0.2), clock=rig.clock)
+    assert result.ground_truth_energy is None and result.energy_std_j is None
+    assert result.gpu_energy_mean is None and "ground_truth_energy" not in result.fields()
+    per_call = [w.busy_s / w.calls for w in result.windows]
+    assert result.spread == pytest.approx(statistics.stdev(per_call) / statistics.fmean(per_call))
+    assert all(w.busy_s >= 0.2 for w in result.windows) and all(w.energy_j == 0.0 for w in result.windows)
+    meters = MeterSet(NullMeter())
+    assert meters.probe() == 0.0 and meters.tick_index is None and meters.read_s == 0.0
+    assert not meters.measures_energy and meters.gpu_name is None and meters.read() == []
+    assert meters.gpu_j([]) == 0.0 and meters.truth_j([]) == 0
+
+
+def test_one_window_has_no_spread_and_fields_leave_out_what_was_not_measured():
+    one = NodeMeasurement.from_windows([Window(4.0, 2.0, 1.0, 0.4, 0.5)], energy=True, gpu=True,
+                                       utilisation={"cpu": 5.0}, measuring_s=3.0)
+    assert (one.times_mean, one.ground_truth_energy, one.gpu_energy_mean) == (0.1, 0.5, 0.25)
+    assert one.energy_std_j == 0.0 and one.spread == 0.0 and one.repeats == 4 and one.measuring_s == 3.0
+    assert one.fields() == {"cpu": 5.0, "times_mean": 0.1, "gpu_energy_mean": 0.25,
+                            "ground_truth_energy": 0.5, "energy_std_j": 0.0}
+    two = NodeMeasurement.from_windows([Window(2.0, 2.0, 0.0, 0.2, 0.2), Window(2.0, 0.0, 0.0, 0.2, 0.2)],
+                                       energy=True, gpu=False, utilisation={})
+    assert two.ground_truth_energy == 0.5 and two.spread == pytest.approx(math.sqrt(2) * 0.5 / 0.5)
+    assert two.repeats == 2 and "gpu_energy_mean" not in two.fields()
+    zero = NodeMeasurement.from_windows([Window(1.0, 0.0, 0.0, 0.1, 0.1)] * 2, energy=True, gpu=False,
+                                        utilisation={})
+    assert zero.spread == 0.0  # no energy at all: no relative spread
+    half = NodeMeasurement.from_windows([Window(0.4, 1.0, 0.0, 0.1, 0.1)], energy=False, gpu=False,
+                                        utilisation={})
+    assert half.repeats == 1 and half.ground_truth_energy is None
+
+
+def test_the_meter_set_keeps_each_counter_once():
+    rig = Rig(1e-3, 100.0)
+    cpu, gpu = rig.meter("cpu", 0.001), rig.meter("gpu", 0.1)
+    both = SumMeter([cpu, gpu])
+    meters = MeterSet(both, gpu)
+    assert meters.meters == [cpu, gpu] and meters.gpu_feature and meters.gpu_name == "gpu"
+    values = meters.read()
+    assert len(values) == 2 and cpu.reads == 1 and gpu.reads == 1
+    assert meters.truth_j([1.0, 2.0]) == 3.0 and meters.gpu_j([1.0, 2.0]) == 2.0
+    alone = MeterSet(gpu, gpu)
+    assert alone.meters == [gpu] and not alone.gpu_feature and alone.gpu_name is None
+    assert alone.gpu_j([5.0]) == 0.0 and alone.truth_j([5.0]) == 5.0
+    assert meters.device_state() == {"cpu_reads": 1.0, "gpu_reads": 1.0}
+
+
+def test_device_sync_waits_for_the_gpu_only_on_cuda(monkeypatch):
+    import torch
+
+    from irene.measure.protocol import device_sync, no_sync
+
+    assert device_sync("cpu") is no_sync and device_sync(torch.device("cpu")) is no_sync
+    assert no_sync() is None
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: waited.append(device))
+    sync = device_sync("cuda:1")
+    assert sync is not no_sync and waited == []
+    sync()
+    assert waited == [torch.device("cuda:1")]
+
+
+# ------------------------------------------------------------------------ the whole report
+def test_the_report_of_a_trace(caplog):
+    rig = Rig(1e-3, 200.0)
+    meter = rig.meter("gpu", 0.01)
+    progress: list[tuple[int, int, str]] = []
+    settings = quick(min_window_s=0.02, windows=2, drift_action="flag", settle_min_s=0.1, settle_max_s=5.0)
+    with caplog.at_level(logging.DEBUG, logger="irene.measure.protocol.drift"):
+        result = measure_nodes(_trace(rig), meter, settings, clock=rig.clock,
+                               on_progress=lambda *a: progress.append(a))
+    report = result.report
+    assert [p[:2] for p in progress] == [(i, 6) for i in range(1, 7)]
+    assert report["protocol"] == "aligned" and report["meter"] == "gpu"
+    assert report["ground_truth_meter"] == "gpu" and report["gpu_energy_mean_meter"] is None
+    assert report["tick_s"] == pytest.approx(0.01, abs=1e-5) and report["windows"] == 2
+    assert report["settle"]["settled"] is True and report["settle"]["windows"] >= 3
+    assert report["state_before"] == {"gpu_reads": pytest.approx(report["state_before"]["gpu_reads"])}
+    assert report["state_before"]["gpu_reads"] < report["state_start"]["gpu_reads"] < \
+        report["state_end"]["gpu_reads"]
+    assert report["drift"] == pytest.approx(0.0, abs=1e-6) == report["drift_first_pass"]
+    assert report["drift_flagged"] is False and report["passes"] == 1 and report["moved"] == []
+    assert report["remeasured_for_spread"] == [] and report["high_spread"] == []
+    assert report["nodes_measured"] == 5 and report["measurements"] == 6
+    assert report["seconds"] == pytest.approx(rig.clock() - 1000.0, abs=0.6)  # probing came first
+    assert "root.leaf_1: 0.0015 s/call x" in caplog.text and "spread 0.00%" in caplog.text
+    fields = result.fields
+    assert set(fields) == {"root", *LEAF_S}
+    assert fields["root.leaf_3"]["times_mean"] == pytest.approx(3.5e-3, rel=1e-6)
+    from irene.measure.protocol import measure_trace
+
+    rig2 = Rig(1e-3, 200.0)
+    assert measure_trace(_trace(rig2), rig2.meter("gpu", 0.01), settings, clock=rig2.clock).keys() == \
+        fields.keys()
+
+
+def test_the_drift_warnings(caplog):
+    with caplog.at_level(logging.WARNING, logger="irene.measure.protocol.drift"):
+        _drift_run(0.5, 3, "remeasure")
+    assert "drift: the root moved -50.0% between the first and the last node; measuring every node " \
+        "once more" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="irene.measure.protocol.drift"):
+        _drift_run(0.5, 3, "flag")
+    assert "drift: the root moved -50.0% during the measurement (flagged in the record)" in caplog.text
+    assert "measuring every node" not in caplog.text
+
+
+def test_fixed_protocol_in_a_trace_reports_no_tick_and_drift_by_time_without_a_meter():
+    from irene.measure.meters import NullMeter
+
+    state = {"slow": 1.0}
+    rig = Rig(1e-3, 100.0)
+    trace = _trace(rig)
+    for node in trace.nodes():
+        steady = node.func
+        node.func = (lambda f: lambda: (f(), rig.advance(1e-3 * (state["slow"] - 1.0))))(steady)
+    settings = quick(protocol="fixed", min_window_s=0.02, windows=1, drift_action="flag")
+    result = measure_nodes(trace, NullMeter(), settings, clock=rig.clock,
+                           on_progress=lambda d, t, s: state.__setitem__("slow", 2.0) if d == 1 else None)
+    report = result.report
+    assert report["tick_s"] is None and report["ticks_s"] == {} and report["ground_truth_meter"] == "none"
+    assert report["drift_first_pass"] == pytest.approx(1 / 3, rel=1e-3)  # 3 ms root + 1 ms slower
+    assert report["drift_flagged"] and report["settle"]["power_w"] is None

@@ -145,17 +145,17 @@ class _Boundary:
     """A counter update seen by a read: it fell in ``[low_s, high_s]``, during or around the
     chunk that ran from ``t0`` to ``t1`` after ``calls0`` calls and ``busy0`` busy seconds."""
 
-    low_s: float
-    high_s: float
-    t0: float
-    t1: float
-    calls0: float
-    busy0: float
-    chunk: int
-    values: list[float]
+    values: list[float]  # every counter's value as read
     time_s: float = 0.0  # estimated instant of the update
     calls: float = 0.0  # calls completed by then
     busy_s: float = 0.0  # busy seconds by then
+    low_s: float = 0.0
+    high_s: float = 0.0
+    t0: float = 0.0
+    t1: float = 0.0
+    calls0: float = 0.0
+    busy0: float = 0.0
+    chunk: int = 0
 
     def place(self, when: float) -> _Boundary:
         """Put the update at ``when``: count the calls of the chunk that had run by then."""
@@ -200,7 +200,8 @@ class _Poller:
         # read (a read returns the latest update's value); first guess: the middle.
         tick = self.meters.tick_s or 0.0
         low = max(prev_read_s, self.read_s - tick) if tick > 0 else prev_read_s
-        boundary = _Boundary(low, self.read_s, t0, t1, prev_calls, prev_busy, self.chunk, values)
+        boundary = _Boundary(values, low_s=low, high_s=self.read_s, t0=t0, t1=t1, calls0=prev_calls,
+                             busy0=prev_busy, chunk=self.chunk)
         return changed, boundary.place((low + self.read_s) / 2)
 
     def next_update(self, not_before: float, timeout_s: float) -> _Boundary:
@@ -216,9 +217,7 @@ class _Poller:
 
     def boundary_now(self) -> _Boundary:
         """The current read as a boundary (for timed windows without a counter)."""
-        now = self.read_s
-        return _Boundary(now, now, now, now, self.calls, self.busy_s, 0, self.values, now, self.calls,
-                         self.busy_s)
+        return _Boundary(self.values, time_s=self.read_s, calls=self.calls, busy_s=self.busy_s)
 
 
 def _refine_on_lattice(boundaries: list[_Boundary], tick_s: float) -> bool:
