@@ -95,8 +95,8 @@ def measure_configuration(
             are sampled, a part that is a GPU counter supplies ``gpu_energy_mean`` beside
             another ground truth, and its ``period_s`` (when known) replaces probing the tick.
         companion: the counter of the model's device, read beside a ground truth that has
-            none of its own (``none``, ``simulated`` on a GPU): its probes are sampled and a
-            GPU counter's energy is recorded as ``gpu_energy_mean`` (not the target there).
+            no GPU counter of its own: its probes are sampled and a GPU counter's energy is
+            recorded as ``gpu_energy_mean`` (not the target there).
         settings: protocol settings (default: :class:`ProtocolSettings`).
         device: ``"cpu"`` or ``"cuda:N"`` (see :func:`resolve_device`).
         attn_implementation: forced attention implementation.
