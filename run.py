@@ -28,7 +28,14 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from irene.errors import FULL_ERROR_ENV, SettingsError, UserError, full_error_requested, one_line  # noqa: E402
+from irene.errors import (  # noqa: E402
+    FULL_ERROR_ENV,
+    DiskFullError,
+    SettingsError,
+    UserError,
+    full_error_requested,
+    one_line,
+)
 from pipelines.config import STAGES, bad_group_option, register_configs  # noqa: E402
 from pipelines.sweep import record_job_error, watch_sweep_process  # noqa: E402
 from pipelines.tracking import Terminated  # noqa: E402
@@ -104,6 +111,11 @@ def execute(cfg: DictConfig, *, multirun: bool = False) -> None:
         if full_error_requested():
             raise
         report_user_error(error, multirun)
+    except OSError as error:  # a full disk is the user's to fix; any other OSError is a bug
+        full = DiskFullError.from_os_error(error)
+        if full is None or full_error_requested():
+            raise
+        report_user_error(full, multirun)
     except (Terminated, KeyboardInterrupt) as stop:
         print(f"error: {stop or 'interrupted'}; the run is marked KILLED", file=sys.stderr)
         raise SystemExit(143 if isinstance(stop, Terminated) else 130) from None
@@ -114,7 +126,8 @@ _SINGLE_RUN_DONE = False  # set when a single run's stage returned
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    global _SINGLE_RUN_DONE
+    global _SINGLE_RUN_DONE, _STAGE_STARTED
+    _STAGE_STARTED = True
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     if multirun:
         watch_sweep_process()
@@ -133,6 +146,18 @@ def config_error_line(error: Exception) -> str:
     if error.__cause__ is not None and str(error.__cause__).strip():
         parts.append(str(error.__cause__).strip().splitlines()[0])
     return f"error: {': '.join(parts)}"
+
+
+_STAGE_STARTED = False  # set when the task function starts (Hydra has written its files)
+
+
+def remove_unstarted_run_folder() -> None:
+    """After Hydra failed to write its own files (``.hydra/*.yaml``, the log) into a new run
+    folder, remove that folder when it holds nothing else: no half-written file stays."""
+    if not _STAGE_STARTED:
+        from pipelines.run_folder import remove_if_only_hydras
+
+        remove_if_only_hydras()
 
 
 def exit_without_teardown() -> None:
@@ -169,6 +194,13 @@ if __name__ == "__main__":
         if full_error_requested():
             raise
         print(config_error_line(error), file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except OSError as error:  # Hydra's own writes (the run folder, .hydra/*.yaml) on a full disk
+        full = DiskFullError.from_os_error(error)
+        if full is None or full_error_requested():
+            raise
+        remove_unstarted_run_folder()
+        print(f"error: {full}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     except (Terminated, KeyboardInterrupt) as stop:  # a sweep's own process; its jobs said theirs
         print(f"error: {stop or 'interrupted'}; the sweep's runs are marked KILLED", file=sys.stderr)

@@ -33,6 +33,21 @@ class NonFiniteResultError(UserError, ArithmeticError):
     """A prediction or metric is NaN or infinite (e.g. training diverged)."""
 
 
+class DiskFullError(UserError, OSError):
+    """A write failed for lack of space (``ENOSPC``, or a quota: ``EDQUOT``)."""
+
+    @classmethod
+    def from_os_error(cls, error: OSError) -> DiskFullError | None:
+        """The user error for ``error`` when it is a full disk, else None."""
+        import errno
+
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return None
+        where = f" writing {error.filename}" if error.filename else ""
+        return cls(f"no space left on the device{where}: free some space, or write elsewhere "
+                   "(IRENE_OUTPUTS=<folder>, hydra.run.dir=<folder>)")
+
+
 FULL_ERROR_ENV = "IRENE_FULL_ERROR"  # the user's HYDRA_FULL_ERROR, kept by run.py (see there)
 
 

@@ -46,8 +46,10 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, protect: Iterable[str |
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = str(path)  # a failed write (e.g. a full disk) names its file
         raise
     return path
 
