@@ -81,7 +81,11 @@ class Rig:
         return power * seconds
 
     def call(self) -> None:
-        self.call_j.append(self.advance(self.call_s))
+        """One call; its true energy is what the counters integrated (power noise included)."""
+        before = sum(counter.energy_j for counter, _ in self.counters)
+        spent = self.advance(self.call_s)
+        after = sum(counter.energy_j for counter, _ in self.counters)
+        self.call_j.append(after - before if self.counters else spent)
         self.call_end_s.append(self.time_s)
 
     def meter(self, name: str, tick_s: float, *, share: float = 1.0, seed: int = 0, timing: str = "regular",
@@ -430,13 +434,16 @@ def _attempts(monkeypatch, rig: Rig, noise_by_attempt: list[float], meter: RigMe
 
     def measure(*args, **kwargs):
         meter.counter.settings.noise = noise_by_attempt[min(len(seen), len(noise_by_attempt) - 1)]
+        start = rig.clock()
         result = real(*args, **kwargs)
         seen.append(result)
         spent.append(result.measuring_s)
+        spans.append((start, rig.clock()))
         return result
 
     spent: list[float] = []
-    measure.spent = spent
+    spans: list[tuple[float, float]] = []
+    measure.spent, measure.spans = spent, spans
     monkeypatch.setattr(node_module, "_measure_aligned", measure)
     return seen
 
@@ -452,13 +459,14 @@ def test_a_noisy_node_keeps_the_tightest_attempt(monkeypatch):
     result = measure_callable(rig.call, meter, settings, clock=rig.clock)
     spreads = [m.spread for m in seen]
     kept = min(range(3), key=spreads.__getitem__)
-    scenario("noisy node, 3 attempts (noise 30 %, 5 %, 30 %)", 0.3, result.ground_truth_energy,
+    truth = rig.truth_between(*node_module._measure_aligned.spans[kept])
+    scenario("noisy node, 3 attempts (noise 30 %, 5 %, 30 %)", truth, result.ground_truth_energy,
              f"kept attempt {kept + 1} of {result.attempts} "
              f"(spreads {[round(100 * s, 2) for s in spreads]} %)")
     assert len(seen) == 3 and result.attempts == 3
     assert result is seen[kept] and kept == 1
     assert result.measuring_s == pytest.approx(sum(node_module._measure_aligned.spent), rel=1e-12)
-    assert result.ground_truth_energy == pytest.approx(0.3, rel=0.05)
+    assert result.ground_truth_energy == pytest.approx(truth, rel=0.01)
 
 
 def test_remeasurement_stops_at_the_first_attempt_within_the_threshold(monkeypatch):
