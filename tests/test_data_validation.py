@@ -689,13 +689,13 @@ def test_download_of_an_unknown_device_and_of_one_without_checksums(
     device_dir, tmp_path, monkeypatch, caplog
 ):
     with pytest.raises(DataNotFoundError) as caught:
-        download_device("device_9", tmp_path)
-    assert (
-        str(caught.value) == "no public source known for device 'device_9'; known: ['device_1', 'device_2']"
-    )
+        download_device("device_x", tmp_path)
+    known = sorted(load_sources()["devices"])
+    assert str(caught.value) == f"no public source known for device 'device_x'; known: {known}"
+    _fake_sources(tmp_path, device_dir, monkeypatch, device_9={})
     monkeypatch.setattr(locate.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"x,y\n"))
     with caplog.at_level(logging.WARNING, logger="irene.data.locate"):
-        assert download_device("device_2", tmp_path / "d2") == tmp_path / "d2"
-    assert (tmp_path / "d2" / csv_name("ml2")).read_bytes() == b"x,y\n"
+        assert download_device("device_9", tmp_path / "d9") == tmp_path / "d9"
+    assert (tmp_path / "d9" / csv_name("ml2")).read_bytes() == b"x,y\n"
     assert "no published checksum for model_level_features.csv; its content is not verified" in caplog.text
-    assert not list((tmp_path / "d2").glob(".*.part"))
+    assert not list((tmp_path / "d9").glob(".*.part"))
