@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from irene.data import architectures
 from irene.data.architectures import MODEL_REGISTRY, TINY_MODELS, model_from_name
 from irene.errors import SettingsError, UserError
 from irene.measure import trace as trace_module
@@ -174,7 +175,7 @@ def test_activation_estimate_is_the_captured_inputs_of_the_real_trace():
 
 def test_measuring_a_shape_that_cannot_fit_is_refused_before_the_forward_pass(monkeypatch):
     real = model_from_name("tiny/bert")
-    monkeypatch.setattr(trace_module, "_free_bytes", lambda device: 1 << 10)
+    monkeypatch.setattr(architectures, "device_free_bytes", lambda device: 1 << 10)
     calls = []
     real.register_forward_pre_hook(lambda *args: calls.append(1))
     with pytest.raises(SettingsError) as error:
@@ -183,7 +184,19 @@ def test_measuring_a_shape_that_cannot_fit_is_refused_before_the_forward_pass(mo
     assert "\n" not in message and message.startswith("tiny/bert 2x8: its activations need about")
     assert "but cpu has 0.0 GiB free; use a smaller batch_size or seq_len" in message
     assert not calls  # refused up front
-    monkeypatch.setattr(trace_module, "_free_bytes", lambda device: 1 << 40)
+    monkeypatch.setattr(architectures, "device_free_bytes", lambda device: 1 << 40)
     assert check_activations_fit(real, 2, 8, "tiny/bert", capture_inputs=True) == \
         estimate_activation_bytes(real, 2, 8, capture_inputs=True)
     assert trace_model(real, 2, 8, "tiny/bert", capture_inputs=True).root.children
+
+
+def test_building_weights_that_cannot_fit_is_refused_before_allocating(monkeypatch):
+    meta = model_from_name("bert-large-uncased", device="meta")
+    fp32 = 4 * sum(p.numel() for p in meta.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in meta.buffers())
+    assert architectures.weight_bytes("bert-large-uncased") == fp32 + buffers  # 1.25 GiB
+    monkeypatch.setattr(architectures, "device_free_bytes", lambda device: 1 << 30)
+    with pytest.raises(SettingsError, match=r"^model=bert-large-uncased: its weights need 1\.2 GiB but "
+                                            r"cpu has 1\.0 GiB free$"):
+        model_from_name("bert-large-uncased", device="cpu")
+    assert model_from_name("tiny/bert", device="cpu").embeddings.word_embeddings.weight.device.type == "cpu"

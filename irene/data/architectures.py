@@ -170,7 +170,13 @@ def model_from_name(
     Returns:
         The model, in eval mode, with ``use_cache`` off so a replayed layer does not grow a
         key/value cache.
+
+    Raises:
+        SettingsError: on a real device, in one line, when the weights (counted on a meta
+            build first) do not fit in the device's free memory.
     """
+    if torch.device(device).type != "meta":
+        _check_weights_fit(name_or_config_json_path, attn_implementation, device)
     config = config_from_name(name_or_config_json_path)
     config._attn_implementation = attn_implementation
     if hasattr(config, "use_cache"):
@@ -185,6 +191,31 @@ def model_from_name(
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(attn_implementation)
     return model.eval()
+
+
+def device_free_bytes(device: str | torch.device) -> int:
+    """Free memory of ``device`` in bytes: the GPU's free memory (``torch.cuda.mem_get_info``),
+    else the host's available memory."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def weight_bytes(name_or_path: str, attn_implementation: str = "eager") -> int:
+    """Bytes of a model's parameters and buffers, counted on a meta build (no memory)."""
+    model = model_from_name(name_or_path, attn_implementation, device="meta")
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _check_weights_fit(name_or_path: str, attn_implementation: str, device: str | torch.device) -> None:
+    need, free = weight_bytes(name_or_path, attn_implementation), device_free_bytes(device)
+    if need > free:
+        raise SettingsError(f"model={name_or_path}: its weights need {need / 2**30:.1f} GiB but "
+                            f"{torch.device(device)} has {free / 2**30:.1f} GiB free")
 
 
 def max_positions(name_or_path: str) -> int | None:

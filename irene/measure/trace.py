@@ -45,6 +45,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from irene.data import architectures
 from irene.data.architectures import model_from_name
 from irene.data.tree import FEATURE_FIELDS
 from irene.errors import SettingsError, UserError
@@ -591,15 +592,6 @@ def _meta_twin(model: nn.Module) -> nn.Module | None:
     return twin.eval()
 
 
-def _free_bytes(device: torch.device) -> int:
-    """Free memory of ``device``: the GPU's free memory, or the host's available memory."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    import psutil
-
-    return int(psutil.virtual_memory().available)
-
-
 def estimate_activation_bytes(
     model: nn.Module, batch_size: int, seq_len: int, *, capture_inputs: bool,
     convention: str = "physical",
@@ -662,7 +654,7 @@ def check_activations_fit(
                                      convention=convention)
     if need is None:
         return None
-    free = _free_bytes(device)
+    free = architectures.device_free_bytes(device)
     if need > free:
         raise SettingsError(
             f"{model_name} {batch_size}x{seq_len}: its activations need about {need / 2**30:.1f} GiB "
