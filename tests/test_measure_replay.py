@@ -51,6 +51,9 @@ def test_format_and_read_round_trip(tmp_path):
     assert trace.comments == ["made by hand", "phase: busy 0.0 0.2"]
     assert trace.phases() == {"busy": (0.0, 0.2)}
     assert trace.mean_power_w(0.0, 0.2) == pytest.approx(100.0)
+    # two reads within a nanosecond (a fast counter): one sample, the later value, still readable
+    close = _write(tmp_path, format_trace([(1.0, 5.0), (1.0000000001, 5.5), (1.2, 6.0)]))
+    assert read_trace(close).energies_j == [0.0, 0.5]  # rebased to the sample kept
 
 
 @pytest.mark.parametrize(("text", "message"), [

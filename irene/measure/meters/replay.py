@@ -111,7 +111,8 @@ def thin_samples(samples: Iterable[tuple[float, float]]) -> list[tuple[float, fl
 
 
 def format_trace(samples: Sequence[tuple[float, float]], comments: Sequence[str] = ()) -> str:
-    """The file text of a trace: samples rebased to the first one (time and energy).
+    """The file text of a trace: samples rebased to the first one (time to the nanosecond,
+    energy to the microjoule).
 
     Args:
         samples: ``(time_s, energy_j)`` as read, in time order (at least two).
@@ -120,8 +121,14 @@ def format_trace(samples: Sequence[tuple[float, float]], comments: Sequence[str]
     if len(samples) < 2:
         raise ValueError("a counter trace needs at least two samples")
     t0, e0 = samples[0]
-    lines = [f"# {c}" for c in comments] + [HEADER]
-    lines += [f"{t - t0:.6f},{e - e0:.6f}" for t, e in samples]
+    rows: list[tuple[str, str]] = []
+    for t, e in samples:
+        row = (f"{t - t0:.9f}", f"{e - e0:.6f}")
+        if rows and row[0] == rows[-1][0]:
+            rows[-1] = row  # two reads within a nanosecond: the later one's value stands
+        else:
+            rows.append(row)
+    lines = [f"# {c}" for c in comments] + [HEADER] + [f"{t},{e}" for t, e in rows]
     return "\n".join(lines) + "\n"
 
 
