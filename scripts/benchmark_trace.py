@@ -4,11 +4,12 @@ Every case runs in a fresh Python process that imports the project found at ``--
 checkout by default; give another worktree to measure older code), sets torch's threads and
 calls ``irene.predictors.static.trace_static(model, [(batch_size, seq_len)])``, the function
 behind ``stage=predict``, ``stage=whatif`` and serving. The child reports the seconds of the
-trace itself (imports excluded) and of the whole process, and its peak resident memory
+trace itself (imports excluded) and of the whole process, the CPU seconds of both (less
+sensitive than wall time to other work on a shared machine) and its peak resident memory
 (``ru_maxrss`` of ``RUSAGE_SELF``; the parent's ``RUSAGE_CHILDREN`` when the child died). A
 child runs under an address-space limit (``--max-gib``, like ``ulimit -v``) and a wall-clock
 timeout, so a case that would need more than the machine has fails instead of swapping; the
-failure is recorded with its first line. Run from the project root:
+failure is recorded with the last line of its stderr. Run from the project root:
 
     python scripts/benchmark_trace.py --repeats 3
     git worktree add /tmp/trace_before <commit>
@@ -60,12 +61,14 @@ sys.path.insert(0, sys.argv[1])
 import torch
 torch.set_num_threads(int(sys.argv[2]))
 from irene.predictors.static import trace_static
-t1 = time.perf_counter()
+t1, c1 = time.perf_counter(), time.process_time()
 trees = trace_static(sys.argv[3], [(int(sys.argv[4]), int(sys.argv[5]))])
-t2 = time.perf_counter()
+t2, c2 = time.perf_counter(), time.process_time()
 root = trees[0]["frontend_tree"]
-print(json.dumps({"trace_s": t2 - t1, "total_s": t2 - t0,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"trace_s": t2 - t1, "trace_cpu_s": c2 - c1, "total_s": t2 - t0,
+                  "cpu_s": usage.ru_utime + usage.ru_stime,
+                  "peak_rss_mib": usage.ru_maxrss / 1024,
                   "root_mflops": root["flops"], "root_mem_mib": root["mem_bytes"]}))
 """
 
@@ -79,21 +82,24 @@ def _limit_memory(max_bytes: int):
 def run_case(root: Path, model: str, batch_size: int, seq_len: int, threads: int,
              max_gib: float, timeout_s: float) -> dict:
     """One fresh child process tracing one case; its report, or how it failed."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     command = [sys.executable, "-c", CHILD, str(root), str(threads), model, str(batch_size),
                str(seq_len)]
     try:
         done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=timeout_s,
                               preexec_fn=_limit_memory(int(max_gib * 2**30)), check=False)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout_s:.0f} s"}
-    if done.returncode == 0:
-        return json.loads(done.stdout.strip().splitlines()[-1])
-    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"error": f"exit {done.returncode}: {lines[-1] if lines else '(no message)'}",
-            # ru_maxrss of the children is a maximum over all of them: exact when it grew
-            "peak_rss_mib": after / 1024 if after > before else None}
+    except subprocess.TimeoutExpired:  # the child was killed and waited for
+        error = f"timed out after {timeout_s:.0f} s"
+    else:
+        if done.returncode == 0:
+            return json.loads(done.stdout.strip().splitlines()[-1])
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        error = f"exit {done.returncode}: {lines[-1] if lines else '(no message)'}"
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    # ru_maxrss of the children is a maximum over all of them: exact when it grew
+    peak = after.ru_maxrss / 1024 if after.ru_maxrss > before.ru_maxrss else None
+    return {"error": error, "cpu_s": round(cpu_s, 1), "peak_rss_mib": peak}
 
 
 def main() -> None:
@@ -118,12 +124,13 @@ def main() -> None:
             good = [r for r in runs if "error" not in r]
             row: dict = {"case": label, "runs": len(runs), "ok": len(good)}
             if good:
-                for key in ("trace_s", "total_s", "peak_rss_mib"):
+                for key in ("trace_s", "trace_cpu_s", "total_s", "cpu_s", "peak_rss_mib"):
                     row[f"median_{key}"] = round(statistics.median(r[key] for r in good), 2)
                 row["root_mflops"] = good[0]["root_mflops"]
             errors = [r for r in runs if "error" in r]
             if errors:
                 row["error"] = errors[0]["error"]
+                row["error_cpu_s"] = errors[0]["cpu_s"]
                 row["error_peak_rss_mib"] = errors[0]["peak_rss_mib"]
             print(json.dumps(row), flush=True)
 
