@@ -236,7 +236,7 @@ CASES = [
          f"{{dev}}/{ROW2}: field 'seq_len': must be a finite number, got 'abc'",
          _with_dev(lambda d: edit_cell(d, "model", 0, "seq_len", "abc"))),
     Case("seq-len-empty", [FEAT, DEV],
-         f"{{dev}}/{ROW2}: field 'seq_len': must be a finite number, got nan",
+         f"{{dev}}/{ROW2}: field 'seq_len': must be a finite number, got an empty cell (or NaN)",
          _with_dev(lambda d: edit_cell(d, "model", 0, "seq_len", ""))),
     Case("negative-flops", [FEAT, DEV],
          "{dev}/ml1_level_features.csv:3: field 'flops': must be in [0, 1e+15] MFLOP, got -1.5",
