@@ -152,18 +152,18 @@ def predict_with_policy(predictor, forest: Forest, unseen_op: str | None = None
     """
     unseen = unseen_ops(predictor, forest)
     mask = np.zeros(forest.num_nodes, dtype=bool)
+    known = sorted(known_ops(predictor) or ())
+    if (unseen_op is not None and str(unseen_op).lower() != "error" and known
+            and str(unseen_op).lower() not in known):  # checked even when no type is unseen
+        raise SettingsError(f"unseen_op={unseen_op!r} is not a primitive type the predictor "
+                            f"knows ({known}); {POLICY_HELP}")
     if unseen and unseen_op is not None:
-        known = sorted(known_ops(predictor) or ())
         if str(unseen_op).lower() == "error":
             first = forest.ids[int(np.flatnonzero(forest.is_leaf
                                                   & np.isin(forest.op_type, unseen))[0])]
             raise InputError(f"primitive types {unseen} (e.g. node {first!r}) were never seen "
                              f"in training (known: {known}); {POLICY_HELP}")
-        target = str(unseen_op).lower()
-        if target not in known:
-            raise SettingsError(f"unseen_op={unseen_op!r} is not a primitive type the predictor "
-                             f"knows ({known}); {POLICY_HELP}")
-        forest, mask = remap_ops(forest, unseen, target)
+        forest, mask = remap_ops(forest, unseen, str(unseen_op).lower())
     predicted, own_fallback = predictor.predict(forest, return_fallback=True)
     return np.asarray(predicted, dtype=np.float64), mask | np.asarray(own_fallback, dtype=bool)
 
