@@ -699,3 +699,23 @@ def test_download_of_an_unknown_device_and_of_one_without_checksums(
     assert (tmp_path / "d9" / csv_name("ml2")).read_bytes() == b"x,y\n"
     assert "no published checksum for model_level_features.csv; its content is not verified" in caplog.text
     assert not list((tmp_path / "d9").glob(".*.part"))
+
+
+def test_parent_positions_in_a_deep_tree():
+    def node(scope, *children):
+        return {"scope": scope, "child_nodes_obj": list(children)}
+
+    root = node("r", node("a", node("b", node("c"), node("d")), node("e")), node("f", node("g")))
+    walked = [(n["scope"], parent, depth) for n, parent, depth in iter_nodes_with_parent(root)]
+    assert walked == [("r", -1, 0), ("a", 0, 1), ("b", 1, 2), ("c", 2, 3), ("d", 2, 3), ("e", 1, 2),
+                      ("f", 0, 1), ("g", 6, 2)]
+
+
+def test_download_logs_each_url(device_dir, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(locate.urllib.request, "urlopen",
+                        lambda url, timeout: io.BytesIO((device_dir / url.rsplit("/", 1)[1]).read_bytes()))
+    with caplog.at_level(logging.INFO, logger="irene.data.locate"):
+        download_device("device_1", tmp_path / "d1")
+    base = load_sources()["base_url"]
+    for level in CSV_FILES:
+        assert f"downloading {base}/device_1/{csv_name(level)}" in caplog.messages

@@ -924,3 +924,44 @@ def test_fixed_protocol_in_a_trace_reports_no_tick_and_drift_by_time_without_a_m
     assert report["tick_s"] is None and report["ticks_s"] == {} and report["ground_truth_meter"] == "none"
     assert report["drift_first_pass"] == pytest.approx(1 / 3, rel=1e-3)  # 3 ms root + 1 ms slower
     assert report["drift_flagged"] and report["settle"]["power_w"] is None
+
+
+def test_fixed_windows_last_their_busy_time_and_the_node_its_whole_measurement():
+    rig = Rig(1e-3, 100.0)
+    meter = rig.meter("exact", 0.0)
+    start = rig.clock()
+    result = measure_callable(rig.call, meter, quick(protocol="fixed", min_window_s=0.02, windows=2),
+                              clock=rig.clock)
+    assert all(w.duration_s == w.busy_s > 0 for w in result.windows)
+    assert result.measuring_s == pytest.approx(rig.clock() - start, abs=3 * READ_S)
+    assert meter.reads == 2 * 2  # no probing: two reads per window
+
+
+def test_relative_range_of_nothing_is_zero():
+    from irene.measure.protocol.settling import _relative_range
+
+    assert _relative_range([0.0, 0.0, 0.0]) == 0.0
+    assert _relative_range([1.0, 2.0, 3.0]) == 1.0
+
+
+def test_the_debug_line_gives_each_node_its_spread(caplog):
+    state = {"flicker": False}
+    rig = Rig(1e-3, lambda t: 200.0 * (2.0 if state["flicker"] and int(t / 0.03) % 2 else 1.0))
+    meter = rig.meter("gpu", 0.01)
+    trace = _trace(rig)
+    leaf = next(n for n in trace.nodes() if n.scope == "root.leaf_2")
+    steady = leaf.func
+
+    def flickering() -> None:
+        state["flicker"] = True
+        steady()
+        state["flicker"] = False
+
+    leaf.func = flickering
+    settings = quick(min_window_s=0.02, windows=3, drift_action="flag")
+    with caplog.at_level(logging.DEBUG, logger="irene.measure.protocol.drift"):
+        result = measure_nodes(trace, meter, settings, clock=rig.clock)
+    fields = result.fields["root.leaf_2"]
+    spread = fields["energy_std_j"] / fields["ground_truth_energy"]
+    assert spread > 0.01
+    assert f"spread {100 * spread:.2f}%" in caplog.text
