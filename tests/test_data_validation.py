@@ -719,3 +719,15 @@ def test_download_logs_each_url(device_dir, tmp_path, monkeypatch, caplog):
     base = load_sources()["base_url"]
     for level in CSV_FILES:
         assert f"downloading {base}/device_1/{csv_name(level)}" in caplog.messages
+
+
+def test_data_path_that_is_not_a_folder_and_the_default_device(device_dir, tmp_path, monkeypatch):
+    with pytest.raises(DataNotFoundError) as caught:
+        locate_device(tmp_path / "nowhere", datasets_dir=tmp_path / "ds")
+    assert str(caught.value) == f"data.path={tmp_path / 'nowhere'}: no such folder"
+    monkeypatch.delenv("IRENE_DATA_DIR", raising=False)
+    _no_network(monkeypatch)
+    shutil.copytree(device_dir, tmp_path / "ds" / "device_1")
+    assert resolve_device_dir(None, datasets_dir=tmp_path / "ds") == tmp_path / "ds" / "device_1"
+    with pytest.raises(DataNotFoundError):
+        resolve_device_dir(None, "device_2", datasets_dir=tmp_path / "ds", download=False)

@@ -965,3 +965,40 @@ def test_the_debug_line_gives_each_node_its_spread(caplog):
     spread = fields["energy_std_j"] / fields["ground_truth_energy"]
     assert spread > 0.01
     assert f"spread {100 * spread:.2f}%" in caplog.text
+
+
+def test_a_second_pass_adds_its_nodes_to_the_progress_total():
+    state = {"power": 200.0}
+    rig = Rig(1e-3, lambda t: state["power"])
+    meter = rig.meter("gpu", 0.01)
+    totals: list[int] = []
+
+    def on_progress(done: int, total: int, scope: str) -> None:
+        totals.append(total)
+        if done == 3:
+            state["power"] = 100.0
+
+    settings = quick(min_window_s=0.02, windows=2, drift_action="remeasure")
+    measure_nodes(_trace(rig), meter, settings, clock=rig.clock, on_progress=on_progress)
+    assert totals == [6] * 6 + [11] * 5
+
+
+def test_settling_synchronises_the_device_like_every_window():
+    def syncs_before_the_first_node(settle_min_s: float) -> int:
+        rig = Rig(1e-3, 200.0)
+        meter = rig.meter("gpu", 0.01)
+        count = {"sync": 0, "at_first": -1}
+
+        def sync() -> None:
+            count["sync"] += 1
+
+        def on_progress(done: int, total: int, scope: str) -> None:
+            if done == 1:
+                count["at_first"] = count["sync"]
+
+        settings = quick(min_window_s=0.02, windows=1, drift_action="flag", settle_min_s=settle_min_s,
+                         settle_max_s=max(1.0, settle_min_s))
+        measure_nodes(_trace(rig), meter, settings, sync=sync, clock=rig.clock, on_progress=on_progress)
+        return count["at_first"]
+
+    assert syncs_before_the_first_node(0.2) > syncs_before_the_first_node(0.0) + 20
