@@ -4,8 +4,9 @@ Every case runs in a fresh Python process that imports the project found at ``--
 checkout by default; give another worktree to measure older code), sets torch's threads and
 calls ``irene.predictors.static.trace_static(model, [(batch_size, seq_len)])``, the function
 behind ``stage=predict``, ``stage=whatif`` and serving. The child reports the seconds of the
-trace itself (imports excluded) and of the whole process, the CPU seconds of both (less
-sensitive than wall time to other work on a shared machine) and its peak resident memory
+trace itself (building the model and tracing it; imports excluded) and of the whole process,
+the CPU seconds of both (less sensitive than wall time to other work on a shared machine) and
+its peak resident memory
 (``ru_maxrss`` of ``RUSAGE_SELF``; the parent's ``RUSAGE_CHILDREN`` when the child died). A
 child runs under an address-space limit (``--max-gib``, like ``ulimit -v``) and a wall-clock
 timeout, so a case that would need more than the machine has fails instead of swapping; the
@@ -61,6 +62,7 @@ sys.path.insert(0, sys.argv[1])
 import torch
 torch.set_num_threads(int(sys.argv[2]))
 from irene.predictors.static import trace_static
+import irene.measure.trace  # transformers' model classes: imported before the clock starts
 t1, c1 = time.perf_counter(), time.process_time()
 trees = trace_static(sys.argv[3], [(int(sys.argv[4]), int(sys.argv[5]))])
 t2, c2 = time.perf_counter(), time.process_time()
