@@ -731,3 +731,15 @@ def test_data_path_that_is_not_a_folder_and_the_default_device(device_dir, tmp_p
     assert resolve_device_dir(None, datasets_dir=tmp_path / "ds") == tmp_path / "ds" / "device_1"
     with pytest.raises(DataNotFoundError):
         resolve_device_dir(None, "device_2", datasets_dir=tmp_path / "ds", download=False)
+
+
+def test_a_module_left_without_children_becomes_a_leaf(cell):
+    for level in ("ml1", "ml2", "module"):
+        path = cell / csv_name(level)
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(line for line in lines if ",h.0.mlp." not in line))
+    (tree,) = import_device(cell, models=None)
+    mlp = _node(tree, "root.h.0.mlp")
+    assert mlp["type"] == "ml" and mlp["child_nodes_obj"] == []
+    assert _node(tree, "root.h.1.mlp")["type"] == "module"
+    validate_tree(tree, "cell")

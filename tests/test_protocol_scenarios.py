@@ -1002,3 +1002,29 @@ def test_settling_synchronises_the_device_like_every_window():
         return count["at_first"]
 
     assert syncs_before_the_first_node(0.2) > syncs_before_the_first_node(0.0) + 20
+
+
+def test_a_drift_equal_to_the_threshold_is_not_flagged():
+    first, _ = _drift_run(0.5, 3, "flag")
+    drift = first.report["drift"]
+    again, _ = _drift_run(0.5, 3, "flag", threshold=abs(drift))
+    assert again.report["drift"] == drift and again.report["drift_flagged"] is False
+    assert again.report["passes"] == 1
+
+
+def test_an_unsettled_report_gives_the_last_windows_power():
+    rig = Rig(1e-3, lambda t: 100.0 * math.exp(0.1 * (t - 1000.0)))
+    meter = rig.meter("gpu", 0.1)
+    report = _settle(rig, meter, quick(settle_min_s=0.5, settle_max_s=2.0))
+    # the last window closed at the last update before returning: 0.2 s ending near now
+    expected = 100.0 * math.exp(0.1 * (rig.clock() - 0.1 - 1000.0))
+    assert report.power_w == pytest.approx(expected, rel=0.005)
+
+
+def test_settle_windows_follow_the_window_rules():
+    """10 ms ticks, 2 ms calls (one per chunk), min_window_s 15 ms: windows of two ticks
+    (20 ms), each opened at the update after the last one closed (30 ms per window)."""
+    rig = Rig(2e-3, 100.0)
+    meter = rig.meter("gpu", 0.01, seed=9)
+    report = _settle(rig, meter, quick(settle_min_s=0.3, settle_max_s=5.0, min_window_s=0.015))
+    assert report.settled and report.seconds / report.windows == pytest.approx(0.03, abs=0.004)
