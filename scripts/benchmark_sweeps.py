@@ -29,7 +29,7 @@ LAUNCHERS = {"joblib": ["hydra/launcher=joblib"], "serial": []}
 
 
 def one_pass(checkout: Path, presets: list[str], launcher: str, store: Path) -> float:
-    env = {**os.environ, "PYTHONPATH": str(checkout), "IRENE_OUTPUTS": str(store.parent / "outputs")}
+    env = {**os.environ, "PYTHONPATH": str(checkout)}  # the checkout's outputs/: its tree cache
     start = time.perf_counter()
     for preset in presets:
         subprocess.run(
