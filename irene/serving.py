@@ -22,15 +22,28 @@ server), ``batch_size`` and ``seq_len`` are positive integers within the limits 
 ``seq_len`` within the model's position embeddings. A bad request fails with one message
 naming the row and the field, and no server internals (paths, stack traces).
 
+A request's work is bounded: at most ``max_concurrent`` requests compute at once in one server
+process (one more is refused at once with HTTP 503, so no request waits in a queue), and a
+request that computes past its time budget (``max_seconds``, or MLflow's
+``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT`` when shorter) stops between two rows and answers
+504. ``python -m irene.serving -m models:/<id>`` serves the model with MLflow's own scoring app
+behind :func:`clean_errors`, which also turns MLflow's own error bodies (bad CSV or JSON, a
+wrong content type, its timeout) into one line without a stack trace (``mlflow models serve``
+attaches ``stack_trace`` to a CSV it cannot parse, and no setting of MLflow 3.17 turns it off).
+
 MLflow is imported only inside the functions that need it, so the rest of ``irene`` stays
 importable without it.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import math
 import tempfile
+import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +68,20 @@ OUTPUT_COLUMNS = ("model", "batch_size", "seq_len", "node_id", "scope", "parent_
 class RequestError(InputError):
     """A request the server refuses (its message is returned to the client as it is)."""
 
+    error_code = "INVALID_PARAMETER_VALUE"  # HTTP 400
+
+
+class ServerBusyError(RequestError):
+    """``max_concurrent`` requests are already computing: retry later (HTTP 503)."""
+
+    error_code = "TEMPORARILY_UNAVAILABLE"
+
+
+class RequestTimeoutError(RequestError):
+    """The request's time budget ran out; its work stopped (HTTP 504)."""
+
+    error_code = "DEADLINE_EXCEEDED"
+
 
 @dataclass(frozen=True)
 class ServingLimits:
@@ -70,14 +97,23 @@ class ServingLimits:
         max_nodes: node rows per request.
         model_dirs: folders whose ``config.json`` files (at any depth) may be named by
             ``model``; empty: registry names only.
+        max_seconds: time budget of one request; the work stops between two rows (one row
+            is one trace, at most about 2 s for the registry's largest model) once it is spent.
+            MLflow's ``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT`` (default 60 s) caps it too.
+        max_concurrent: requests computing at once in one server process; one more is
+            refused at once (HTTP 503). With ``max_rows`` this bounds the process's memory.
+        max_body_bytes: largest request body :func:`clean_errors` lets through (HTTP 413).
     """
 
     max_batch_size: int = 1024
     max_seq_len: int = 8192
     max_tokens: int = 65_536
-    max_rows: int = 64
+    max_rows: int = 16
     max_nodes: int = 200_000
     model_dirs: tuple[str, ...] = field(default_factory=tuple)
+    max_seconds: int = 50
+    max_concurrent: int = 2
+    max_body_bytes: int = 16 * 2**20
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | None) -> ServingLimits:
@@ -90,7 +126,8 @@ class ServingLimits:
         if "model_dirs" in values:
             values["model_dirs"] = tuple(str(d) for d in values["model_dirs"] or ())
         limits = cls(**values)
-        for key in ("max_batch_size", "max_seq_len", "max_tokens", "max_rows", "max_nodes"):
+        for key in ("max_batch_size", "max_seq_len", "max_tokens", "max_rows", "max_nodes",
+                    "max_seconds", "max_concurrent", "max_body_bytes"):
             value = getattr(limits, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SettingsError(f"serving limits: {key}={value!r}: must be a positive integer")
@@ -142,6 +179,32 @@ def check_shape(model: str, batch_size: Any, seq_len: Any, limits: ServingLimits
         raise RequestError(f"{where}: batch_size × seq_len = {batch_size * seq_len}: at most "
                            f"{limits.max_tokens} tokens per row")
     return batch_size, seq_len
+
+
+class Deadline:
+    """A request's time budget: :meth:`check` raises :class:`RequestTimeoutError` once spent."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def check(self) -> None:
+        if self.end is not None and time.monotonic() > self.end:
+            raise RequestTimeoutError(f"the request took more than {self.seconds:g} s and was "
+                                      "stopped: ask for fewer rows per request")
+
+
+def server_timeout() -> float | None:
+    """MLflow's scoring-server timeout (``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT``), if set."""
+    from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
+
+    try:
+        value = float(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get())
+    except (TypeError, ValueError):
+        return None
+    return value if value > 0 else None
+
+
 ARTIFACT_KEY = "predictor"  # the predictor folder among the pyfunc model's artifacts
 CODE_FILE = "irene_pyfunc_model.py"
 # The models-from-code file: executed by MLflow when it loads the model.
@@ -156,14 +219,20 @@ mlflow.models.set_model(python_model())
 
 # ---------------------------------------------------------------------------- the tables
 def input_trees(frame: pd.DataFrame, convention: str = "irene",
-                limits: ServingLimits | None = None) -> list[Tree]:
+                limits: ServingLimits | None = None,
+                deadline: Deadline | None = None) -> list[Tree]:
     """The trees an input DataFrame asks for (traced for shape rows, rebuilt for node rows),
-    every row checked against ``limits`` first.
+    every row checked against ``limits`` first; identical rows are traced once.
 
     Raises:
         RequestError: a column is missing, or a row asks for what the limits refuse.
+        RequestTimeoutError: ``deadline`` passed (checked before each trace).
     """
     limits = limits or ServingLimits()
+    deadline = deadline or Deadline(None)
+    if not isinstance(frame, pd.DataFrame):
+        raise RequestError("input must be a table with columns "
+                           f"{list(SHAPE_COLUMNS)} (JSON dataframe_split/records, or CSV)")
     missing = [c for c in SHAPE_COLUMNS if c not in frame.columns]
     if missing:
         raise RequestError(f"input lacks columns {missing}: give {list(SHAPE_COLUMNS)} per row, "
@@ -174,15 +243,21 @@ def input_trees(frame: pd.DataFrame, convention: str = "irene",
         raise RequestError(f"{len(frame)} rows: at most {limits.max_rows} shapes per request")
     if frame.empty:
         raise RequestError("no rows: give one row per (model, batch_size, seq_len)")
-    requests: dict[str, list[tuple[int, int]]] = {}
+    rows = []
     for i, row in enumerate(frame[list(SHAPE_COLUMNS)].itertuples(index=False)):
         where = f"row {i}"
         model = check_model(row.model, limits, where)
-        requests.setdefault(model, []).append(
-            check_shape(model, row.batch_size, row.seq_len, limits, where))
+        rows.append((model, *check_shape(model, row.batch_size, row.seq_len, limits, where)))
+    traced: dict[tuple[str, int, int], Tree] = {}
     trees = []
-    for model, shapes in requests.items():
-        trees.extend(trace_static(model, shapes, convention=convention))
+    for model, batch_size, seq_len in rows:
+        key = (model, batch_size, seq_len)
+        if key not in traced:
+            deadline.check()
+            traced[key] = trace_static(model, [(batch_size, seq_len)], convention=convention)[0]
+            trees.append(traced[key])
+        else:  # prediction writes into the tree: a copy per row
+            trees.append(copy.deepcopy(traced[key]))
     return trees
 
 
@@ -289,11 +364,42 @@ def node_rows(trees: list[Tree]) -> pd.DataFrame:
 
 
 def predict_frame(predictor, frame: pd.DataFrame, unseen_op: str | None = None,
-                  convention: str = "irene", limits: ServingLimits | None = None) -> pd.DataFrame:
+                  convention: str = "irene", limits: ServingLimits | None = None,
+                  deadline: Deadline | None = None) -> pd.DataFrame:
     """Predict every node asked for by ``frame`` (see the module docstring)."""
-    filled, _, _ = predict_trees(predictor, input_trees(frame, convention, limits), unseen_op,
-                                 static_only=True)
+    deadline = deadline or Deadline(None)
+    trees = input_trees(frame, convention, limits, deadline)
+    deadline.check()
+    filled, _, _ = predict_trees(predictor, trees, unseen_op, static_only=True)
+    deadline.check()
     return output_frame(filled)
+
+
+class ComputeSlots:
+    """At most ``size`` requests compute at once; one more is refused at once (never queued:
+    MLflow runs each request in a thread of a small pool, and a request waiting there would
+    still start computing after its client was answered 504)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._slots = threading.BoundedSemaphore(size)
+        self._lock = threading.Lock()
+        self.busy = 0
+        self.peak = 0  # most requests computing at once since start
+
+    def __enter__(self) -> ComputeSlots:
+        if not self._slots.acquire(blocking=False):
+            raise ServerBusyError(f"the server is computing {self.size} requests already: "
+                                  "retry later")
+        with self._lock:
+            self.busy += 1
+            self.peak = max(self.peak, self.busy)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self.busy -= 1
+        self._slots.release()
 
 
 def served_error(error: BaseException):
@@ -315,7 +421,10 @@ def served_error(error: BaseException):
                 self._irene_message = value
 
     if isinstance(error, UserError):
-        return ServedError(f"error: {one_line(error)}", error_code=INVALID_PARAMETER_VALUE)
+        from mlflow.protos import databricks_pb2
+
+        code = getattr(databricks_pb2, getattr(error, "error_code", ""), INVALID_PARAMETER_VALUE)
+        return ServedError(f"error: {one_line(error)}", error_code=code)
     log.error("prediction failed", exc_info=error)
     return ServedError("error: the server could not predict this request (see its log)",
                        error_code=INTERNAL_ERROR)
@@ -337,12 +446,18 @@ def python_model():
             self.unseen_op = config.get("unseen_op") or None
             self.convention = config.get("trace_convention") or "irene"
             self.limits = ServingLimits.from_config(config.get("limits"))
+            self.slots = ComputeSlots(self.limits.max_concurrent)
 
         def predict(self, context, model_input, params=None):
             unseen_op = (params or {}).get("unseen_op") or self.unseen_op
+            budget = [t for t in (self.limits.max_seconds, server_timeout()) if t]
             try:
-                return predict_frame(self.predictor, pd.DataFrame(model_input), unseen_op,
-                                     self.convention, self.limits)
+                if not isinstance(model_input, pd.DataFrame):
+                    model_input = pd.DataFrame(model_input)
+                with self.slots:
+                    return predict_frame(self.predictor, model_input, unseen_op,
+                                         self.convention, self.limits,
+                                         Deadline(min(budget) if budget else None))
             except Exception as error:
                 raise served_error(error) from None
 
@@ -360,8 +475,10 @@ def signature(example: pd.DataFrame, example_output: pd.DataFrame | None):
     from mlflow.models import ModelSignature, infer_signature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
-    columns = [ColSpec("string", "model"), ColSpec("long", "batch_size"),
-               ColSpec("long", "seq_len")]
+    # optional for MLflow: a missing column reaches the model, which names it in one line
+    columns = [ColSpec("string", "model", required=False),
+               ColSpec("long", "batch_size", required=False),
+               ColSpec("long", "seq_len", required=False)]
     columns += [ColSpec("string", name, required=False)
                 for name in ("id", "parent_id", "scope", "type", "instance_type")]
     columns += [ColSpec("double", name, required=False) for name in NODE_COLUMNS[4:]]
@@ -436,5 +553,134 @@ def total_energy(frame: pd.DataFrame) -> pd.DataFrame:
     return totals[["model", "batch_size", "seq_len", "predicted_energy_j"]].reset_index(drop=True)
 
 
-__all__ = ["RequestError", "ServingLimits", "input_trees", "log_pyfunc", "output_frame",
+# ------------------------------------------------------------------------------ server
+# MLflow's own error bodies, by the start of their message, as one line for the client.
+MLFLOW_ERRORS = (
+    ("Failed to parse input as a Pandas DataFrame", "the body is not a CSV table: give a header "
+     "line model,batch_size,seq_len and one line per shape"),
+    ("Ensure that input is a valid UTF-8", "the body is not UTF-8 text"),
+    ("Ensure that input is a valid JSON", "the body is not valid JSON: give "
+     '{"dataframe_split": {"columns": [...], "data": [...]}} or {"dataframe_records": [...]}'),
+    ("Data is not compatible with model signature", "a column has the wrong type: model is "
+     "text, batch_size and seq_len are integers"),
+    ("Failed to predict data", "the input does not match the model's signature: columns model "
+     "(text), batch_size and seq_len (integers)"),
+)
+GENERIC_ERRORS = {
+    400: "the body is not a table of model, batch_size, seq_len rows (see docs/predict.md)",
+    411: "give the body's Content-Length",
+    413: "the body is larger than {max_body_bytes} bytes",
+    415: "Content-Type must be application/json or text/csv (UTF-8)",
+    504: "the request took longer than the server's timeout and was stopped",
+}
+CODES = {400: "BAD_REQUEST", 411: "BAD_REQUEST", 413: "REQUEST_LIMIT_EXCEEDED",
+         415: "BAD_REQUEST", 503: "TEMPORARILY_UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+
+
+def clean_error_body(status: int, body: bytes, limits: ServingLimits) -> bytes:
+    """One-line JSON ``{"error_code", "message"}`` for an error response of the scoring app:
+    the model's own ``error: ...`` message is kept, MLflow's are replaced by a fixed line;
+    nothing else (``stack_trace``, the echoed request) goes out."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        parsed = None
+    parsed = parsed if isinstance(parsed, dict) else {}
+    message = parsed.get("message") if isinstance(parsed.get("message"), str) else ""
+    code = parsed.get("error_code") if isinstance(parsed.get("error_code"), str) else None
+    if not (message.startswith("error: ") and "\n" not in message):
+        told = message.removeprefix("Invalid input. ")
+        fixed = next((text for start, text in MLFLOW_ERRORS if told.startswith(start)), None)
+        if fixed is None:
+            fixed = GENERIC_ERRORS.get(status if status in GENERIC_ERRORS else 400)
+            fixed = "the server could not answer this request" if status >= 500 and \
+                status not in GENERIC_ERRORS else fixed
+        message = "error: " + fixed.replace("{max_body_bytes}", str(limits.max_body_bytes))
+    code = code if code and code.isupper() and len(code) < 64 else CODES.get(status, "BAD_REQUEST")
+    return json.dumps({"error_code": code, "message": message}).encode()
+
+
+def clean_errors(app, limits: ServingLimits | None = None):
+    """An ASGI app around MLflow's scoring ``app``: a body over ``limits.max_body_bytes`` (or
+    without a Content-Length) is refused before it is read, and every error response's body
+    becomes :func:`clean_error_body`'s one line."""
+    limits = limits or ServingLimits()
+
+    async def send_error(send, status: int) -> None:
+        body = clean_error_body(status, b"", limits)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def wrapped(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        if scope["method"] == "POST":
+            headers = dict(scope.get("headers") or [])
+            length = headers.get(b"content-length")
+            if length is None or not length.isdigit():
+                return await send_error(send, 411)
+            if int(length) > limits.max_body_bytes:
+                return await send_error(send, 413)
+        start: dict = {}
+        chunks: list[bytes] = []
+
+        async def filtered_send(message):
+            if message["type"] == "http.response.start":
+                if message["status"] < 400:
+                    start["pass"] = True
+                    return await send(message)
+                start.update(message)
+                return None
+            if start.get("pass") or message["type"] != "http.response.body":
+                return await send(message)
+            chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return None
+            body = clean_error_body(start["status"], b"".join(chunks), limits)
+            headers = [(k, v) for k, v in start.get("headers", [])
+                       if k.lower() not in (b"content-length", b"content-type")]
+            await send({"type": "http.response.start", "status": start["status"],
+                        "headers": [*headers, (b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        return await app(scope, receive, filtered_send)
+
+    return wrapped
+
+
+def serve(model_uri: str, host: str = "127.0.0.1", port: int = 5001) -> None:
+    """Serve ``model_uri`` with MLflow's scoring app (what ``mlflow models serve`` runs: the
+    same ``/invocations``, ``/ping``, formats and ``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT``)
+    behind :func:`clean_errors`, in this one process."""
+    import mlflow.pyfunc
+    import uvicorn
+    from mlflow.pyfunc import scoring_server
+
+    model = mlflow.pyfunc.load_model(model_uri)
+    limits = ServingLimits.from_config((model.model_config or {}).get("limits"))
+    uvicorn.run(clean_errors(scoring_server.init(model), limits), host=host, port=port,
+                workers=1, log_level="warning")
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m irene.serving", description=serve.__doc__)
+    parser.add_argument("-m", "--model-uri", required=True, help="models:/<id> (stage=predict "
+                        "package=true prints it) or a model folder")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5001)
+    args = parser.parse_args(argv)
+    serve(args.model_uri, args.host, args.port)
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["RequestError", "RequestTimeoutError", "ServerBusyError", "ServingLimits",
+           "clean_errors", "input_trees", "log_pyfunc", "output_frame",
            "predict_frame", "python_model", "total_energy"]

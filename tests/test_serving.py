@@ -163,8 +163,8 @@ def test_requests_beyond_the_limits_are_refused_before_tracing(pyfunc_model, mon
     assert _request_error(predictor, _frame("bert-base-uncased", 1024, 512),
                           ServingLimits(max_tokens=4096)) == (
         "row 0: batch_size × seq_len = 524288: at most 4096 tokens per row")
-    many = pd.concat([_frame()] * 65, ignore_index=True)
-    assert _request_error(predictor, many) == "65 rows: at most 64 shapes per request"
+    many = pd.concat([_frame()] * 17, ignore_index=True)
+    assert _request_error(predictor, many) == "17 rows: at most 16 shapes per request"
 
 
 def test_only_registry_models_and_allow_listed_configs_are_served(pyfunc_model, tmp_path):
@@ -246,3 +246,180 @@ def test_negative_energies_are_marked(pyfunc_model):
     served = predict_frame(Extrapolating(), _frame())
     np.testing.assert_array_equal(served["negative_energy"], served["predicted_energy_j"] < 0)
     assert served["negative_energy"].any() and not served["negative_energy"].all()
+
+
+# ----------------------------------------------------------------- bounded work, clean errors
+def test_a_request_stops_between_rows_once_its_time_is_spent(pyfunc_model, monkeypatch):
+    from irene import serving
+    from irene.serving import Deadline, RequestTimeoutError
+
+    _, predictor = pyfunc_model
+    traced = []
+    real = serving.trace_static
+
+    def slow_trace(model, shapes, **kwargs):
+        traced.append(shapes)
+        time.sleep(0.3)
+        return real(model, shapes, **kwargs)
+
+    monkeypatch.setattr(serving, "trace_static", slow_trace)
+    rows = pd.DataFrame({"model": ["tiny/bert"] * 10, "batch_size": [1] * 10,
+                         "seq_len": list(range(8, 18))})
+    with pytest.raises(RequestTimeoutError, match=r"more than 0\.5 s and was stopped"):
+        predict_frame(predictor, rows, deadline=Deadline(0.5))
+    assert 1 <= len(traced) <= 3  # stopped, not the 10 rows
+    traced.clear()
+    same = pd.DataFrame({"model": ["tiny/bert"] * 3, "batch_size": [2] * 3, "seq_len": [8] * 3})
+    served = predict_frame(predictor, same)
+    assert len(traced) == 1 and served["is_total"].sum() == 3  # identical rows traced once
+
+
+def test_compute_slots_refuse_beyond_their_size_at_once():
+    from irene.serving import ComputeSlots, ServerBusyError
+
+    slots = ComputeSlots(2)
+    with slots, slots:
+        start = time.monotonic()
+        with pytest.raises(ServerBusyError, match="computing 2 requests already"), slots:
+            pass
+        assert time.monotonic() - start < 0.1 and slots.busy == 2
+    assert slots.busy == 0 and slots.peak == 2
+    with slots:  # free again
+        pass
+
+
+def test_mlflow_error_bodies_become_one_line():
+    from irene.serving import ServingLimits, clean_error_body
+
+    limits = ServingLimits()
+    csv_error = json.dumps({"error_code": "BAD_REQUEST", "message": "Failed to parse input as a "
+                            "Pandas DataFrame. ... Error: 'x'", "stack_trace": "Traceback (most "
+                            "recent call last):\n  File \"/srv/mlflow/x.py\""}).encode()
+    body = json.loads(clean_error_body(400, csv_error, limits))
+    assert body == {"error_code": "BAD_REQUEST", "message": "error: the body is not a CSV table: "
+                    "give a header line model,batch_size,seq_len and one line per shape"}
+    echoed = json.dumps({"error_code": "BAD_REQUEST", "message": "Failed to predict data "
+                         "'   model\n0 /srv/secret'. \nError: ..."}).encode()
+    assert "secret" not in clean_error_body(400, echoed, limits).decode()
+    ours = json.dumps({"error_code": "INVALID_PARAMETER_VALUE",
+                       "message": "error: row 0: field 'seq_len': bad"}).encode()
+    assert json.loads(clean_error_body(400, ours, limits))["message"] == (
+        "error: row 0: field 'seq_len': bad")
+    timeout = json.loads(clean_error_body(504, b"Request processing time exceeded limit", limits))
+    assert timeout["error_code"] == "DEADLINE_EXCEEDED" and "\n" not in timeout["message"]
+
+
+SERVER_TIMEOUT_S = 4
+
+
+@pytest.fixture(scope="module")
+def irene_server(pyfunc_model, mlflow_uri, tmp_path_factory):
+    """``python -m irene.serving`` on 127.0.0.1 with a short MLflow timeout."""
+    import psutil
+
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri,
+           "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": str(SERVER_TIMEOUT_S)}
+    log_path = tmp_path_factory.mktemp("irene_server") / "serve.log"
+    log = log_path.open("w")
+    server = subprocess.Popen([sys.executable, "-m", "irene.serving", "-m",
+                               pyfunc_model[0].model_uri, "--port", str(port)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline and server.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=5):
+                break
+        except OSError:
+            time.sleep(0.5)
+    assert server.poll() is None, log_path.read_text()[-3000:]
+    _post(url, _rows_body([("tiny/bert", 1, 8)]))  # the first trace imports the tracer
+    yield url, psutil.Process(server.pid)
+    server.terminate()
+    server.wait(timeout=30)
+    log.close()
+
+
+def _post(url: str, body: bytes, content_type: str = "application/json") -> tuple[int, dict]:
+    request = urllib.request.Request(f"{url}/invocations", data=body,
+                                     headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            status, text = response.status, response.read()
+    except urllib.error.HTTPError as error:
+        status, text = error.code, error.read()
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, {"not json": text.decode(errors="replace")}
+
+
+def _rows_body(rows) -> bytes:
+    return json.dumps({"dataframe_split": {"columns": ["model", "batch_size", "seq_len"],
+                                           "data": [list(r) for r in rows]}}).encode()
+
+
+def test_bad_bodies_get_one_line_400_without_stack_trace(irene_server):
+    url, _ = irene_server
+    cases = [
+        (b'model,batch_size\n"tiny/bert,1\n2,3,4,5\n', "text/csv", "not a CSV table"),
+        (b'{"dataframe_split": {"columns": ["model"', "application/json", "not valid JSON"),
+        (_rows_body([]).replace(b"batch_size", b"size"), "application/json", "lacks columns"),
+        (_rows_body([("tiny/bert", 150_000_000, 8)]), "application/json",
+         "field 'batch_size': must be an integer in [1, 1024]"),
+    ]
+    for body, content_type, expected in cases:
+        status, answer = _post(url, body, content_type)
+        assert status == 400, answer
+        assert set(answer) == {"error_code", "message"} and expected in answer["message"]
+        assert "\n" not in answer["message"] and "Traceback" not in answer["message"]
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=30)
+    connection.putrequest("POST", "/invocations")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", str(10**9))  # refused before the body is read
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 413 and b"larger than" in response.read()
+    connection.close()
+
+
+def test_concurrent_requests_are_bounded_and_ping_answers(irene_server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, _ = irene_server
+    body = _rows_body([("bert-base-uncased", 1, 64 + i) for i in range(3)])
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(_post, url, body) for _ in range(8)]
+        start = time.monotonic()
+        with urllib.request.urlopen(f"{url}/ping", timeout=30) as response:
+            assert response.status == 200
+        ping_s = time.monotonic() - start
+        answers = [f.result() for f in futures]
+    statuses = sorted(status for status, _ in answers)
+    # at most 2 compute (200, or 504 on a slow machine); the others are refused at once
+    assert set(statuses) <= {200, 503, 504} and 1 <= len(statuses) - statuses.count(503) <= 4, \
+        statuses
+    busy = [a for s, a in answers if s == 503]
+    assert busy[0] == {"error_code": "TEMPORARILY_UNAVAILABLE", "message": (
+        "error: the server is computing 2 requests already: retry later")}
+    assert ping_s < 10
+
+
+def test_a_timed_out_request_stops_computing(irene_server):
+    url, process = irene_server
+    rows = [("bert-large-uncased", 1, 512 - i) for i in range(16)]  # far more than 4 s of work
+    for _ in range(30):  # a request of an earlier test may still finish its row
+        start = time.monotonic()
+        status, answer = _post(url, _rows_body(rows))
+        if status != 503:
+            break
+        time.sleep(0.5)
+    assert status == 504 and answer["error_code"] == "DEADLINE_EXCEEDED", answer
+    assert time.monotonic() - start < SERVER_TIMEOUT_S + 5
+    time.sleep(4)  # the row being traced at the deadline ends, then nothing more
+    before = sum(process.cpu_times()[:2])
+    time.sleep(2)
+    assert sum(process.cpu_times()[:2]) - before < 0.3  # seconds of CPU in 2 s: idle
