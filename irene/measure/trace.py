@@ -638,22 +638,28 @@ def _tensors_of(obj: Any) -> Iterator[torch.Tensor]:
             yield from _tensors_of(item)
 
 
+# Peak RSS of real CPU traces with captured inputs grew 14 % (bert-base 8x128) and 26 % (gpt2
+# 4x256) beyond estimate_activation_bytes (allocator caching, temporaries): the check asks for more.
+ACTIVATION_HEADROOM = 1.3
+
+
 def check_activations_fit(
     model: nn.Module, batch_size: int, seq_len: int, model_name: str, *, capture_inputs: bool,
     convention: str = "physical",
 ) -> int | None:
-    """The estimated activation bytes of tracing ``model`` (see
-    :func:`estimate_activation_bytes`), if they fit in its device's free memory; ``None``
-    (nothing checked) when there is no estimate.
+    """The activation bytes of tracing ``model`` (:func:`estimate_activation_bytes` times
+    :data:`ACTIVATION_HEADROOM`), if they fit in its device's free memory; ``None`` (nothing
+    checked) when there is no estimate.
 
     Raises:
         SettingsError: in one line, when they do not.
     """
     device = next(model.parameters()).device
-    need = estimate_activation_bytes(model, batch_size, seq_len, capture_inputs=capture_inputs,
-                                     convention=convention)
-    if need is None:
+    estimate = estimate_activation_bytes(model, batch_size, seq_len, capture_inputs=capture_inputs,
+                                         convention=convention)
+    if estimate is None:
         return None
+    need = int(estimate * ACTIVATION_HEADROOM)
     free = architectures.device_free_bytes(device)
     if need > free:
         raise SettingsError(
