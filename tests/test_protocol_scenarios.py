@@ -700,6 +700,7 @@ def test_a_slow_read_lengthens_the_chunk_and_the_window():
     ({"window_ticks": 3}, 0.3),
     ({"min_window_s": 0.25}, 0.3),  # rounded up to whole ticks
     ({"min_window_s": 0.3}, 0.3),  # already whole: not one more
+    ({"min_window_s": 0.21}, 0.3),
     ({"min_window_s": 0.01, "window_ticks": 1}, 0.1),
     ({"min_window_s": 0.01, "window_ticks": 1, "chunk_s": 0.02}, 0.2),  # 10 chunks of 20 ms
 ])
@@ -1030,3 +1031,14 @@ def test_settle_windows_follow_the_window_rules():
     meter = rig.meter("gpu", 0.01, seed=9)
     report = _settle(rig, meter, quick(settle_min_s=0.3, settle_max_s=5.0, min_window_s=0.015))
     assert report.settled and report.seconds / report.windows == pytest.approx(0.03, abs=0.004)
+
+
+def test_probing_every_counter_of_a_meter_set():
+    rig = Rig(1e-3, 100.0)
+    meters = MeterSet(rig.meter("gpu", 10.0, seed=1))
+    assert meters.tick_s is None and meters.tick_index is None and meters.read_s == 0.0
+    assert meters.ticks_s == {}
+    with pytest.raises(MeterUnavailableError) as caught:
+        meters.probe(rig.clock)
+    assert str(caught.value) == ("the gpu energy counter did not update within 3.0 s (its period could "
+                                 "not be probed; set measure.tick_s to skip probing)")
