@@ -444,7 +444,7 @@ def _multirun() -> bool:
         return False
 
 
-def _new_tracker(cfg: DictConfig, background: bool) -> InProcessTracker | BackgroundTracker:
+def _new_tracker(cfg: DictConfig, background: bool) -> _Runs:
     """A worker process when it saves time (see the module docstring), else this process."""
     from pipelines.tracking_worker import dismiss_prestarted
 
