@@ -13,8 +13,8 @@ one place, the constructor's signature; :func:`build_predictor` instantiates it.
 from __future__ import annotations
 
 import inspect
-import secrets
 import re
+import secrets
 import typing
 from dataclasses import MISSING, dataclass, field, make_dataclass
 from pathlib import Path
