@@ -36,9 +36,9 @@ from irene.errors import (  # noqa: E402
     full_error_requested,
     one_line,
 )
-from pipelines.config import STAGES, bad_group_option, register_configs  # noqa: E402
+from pipelines.config import STAGES, bad_group_option, check_settings, register_configs  # noqa: E402
 from pipelines.sweep import record_job_error, watch_sweep_process  # noqa: E402
-from pipelines.tracking import Terminated  # noqa: E402
+from pipelines.tracking import Terminated, terminate_unwinds  # noqa: E402
 
 # bad input: one line, no traceback (FileNotFoundError: a path the user named is not there)
 USER_ERRORS = (UserError, FileNotFoundError)
@@ -75,7 +75,7 @@ def unknown_settings(node: DictConfig, prefix: str = "") -> list[str]:
     return unknown
 
 
-def check_settings(cfg: DictConfig) -> None:
+def check_known_settings(cfg: DictConfig) -> None:
     """Fail in one line on a setting that does not exist (see :func:`unknown_settings`)."""
     unknown = unknown_settings(cfg)
     if unknown:
@@ -105,8 +105,10 @@ def report_user_error(error: BaseException, multirun: bool) -> None:
 def execute(cfg: DictConfig, *, multirun: bool = False) -> None:
     """Run the stage; a user error becomes its one line (see the module docstring)."""
     try:
-        check_settings(cfg)
-        run_stage(cfg)
+        check_known_settings(cfg)
+        check_settings(cfg)  # every value in its range, whatever the stage
+        with terminate_unwinds():  # SIGTERM: finally blocks run, then one line, exit 143
+            run_stage(cfg)
     except USER_ERRORS as error:
         if full_error_requested():
             raise
@@ -117,7 +119,7 @@ def execute(cfg: DictConfig, *, multirun: bool = False) -> None:
             raise
         report_user_error(full, multirun)
     except (Terminated, KeyboardInterrupt) as stop:
-        print(f"error: {stop or 'interrupted'}; the run is marked KILLED", file=sys.stderr)
+        print(f"error: {stop or 'interrupted'}; a tracked run is marked KILLED", file=sys.stderr)
         raise SystemExit(143 if isinstance(stop, Terminated) else 130) from None
 
 

@@ -250,6 +250,8 @@ def _settings_checks() -> dict[str, Any]:
         "batch_sizes": optional(Each(shape["batch_size"])),
         "seq_lens": optional(Each(shape["seq_len"])),
         "threads": Range(int, 0, 4096),
+        "cv_jobs": lambda v: None if v == -1 or (isinstance(v, int) and 1 <= v <= 4096) else
+        "must be -1 (all cores) or a number of processes from 1 to 4096",
         "trace_convention": OneOf(("irene", "physical")),
         "explain.max_depth": Range(int, 1, 1000),
         "explain.max_trees": Range(int, 0, 100_000),

@@ -153,7 +153,7 @@ def run(cfg: DictConfig) -> Path:
         The path of the trees file.
     """
     if not cfg.model:
-        raise ValueError("stage=measure needs model=<registry name or config.json path>, "
+        raise SettingsError("stage=measure needs model=<registry name or config.json path>, "
                          "e.g. model=bert-base-uncased batch_size=8 seq_len=128")
     settings = measure_settings(cfg)
     output = Path(settings.output)

@@ -29,3 +29,57 @@ def test_valid_unseen_op_policies_predict(fitted, policy):
     predictor, forest = fitted
     predicted, fallback = predict_with_policy(predictor, forest, policy)
     assert predicted.shape == (forest.num_nodes,) and not fallback.any()
+
+
+# ------------------------------------------------------------------ settings of the stages
+def _compose(*overrides: str):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from pipelines.config import register_configs
+
+    register_configs()
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["stage=measure", "model=tiny/gpt2", "batch_size=-8"], "batch_size=-8: "),
+    (["stage=measure", "model=tiny/gpt2", "seq_len=0"], "seq_len=0: "),
+    (["stage=crossvalidate", "cv_jobs=-5"], "cv_jobs=-5: must be -1 (all cores) or a number"),
+    (["stage=crossvalidate", "cv_jobs=0"], "cv_jobs=0: must be -1 (all cores) or a number"),
+])
+def test_out_of_range_stage_settings_are_refused_for_every_stage(overrides, message):
+    from pipelines.config import check_settings
+
+    with pytest.raises(SettingsError) as error:
+        check_settings(_compose(*overrides))
+    assert str(error.value).startswith(message)
+
+
+@pytest.mark.parametrize("jobs", ["-1", "1", "2"])
+def test_valid_cv_jobs_pass(jobs):
+    from pipelines.config import check_settings
+
+    check_settings(_compose("stage=crossvalidate", f"cv_jobs={jobs}"))
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["stage=measure"], "error: stage=measure needs model=<registry name or config.json path>, "
+                        "e.g. model=bert-base-uncased batch_size=8 seq_len=128"),
+    (["stage=measure", "model=tiny/gpt2", "batch_size=-8"], "error: batch_size=-8: "),
+])
+def test_cli_measure_without_a_valid_shape_is_one_line(args, line, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "run.py", "tracking=off", *args],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "IRENE_OUTPUTS": str(tmp_path)})
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(line), out.stderr[-2000:]
