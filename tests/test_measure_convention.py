@@ -9,7 +9,6 @@ from irene.data.tree import iter_nodes
 from irene.measure.flops import IRENE_LEAF_TYPES
 from irene.measure.trace import FOLDED_ACTIVATIONS, trace_model, trace_tree
 
-
 MODELS = ("bert-base-uncased", "gpt2", "distilbert-base-uncased")
 SHAPES = ((8, 32), (16, 128))
 TOLERANCE_MIB = 1e-9

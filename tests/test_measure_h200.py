@@ -1,4 +1,5 @@
-"""Trees measured on an H200 (datasets/h200, shipped with the project) through the stages, and the leakage rule."""
+"""Trees measured on an H200 (datasets/h200, shipped with the project) through the stages,
+and the leakage rule."""
 
 from __future__ import annotations
 
