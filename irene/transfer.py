@@ -104,7 +104,8 @@ class GroupScales:
 
     ``r = log(gold / predicted)`` per node, ``w`` the distinct-measurement weights, ``z`` an
     optional per-node size (e.g. the log of the prediction). One slope ``b`` for all the
-    levels given, from the within-level regression of ``r`` on ``z``, ridge-shrunk toward 0
+    levels given, from the within-group regression of ``r`` on ``z`` (sizes of one group
+    against that group's mean, so differences between groups do not pass for a slope), ridge-shrunk toward 0
     (``slope_ridge``, in units of Σ w·(z − z̄)²); per level ``a = mean_w(r − b·(z − z̄))``;
     per group ``a_g = (Σ w·(r − b·(z − z̄)) + λ·a) / (Σ w + λ)``, the group's mean pulled
     toward its level's by ``λ = prior_nodes``.
@@ -128,8 +129,8 @@ class GroupScales:
         if size is not None and len(size):
             center = float(np.average(size, weights=weight))
             z_within, r_within = size.astype(np.float64).copy(), log_ratio.astype(np.float64).copy()
-            for level in set(levels):
-                rows = levels == level
+            for key in set(zip(levels, groups, strict=True)):
+                rows = (levels == key[0]) & (groups == key[1])
                 z_within[rows] -= np.average(size[rows], weights=weight[rows])
                 r_within[rows] -= np.average(log_ratio[rows], weights=weight[rows])
             spread = float(np.dot(weight, z_within ** 2))
@@ -370,6 +371,7 @@ class CalibratedPool(Correction):
         with np.errstate(divide="ignore", invalid="ignore"):
             factor = mapping.predict(source.forest, source_pred=source_on_source) / source_on_source
         factor = np.where(np.isfinite(factor) & (factor > 0), factor, np.nan)
+        self.source_factor_ = factor  # per source node: target ÷ source energy
         mapped = replace(source.forest, gold_j=source.forest.gold_j * factor)
         self.predictor_ = self.make_predictor().fit(concat_forests(mapped, shots))
         return self
