@@ -200,3 +200,19 @@ def test_building_weights_that_cannot_fit_is_refused_before_allocating(monkeypat
                                             r"cpu has 1\.0 GiB free$"):
         model_from_name("bert-large-uncased", device="cpu")
     assert model_from_name("tiny/bert", device="cpu").embeddings.word_embeddings.weight.device.type == "cpu"
+
+
+def test_predicting_builds_every_model_on_meta_only(monkeypatch):
+    from irene.predictors.static import trace_static
+
+    devices = []
+    build = architectures.model_from_name
+
+    def spy(name, attn_implementation="eager", device="cpu"):
+        devices.append(str(device))
+        return build(name, attn_implementation, device=device)
+
+    monkeypatch.setattr(architectures, "model_from_name", spy)
+    trees = trace_static("tiny/llama", [(2, 8), (3, 16)]) + trace_static("tiny/gpt2", [(2, 8)])
+    assert devices == ["meta", "meta"] and len(trees) == 3
+    assert trees[0] == trace_tree(model_from_name("tiny/llama"), 2, 8, "tiny/llama")
