@@ -61,8 +61,8 @@ mlflow-ui: setup  ## browse the local store: prints (and opens) the address of t
 PORT ?= 5001
 serve: setup  ## serve a packaged predictor: make serve MODEL=models:/<id> (printed by stage=predict ... package=true)
 	@test -n "$(MODEL)" || { echo "usage: make serve MODEL=models:/<id>  (stage=predict ... package=true prints it)"; exit 2; }
-	$(VENV_PATH) MLFLOW_TRACKING_URI=$(STORE) mlflow models serve \
-	  -m "$(MODEL)" --env-manager local --host 127.0.0.1 --port $(PORT)
+	$(VENV_PATH) MLFLOW_TRACKING_URI=$(STORE) $(PY) -m irene.serving \
+	  -m "$(MODEL)" --host 127.0.0.1 --port $(PORT)
 
 clean:
 	rm -rf outputs/runs outputs/multirun outputs/cache

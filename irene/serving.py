@@ -94,7 +94,8 @@ class ServingLimits:
             device, so a row's memory does not grow with its shape or model size (the
             values a branch reads, a few integers per token, are computed on the CPU).
         max_rows: shape rows per request.
-        max_nodes: node rows per request.
+        max_nodes: node rows per request (16 trees of bert-large, the registry's largest,
+            are 6688).
         model_dirs: folders whose ``config.json`` files (at any depth) may be named by
             ``model``; empty: registry names only.
         max_seconds: time budget of one request; the work stops between two rows (one row
@@ -102,18 +103,20 @@ class ServingLimits:
             MLflow's ``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT`` (default 60 s) caps it too.
         max_concurrent: requests computing at once in one server process; one more is
             refused at once (HTTP 503). With ``max_rows`` this bounds the process's memory.
-        max_body_bytes: largest request body :func:`clean_errors` lets through (HTTP 413).
+        max_body_bytes: largest request body :func:`clean_errors` lets through (HTTP 413):
+            MLflow reads and parses a body before the model sees it, so this bounds that work
+            (``max_nodes`` node rows of JSON are about 2 MB).
     """
 
     max_batch_size: int = 1024
     max_seq_len: int = 8192
     max_tokens: int = 65_536
     max_rows: int = 16
-    max_nodes: int = 200_000
+    max_nodes: int = 8192
     model_dirs: tuple[str, ...] = field(default_factory=tuple)
     max_seconds: int = 50
     max_concurrent: int = 2
-    max_body_bytes: int = 16 * 2**20
+    max_body_bytes: int = 2 * 2**20
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | None) -> ServingLimits:

@@ -9,7 +9,9 @@ store unless ``--model-uri`` is given, serves it, and reports as JSON:
   the server's CPU use (percent of one core, sampled every 0.5 s) before, during and after;
 * ``load``: ``--concurrency`` requests at once, each ``max_rows`` distinct rows at the largest
   allowed shape (``batch_size × seq_len = max_tokens``) of ``--model``: their statuses, the peak
-  RSS of the server's process tree (psutil, every 50 ms) and the ``/ping`` latencies meanwhile.
+  RSS of the server's process tree (psutil, every 50 ms) and the ``/ping`` latencies meanwhile;
+* ``load_node_rows``: the same with the largest node-row request (``max_nodes`` rows within
+  ``max_body_bytes``; MLflow parses a body into a DataFrame before the model is called).
 
 Usage: ``IRENE_DATA_DIR=... .venv/bin/python scripts/serving_load.py [--out report.json]``.
 """
@@ -212,6 +214,49 @@ def load(url: str, sampler: Sampler, pinger_url: str, concurrency: int, rows: li
             "ping_ms_max": round(1000 * lat[-1], 1) if lat else None}
 
 
+def node_rows_body(model: str, max_body_bytes: int, max_nodes: int) -> tuple[bytes, int]:
+    """Node rows of traced trees of ``model`` (distinct batch sizes), at most ``max_nodes`` in
+    at most ``max_body_bytes``: the largest node-row request served. Returns (body, rows)."""
+    from irene.predictors.static import trace_static
+    from irene.serving import node_rows
+
+    one = node_rows(trace_static(model, [(1, 8)], convention="irene"))
+    columns = list(one.columns)
+    per_tree = len(json.dumps(one.values.tolist()))
+    trees = max(1, min(int(0.97 * max_body_bytes) // per_tree, max_nodes // len(one)))
+    data = []
+    for k in range(trees):
+        data.extend(one.assign(batch_size=k + 1).values.tolist())
+    body = json.dumps({"dataframe_split": {"columns": columns, "data": data}}).encode()
+    while len(body) > max_body_bytes:  # drop whole trees until it fits
+        data = data[:len(data) - len(one)]
+        body = json.dumps({"dataframe_split": {"columns": columns, "data": data}}).encode()
+    return body, len(data)
+
+
+def load_bodies(url: str, sampler: Sampler, concurrency: int, body: bytes) -> dict:
+    pinger = Pinger(url)
+    start = time.monotonic()
+    pinger.start()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(lambda _: post(url, body), range(concurrency)))
+    time.sleep(2)
+    pinger.stop.set()
+    pinger.join()
+    statuses: dict[str, int] = {}
+    for status, _, _ in results:
+        statuses[str(status)] = statuses.get(str(status), 0) + 1
+    lat = sorted(pinger.latencies)
+    return {"requests": concurrency, "body_mb": round(len(body) / 2**20, 2),
+            "statuses": statuses,
+            "error_bodies": sorted({t[:200] for s, t, _ in results if s != 200}),
+            "seconds_max": round(max(r[2] for r in results), 2),
+            "peak_rss_mb": round(sampler.peak_rss(start) / 2**20, 1),
+            "pings": len(lat), "ping_failures": pinger.failures,
+            "ping_ms_median": round(1000 * lat[len(lat) // 2], 1) if lat else None,
+            "ping_ms_max": round(1000 * lat[-1], 1) if lat else None}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-uri", help="serve this model instead of packaging one")
@@ -263,6 +308,10 @@ def main() -> None:
                     report["one_largest_request"] = {"status": single[0],
                                                      "seconds": round(single[2], 2)}
                     report["load"] = load(url, sampler, url, args.concurrency, rows)
+                    body, count = node_rows_body(args.model, limits.max_body_bytes,
+                                                 limits.max_nodes)
+                    report["load_node_rows"] = {"rows_per_request": count, **load_bodies(
+                        url, sampler, args.concurrency, body)}
                     report["server_timeout_s"] = timeout
                     report["peak_rss_mb_whole_run"] = round(sampler.peak_rss() / 2**20, 1)
                 else:
