@@ -104,8 +104,9 @@ class GroupScales:
 
     ``r = log(gold / predicted)`` per node, ``w`` the distinct-measurement weights, ``z`` an
     optional per-node size (e.g. the log of the prediction). One slope ``b`` for all the
-    levels given, from the within-group regression of ``r`` on ``z`` (sizes of one group
-    against that group's mean, so differences between groups do not pass for a slope), ridge-shrunk toward 0
+    levels given, from the regression of ``r`` on ``z`` within each group (``within="group"``:
+    only sizes of one type against that type's mean count) or within each level
+    (``within="level"``: small and large types count too), ridge-shrunk toward 0
     (``slope_ridge``, in units of Σ w·(z − z̄)²); per level ``a = mean_w(r − b·(z − z̄))``;
     per group ``a_g = (Σ w·(r − b·(z − z̄)) + λ·a) / (Σ w + λ)``, the group's mean pulled
     toward its level's by ``λ = prior_nodes``.
@@ -123,14 +124,15 @@ class GroupScales:
 
     @classmethod
     def fit(cls, levels: np.ndarray, groups: np.ndarray, log_ratio: np.ndarray, weight: np.ndarray,
-            prior_nodes: float, size: np.ndarray | None = None, slope_ridge: float = 0.0
-            ) -> GroupScales:
+            prior_nodes: float, size: np.ndarray | None = None, slope_ridge: float = 0.0,
+            within: str = "group") -> GroupScales:
         slope = center = 0.0
         if size is not None and len(size):
             center = float(np.average(size, weights=weight))
             z_within, r_within = size.astype(np.float64).copy(), log_ratio.astype(np.float64).copy()
-            for key in set(zip(levels, groups, strict=True)):
-                rows = (levels == key[0]) & (groups == key[1])
+            keys = zip(levels, groups if within == "group" else levels, strict=True)
+            for key in set(keys):
+                rows = (levels == key[0]) & ((groups if within == "group" else levels) == key[1])
                 z_within[rows] -= np.average(size[rows], weights=weight[rows])
                 r_within[rows] -= np.average(log_ratio[rows], weights=weight[rows])
             spread = float(np.dot(weight, z_within ** 2))
@@ -158,6 +160,33 @@ class GroupScales:
         if size is not None and self.slope_:
             out = out + self.slope_ * (size - self.center_)
         return out
+
+
+def retrace(trees: Sequence[Tree], convention: str = "irene") -> list[Tree]:
+    """The trees traced again in another static-feature convention, measured energies copied
+    by scope (so a target measured in the ``physical`` convention is comparable with the
+    published devices' ``irene`` trees). Needs torch and transformers.
+
+    Raises:
+        InputError: a node of the retraced tree has no measured node of the same scope.
+    """
+    from irene.data.tree import iter_nodes
+    from irene.predictors.static import trace_static
+
+    out = []
+    for tree in trees:
+        traced = trace_static(tree["model_name"], [(int(tree["batch_size"]), int(tree["seq_len"]))],
+                              convention=convention)[0]
+        gold = {n["scope"]: n.get("ground_truth_energy")
+                for n in iter_nodes(tree["frontend_tree"])}
+        for node in iter_nodes(traced["frontend_tree"]):
+            if gold.get(node["scope"]) is None:
+                raise InputError(f"{tree['model_name']} {tree['batch_size']}x{tree['seq_len']}: "
+                                 f"node {node['scope']!r} of the {convention} trace has no "
+                                 "measured node of that scope")
+            node["ground_truth_energy"] = gold[node["scope"]]
+        out.append(traced)
+    return out
 
 
 # ----------------------------------------------------------------------------- sources
@@ -263,14 +292,18 @@ class TypeScale(Correction):
             speed up differently) or ``"tokens"`` (linear in log batch × sequence length).
             One slope for the leaves, one for the inner nodes.
         slope_ridge: pull of the slope toward 0 (added to Σ w·(z − z̄)²).
+        slope_within: ``"level"`` (the slope also learns from differences between types:
+            on the published devices small kernels gain less than large ones, and a type no
+            shot has follows its size) or ``"group"`` (only from sizes within each type).
     """
 
     def __init__(self, prior_nodes: float = 2.0, inner: str = "leaves", size: str | None = "energy",
-                 slope_ridge: float = 2.0):
+                 slope_ridge: float = 2.0, slope_within: str = "level"):
         self.prior_nodes = prior_nodes
         self.inner = inner
         self.size = size
         self.slope_ridge = slope_ridge
+        self.slope_within = slope_within
 
     def _size(self, forest: Forest, pred: np.ndarray) -> np.ndarray | None:
         if self.size is None:
@@ -282,6 +315,9 @@ class TypeScale(Correction):
     def fit(self, source, shots, *, source_pred=None) -> TypeScale:
         if self.inner not in ("leaves", "class"):
             raise SettingsError(f"TypeScale inner={self.inner!r}: choose 'leaves' or 'class'")
+        if self.slope_within not in ("level", "group"):
+            raise SettingsError(f"TypeScale slope_within={self.slope_within!r}: choose 'level' "
+                                "or 'group'")
         if self.size not in (None, "energy", "tokens"):
             raise SettingsError(f"TypeScale size={self.size!r}: choose None, 'energy' or 'tokens'")
         if not (self.prior_nodes >= 0 and math.isfinite(self.prior_nodes)):
@@ -294,14 +330,14 @@ class TypeScale(Correction):
         self.leaf_scales_ = GroupScales.fit(
             LEVEL_NAMES[shots.node_type[rows]], shots.op_type[rows], log_ratio,
             _distinct_weights(shots, rows), self.prior_nodes,
-            None if size is None else size[rows], self.slope_ridge)
+            None if size is None else size[rows], self.slope_ridge, self.slope_within)
         inner_pred = self._leaf_corrected(shots, pred)
         rows, log_ratio = _log_ratio_rows(shots, inner_pred, ~leaves)
         size = self._size(shots, inner_pred)
         self.inner_scales_ = GroupScales.fit(
             LEVEL_NAMES[shots.node_type[rows]], shots.instance_type[rows].astype(str), log_ratio,
             _distinct_weights(shots, rows), self.prior_nodes,
-            None if size is None else size[rows], self.slope_ridge)
+            None if size is None else size[rows], self.slope_ridge, self.slope_within)
         return self
 
     def _leaf_corrected(self, forest: Forest, pred: np.ndarray) -> np.ndarray:

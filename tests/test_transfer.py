@@ -113,7 +113,8 @@ def test_type_scale_recovers_a_size_dependent_ratio():
     """target = source × factor × flops**0.1: the size slope finds 0.1 on the leaves."""
     target = build_forest(_device(FACTORS, power=0.1))
     shots = target.subset(np.asarray(target.model_names) != "alpha")
-    method = TypeScale(prior_nodes=0.0, size="energy", slope_ridge=0.0).fit(_oracle_source(), shots)
+    method = TypeScale(prior_nodes=0.0, size="energy", slope_ridge=0.0,
+                       slope_within="group").fit(_oracle_source(), shots)
     assert method.leaf_scales_.slope_ == pytest.approx(0.1, rel=1e-6)
     test = target.subset(np.asarray(target.model_names) == "alpha")
     leaves = test.is_leaf
