@@ -8,11 +8,11 @@ predictor and learn a cheap multiplicative correction from ``k`` measured config
 (trees) of the target device:
 
 * :class:`LevelScale` — one scale per node level (ml, module, model): the prototype of issue 19.
-* :class:`TypeScale` — the default: one scale per primitive type on the leaves, shrunk toward
-  the leaf-level scale when a type has few distinct measurements; inner nodes take the
-  correction of their own leaves (``Σ corrected leaves ÷ Σ source leaves`` under them, so a
-  left-out model's different mix of primitives carries through), times a per-class scale
-  shrunk toward the per-level one.
+* :class:`TypeScale` — the default: one scale per primitive type on the leaves and one per
+  module class on inner nodes, each shrunk toward its level's scale when it has few distinct
+  measurements, all log-linear in the size of the node's predicted energy (one slope for
+  leaves, one for inner nodes). Optionally (``inner="leaves"``) inner nodes first take the
+  correction of their own leaves (``Σ corrected leaves ÷ Σ source leaves`` under them).
 * :class:`CalibratedPool` — the source device's measurements mapped onto the target device by
   a :class:`TypeScale` correction, pooled with the shots, and one predictor fitted on both.
 * :class:`TargetOnly` — the baseline: the predictor fitted on the k shots alone.
@@ -285,8 +285,10 @@ class TypeScale(Correction):
         prior_nodes: strength of the pull toward the level scale, in distinct measurements
             (a type seen in that many distinct nodes sits halfway between its own mean and
             the level's).
-        inner: ``"leaves"`` (inner nodes scaled by their corrected leaves, then per class) or
-            ``"class"`` (inner nodes scaled per class only).
+        inner: ``"class"`` (inner nodes scaled per class only, the default) or ``"leaves"``
+            (inner nodes scaled by their corrected leaves, then per class: a little better
+            between the published devices, but one wild leaf prediction of the source, such
+            as device 1's LayerNorm on the H200, then spoils every module above it).
         size: ``None`` (one scale per group), ``"energy"`` (the log scale also linear, per
             level, in the log of the node's predicted energy: small and large kernels may
             speed up differently) or ``"tokens"`` (linear in log batch × sequence length).
@@ -297,7 +299,7 @@ class TypeScale(Correction):
             shot has follows its size) or ``"group"`` (only from sizes within each type).
     """
 
-    def __init__(self, prior_nodes: float = 2.0, inner: str = "leaves", size: str | None = "energy",
+    def __init__(self, prior_nodes: float = 2.0, inner: str = "class", size: str | None = "energy",
                  slope_ridge: float = 2.0, slope_within: str = "level"):
         self.prior_nodes = prior_nodes
         self.inner = inner

@@ -5,7 +5,8 @@ target's other models (irene/transfer.py):
 
 1. device 1 -> device 2, and 2. device 2 -> device 1 (shots 0..16);
 3. device 1, device 2 and both -> H200 (the H200 trees retraced in the published devices'
-   ``irene`` feature convention, energies copied by scope; shots 0..4 of the other seven);
+   ``irene`` feature convention, energies copied by scope; and as measured, in the
+   ``physical`` convention; shots 0..4 of the other seven);
 4. device 1 + all of device 2 against device 2 alone (shots = every configuration of the
    other device-2 models).
 
@@ -43,6 +44,7 @@ H200 = Path(__file__).resolve().parents[1] / "datasets" / "h200" / "trees.jsonl"
 
 METHODS = {
     "type_scale (default)": TypeScale,
+    "type_scale inner=leaves": lambda: TypeScale(inner="leaves"),
     "level_scale (prototype)": LevelScale,
     "target_only": TargetOnly,
 }
@@ -113,6 +115,15 @@ def main() -> None:
         h200_shots, methods=h200_methods, ceiling=False)
     run("devices 1 and 2 -> H200, guarded source (log leaves, ridge 0.01)", [d1, d2], h200,
         h200_shots, methods=h200_methods, make_predictor=guarded_predictor)
+    h200_physical = read_trees(args.h200)
+    run("device 2 -> H200 (physical convention, as measured)", d2, h200_physical, h200_shots,
+        methods=h200_methods)
+    run("devices 1 and 2 -> H200 (physical convention, as measured)", [d1, d2], h200_physical,
+        h200_shots, methods=h200_methods)
+    run("device 1 -> H200 (physical convention), default and guarded source at k = 0",
+        d1, h200_physical, [0], methods={"as is": LevelScale}, ceiling=False)
+    run("device 1 -> H200 (physical convention), guarded source", d1, h200_physical, [0],
+        methods={"as is": LevelScale}, ceiling=False, make_predictor=guarded_predictor)
     run("device 1 + all of device 2 (target_lomo: device 2 alone)", d1, d2, [ALL_SHOTS],
         methods={"type_scale (default)": TypeScale, "calibrated_pool": CalibratedPool})
     if args.out is not None:

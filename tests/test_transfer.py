@@ -98,15 +98,19 @@ FACTORS = {"Linear": 0.5, "MatMul": 0.8, "Softmax": 2.0, "LayerNorm": 3.0}
 def test_type_scale_recovers_known_per_type_factors():
     target = build_forest(_device(FACTORS))
     shots = target.subset(np.asarray(target.model_names) != "gamma")
-    method = TypeScale(prior_nodes=0.0, size=None).fit(_oracle_source(), shots)
+    method = TypeScale(prior_nodes=0.0, size=None, inner="leaves").fit(_oracle_source(), shots)
     for cls, factor in FACTORS.items():
         assert np.exp(method.leaf_scales_.group_[("ml", cls.lower())]) == pytest.approx(factor)
     test = target.subset(np.asarray(target.model_names) == "gamma")
     # inner nodes follow their own leaves' mix, so the left-out model is exact at every level
     assert np.allclose(method.predict(test), test.gold_j, rtol=1e-9)
-    # one scale per level cannot: the mix of types differs between nodes
+    # one scale per level cannot (the mix of types differs between nodes), nor can one per
+    # module class for a class whose mix of types varies with the shape
     level = LevelScale().fit(_oracle_source(), shots)
     assert np.max(np.abs(level.predict(test) / test.gold_j - 1)) > 0.1
+    by_class = TypeScale(prior_nodes=0.0, size=None, inner="class").fit(_oracle_source(), shots)
+    assert np.allclose(by_class.predict(test)[test.is_leaf], test.gold_j[test.is_leaf])
+    assert np.max(np.abs(by_class.predict(test) / test.gold_j - 1)) > 0.01
 
 
 def test_type_scale_recovers_a_size_dependent_ratio():
@@ -200,7 +204,7 @@ def test_draw_shots():
 
 
 def test_rows_same_seed_same_numbers_and_k0_only_for_source_methods(caplog):
-    methods = {"type_scale": lambda: TypeScale(prior_nodes=0.0, size=None),
+    methods = {"type_scale": lambda: TypeScale(prior_nodes=0.0, size=None, inner="leaves"),
                "level_scale": LevelScale, "target_only": lambda: TargetOnly()}
     with caplog.at_level(logging.WARNING):
         rows = learning_curve(_device(), _device(FACTORS), shots=[0, 2, 13, ALL_SHOTS],
@@ -227,7 +231,7 @@ def test_the_left_out_model_cannot_help():
     for tree in corrupted:
         if tree["model_name"] == "gamma":
             _scale_energies(tree["frontend_tree"], 10.0)
-    methods = {"type_scale": lambda: TypeScale(prior_nodes=0.0, size=None)}
+    methods = {"type_scale": lambda: TypeScale(prior_nodes=0.0, size=None, inner="leaves")}
     a = learning_curve(_device(), clean, shots=[3], draws=2, methods=methods, models=["gamma"],
                        sources=[_oracle_source()], ceiling=False)[0]
     b = learning_curve(_device(), corrupted, shots=[3], draws=2, methods=methods,
@@ -262,7 +266,7 @@ def test_calibrated_pool_maps_the_source_onto_the_target():
     target = build_forest(_device(FACTORS))  # the same trees as the source, in the same order
     names = np.asarray(target.model_names)
     shots = target.subset(names == "beta")
-    method = CalibratedPool(lambda: TypeScale(prior_nodes=0.0, size=None)).fit(source, shots)
+    method = CalibratedPool(lambda: TypeScale(prior_nodes=0.0, size=None, inner="leaves")).fit(source, shots)
     assert np.allclose(source.forest.gold_j * method.source_factor_, target.gold_j, rtol=1e-9)
     test = target.subset(names == "gamma")
     error = np.mean(np.abs(method.predict(test) / test.gold_j - 1))
