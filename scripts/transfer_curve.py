@@ -125,7 +125,9 @@ def main() -> None:
     run("device 1 -> H200 (physical convention), guarded source", d1, h200_physical, [0],
         methods={"as is": LevelScale}, ceiling=False, make_predictor=guarded_predictor)
     run("device 1 + all of device 2 (target_lomo: device 2 alone)", d1, d2, [ALL_SHOTS],
-        methods={"type_scale (default)": TypeScale, "calibrated_pool": CalibratedPool})
+        methods={"type_scale (default)": TypeScale,
+                 "type_scale inner=leaves": lambda: TypeScale(inner="leaves"),
+                 "calibrated_pool": CalibratedPool})
     if args.out is not None:
         atomic_write_text(args.out, "\n".join(sections))
 
