@@ -83,3 +83,37 @@ def test_cli_measure_without_a_valid_shape_is_one_line(args, line, tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(line), out.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ model= that is no config
+@pytest.mark.parametrize(("content", "reason"), [
+    ("root:x:0:0:root:/root:/bin/bash\n", "not a Hugging Face config.json: "),
+    ('{"hidden_size": 8}\n', "not a Hugging Face config.json: "),
+    (None, "a folder without a config.json"),
+])
+def test_a_model_path_that_is_no_config_is_one_line(content, reason, tmp_path):
+    from irene.data.architectures import config_from_name
+    from irene.errors import InputError
+
+    path = tmp_path / "passwd" if content is not None else tmp_path / "empty"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_text(content)
+    with pytest.raises(InputError) as error:
+        config_from_name(str(path))
+    message = str(error.value)
+    assert message.startswith(f"model={str(path)!r}: {reason}") and "\n" not in message
+
+
+def test_measuring_a_shape_too_large_to_trace_on_meta_is_still_refused(monkeypatch):
+    """A value branch too large for the meta trace leaves no estimate: the hidden states'
+    bytes are then the bound, and 64k x 1024 tokens of gpt2 do not fit in 1 GiB."""
+    from irene.data import architectures
+    from irene.measure import trace
+
+    model = architectures.model_from_name("tiny/gpt2", "eager", device="cpu")
+    monkeypatch.setattr(architectures, "device_free_bytes", lambda device: 2**30)
+    assert trace.estimate_activation_bytes(model, 65536, 1024, capture_inputs=True) is None
+    with pytest.raises(SettingsError, match=r"tiny/gpt2 65536x1024: its activations need about"):
+        trace.check_activations_fit(model, 65536, 1024, "tiny/gpt2", capture_inputs=True)

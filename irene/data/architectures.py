@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import transformers as tf
 
-from irene.errors import SettingsError
+from irene.errors import InputError, SettingsError
 
 
 def _bert_base() -> tf.PretrainedConfig:
@@ -141,7 +141,15 @@ def config_from_name(name_or_path: str) -> tf.PretrainedConfig:
         return MODEL_REGISTRY[name_or_path][0]()
     path = Path(name_or_path)
     if path.exists():
-        return tf.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise InputError(f"model={name_or_path!r}: a folder without a config.json (a Hugging "
+                             "Face config.json, or a folder holding one, is read from disk)")
+        try:
+            return tf.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError, KeyError) as error:  # not JSON, or no model_type it knows
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise InputError(f"model={name_or_path!r}: not a Hugging Face config.json: {reason}"
+                             ) from None
     if (name_or_path.endswith((".json", "/")) or name_or_path.startswith(("/", ".", "~"))
             or name_or_path.count("/") > 1):  # a path, not a registry name such as tiny/bert
         raise SettingsError(f"model={name_or_path!r}: no such file or folder (a Hugging Face "

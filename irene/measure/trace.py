@@ -657,8 +657,11 @@ def check_activations_fit(
     device = next(model.parameters()).device
     estimate = estimate_activation_bytes(model, batch_size, seq_len, capture_inputs=capture_inputs,
                                          convention=convention)
-    if estimate is None:
-        return None
+    if estimate is None:  # no meta trace (e.g. a value branch too large): the hidden states alone
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        if not isinstance(hidden, int):
+            return None
+        estimate = batch_size * seq_len * hidden * next(model.parameters()).element_size()
     need = int(estimate * ACTIVATION_HEADROOM)
     free = architectures.device_free_bytes(device)
     if need > free:
