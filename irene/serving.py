@@ -571,13 +571,15 @@ MLFLOW_ERRORS = (
 )
 GENERIC_ERRORS = {
     400: "the body is not a table of model, batch_size, seq_len rows (see docs/predict.md)",
+    404: "no such endpoint: POST /invocations, GET /ping, /health or /version",
+    405: "no such endpoint: POST /invocations, GET /ping, /health or /version",
     411: "give the body's Content-Length",
     413: "the body is larger than {max_body_bytes} bytes",
     415: "Content-Type must be application/json or text/csv (UTF-8)",
     504: "the request took longer than the server's timeout and was stopped",
 }
-CODES = {400: "BAD_REQUEST", 411: "BAD_REQUEST", 413: "REQUEST_LIMIT_EXCEEDED",
-         415: "BAD_REQUEST", 503: "TEMPORARILY_UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+CODES = {404: "ENDPOINT_NOT_FOUND", 405: "ENDPOINT_NOT_FOUND", 413: "REQUEST_LIMIT_EXCEEDED",
+         503: "TEMPORARILY_UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 
 
 def clean_error_body(status: int, body: bytes, limits: ServingLimits) -> bytes:
@@ -594,12 +596,14 @@ def clean_error_body(status: int, body: bytes, limits: ServingLimits) -> bytes:
     if not (message.startswith("error: ") and "\n" not in message):
         told = message.removeprefix("Invalid input. ")
         fixed = next((text for start, text in MLFLOW_ERRORS if told.startswith(start)), None)
-        if fixed is None:
-            fixed = GENERIC_ERRORS.get(status if status in GENERIC_ERRORS else 400)
-            fixed = "the server could not answer this request" if status >= 500 and \
-                status not in GENERIC_ERRORS else fixed
+        if fixed is None and status in GENERIC_ERRORS:
+            fixed = GENERIC_ERRORS[status]
+        elif fixed is None:
+            fixed = ("the server could not answer this request" if status >= 500
+                     else GENERIC_ERRORS[400])
         message = "error: " + fixed.replace("{max_body_bytes}", str(limits.max_body_bytes))
-    code = code if code and code.isupper() and len(code) < 64 else CODES.get(status, "BAD_REQUEST")
+    fallback = CODES.get(status, "INTERNAL_ERROR" if status >= 500 else "BAD_REQUEST")
+    code = code if code and code.isupper() and len(code) < 64 else fallback
     return json.dumps({"error_code": code, "message": message}).encode()
 
 

@@ -185,7 +185,7 @@ def timeout_check(url: str, sampler: Sampler, model: str, rows: int, max_seq: in
         window = time.monotonic()
         time.sleep(0.5)
         after.append(round(sampler.cpu_percent(window, time.monotonic()), 1))
-    return {"status": status, "body": text, "seconds": round(elapsed, 2),
+    return {"status": status, "body": text[:300], "seconds": round(elapsed, 2),
             "cpu_percent_idle_before": round(before, 1), "cpu_percent_during": round(during, 1),
             "cpu_percent_after_each_0.5s": after}
 
@@ -318,6 +318,9 @@ def main() -> None:
                     post(url, frame_body([(args.model, 1, 8)]))
                     report["timeout"] = {"server_timeout_s": timeout, **timeout_check(
                         url, sampler, args.model, limits.max_rows, args.max_seq)}
+                    if report["timeout"]["status"] != 504:
+                        report["timeout"]["note"] = ("finished within the timeout: use a "
+                                                     "shorter --timeout-check for this model")
                 report[f"server_alive_after_{phase}"] = server.poll() is None
                 sampler.stop.set()
             finally:
