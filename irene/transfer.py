@@ -419,9 +419,29 @@ class CalibratedPool(Correction):
         return np.asarray(self.predictor_.predict(forest), dtype=np.float64)
 
 
+# every method by the name a configuration gives it (a stage's ``transfer.methods`` list)
+METHODS: dict[str, Callable[[], Correction]] = {
+    "type_scale": TypeScale,
+    "type_scale_leaves": lambda: TypeScale(inner="leaves"),
+    "level_scale": LevelScale,
+    "target_only": TargetOnly,
+    "calibrated_pool": CalibratedPool,
+    "source_as_is": SourceAsIs,
+}
+
+
 def default_methods() -> dict[str, Callable[[], Correction]]:
     """The methods :func:`learning_curve` compares by default, the default one first."""
-    return {"type_scale": TypeScale, "level_scale": LevelScale, "target_only": TargetOnly}
+    return methods_by_name(["type_scale", "level_scale", "target_only"])
+
+
+def methods_by_name(names: Sequence[str]) -> dict[str, Callable[[], Correction]]:
+    """The factories of :data:`METHODS` named ``names`` (an unknown name: one-line error)."""
+    unknown = [name for name in names if name not in METHODS]
+    if unknown or not names:
+        raise SettingsError(f"transfer methods {list(names)!r}: unknown {unknown}; choose a "
+                            f"non-empty list from {sorted(METHODS)}")
+    return {name: METHODS[name] for name in names}
 
 
 # ------------------------------------------------------------------------ the protocol

@@ -23,6 +23,7 @@ from irene.transfer import (
     concat_forests,
     draw_shots,
     learning_curve,
+    methods_by_name,
     node_mask,
 )
 
@@ -293,3 +294,21 @@ def test_bad_settings_fail_in_one_line():
         learning_curve(None, _device(), shots=[-1], sources=[_oracle_source()])
     with pytest.raises(SettingsError, match="draws"):
         learning_curve(None, _device(), draws=0, sources=[_oracle_source()])
+    with pytest.raises(SettingsError, match="unknown \\['typo'\\]"):
+        methods_by_name(["type_scale", "typo"])
+
+
+def test_every_named_method_runs_on_small_data():
+    """What a pipeline stage calls: names in, one row per method and k out."""
+    from irene.transfer import METHODS
+
+    rows = learning_curve(_device(), _device(FACTORS), shots=[0, 2], draws=1,
+                          methods=methods_by_name(list(METHODS)), models=["beta"])
+    for row in rows:
+        assert {"method", "shots", "ml", "module", "model", "ml_sd", "module_sd",
+                "model_sd", "worst_ratio"} <= set(row)
+    by_key = {(r["method"], r["shots"]): r for r in rows}
+    assert set(by_key) == {(m, 2) for m in METHODS} | {
+        (m, 0) for m in METHODS if m not in ("target_only",)} | {("target_lomo", ALL_SHOTS)}
+    # with the per-type factors known from 2 shots, the default method beats the prototype
+    assert by_key[("type_scale", 2)]["ml"] < by_key[("level_scale", 2)]["ml"]
