@@ -743,3 +743,16 @@ def test_a_module_left_without_children_becomes_a_leaf(cell):
     assert mlp["type"] == "ml" and mlp["child_nodes_obj"] == []
     assert _node(tree, "root.h.1.mlp")["type"] == "module"
     validate_tree(tree, "cell")
+
+
+def test_every_node_has_the_tree_format_fields_and_the_root_its_parameter_count(cell):
+    from irene.data.architectures import parameter_counts
+
+    (tree,) = import_device(cell, models=None)
+    root = tree["frontend_tree"]
+    assert root["num_parameters"] == parameter_counts(MODEL)[""] > 80_000_000
+    fields = {"id", "scope", "parent_name", "level", "instance_type", "type", "num_parameters",
+              "flops", "mem_bytes", "cpu", "mem", "gpu", "gpu_mem", "gpu_clk", "gpu_mem_clk", "times_mean",
+              "gpu_energy_mean", "ground_truth_energy", "child_nodes_obj", "child_nodes"}
+    for node in iter_nodes(root):
+        assert set(node) == fields
