@@ -28,7 +28,7 @@ from irene.errors import SettingsError
 from irene.measure.settings import MeterSettings, ProtocolSettings
 
 STAGES = ("featurize", "train", "predict", "evaluate", "crossvalidate", "diagnose", "measure",
-          "report", "whatif")
+          "report", "whatif", "transfer")
 
 
 @dataclass
@@ -141,6 +141,14 @@ class Config:
     seeds: Any = None
     cv_jobs: int = 1  # crossvalidate with seeds: folds fitted in parallel processes (-1: all cores)
     report: dict[str, Any] = field(default_factory=dict)  # report: table layout (see report.py)
+    # transfer: source device(s) -> target device (or trees file), a learning curve over k shots
+    source: Any = None  # transfer: a device name (device_1), a trees file, or a list of them
+    target: str | None = None  # transfer: a device name or a trees file of the new device
+    shots: list[Any] = field(default_factory=lambda: [0, 1, 2, 4, 8, 16])  # transfer: k ('all' too)
+    draws: int = 5  # transfer: draws of k configurations per k (k = 0 and 'all': one)
+    draw_seed: int = 0  # transfer: seed of the draws
+    # transfer: methods compared (irene/transfer.py METHODS), the first one is the default
+    methods: list[str] = field(default_factory=lambda: ["type_scale", "level_scale", "target_only"])
     run_dir: str | None = None  # where the stage writes (default: Hydra's run folder)
     threads: int = 0  # threads of numpy's BLAS and torch (0: 1, and the libraries' default for measure)
     show_progress: bool = True  # progress bars

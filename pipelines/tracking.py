@@ -234,6 +234,10 @@ def run_name(cfg: DictConfig, stage: str) -> str:
     from pipelines.config import predictor_class, run_params
 
     data = OmegaConf.select(cfg, "data.name", default=None)
+    if stage == "transfer":
+        source = OmegaConf.select(cfg, "source", default=None)
+        sources = "+".join(map(str, source)) if OmegaConf.is_list(source) else source
+        return f"transfer {sources} -> {OmegaConf.select(cfg, 'target', default=None)}"
     if stage not in ("crossvalidate", "train", "diagnose") or OmegaConf.select(
             cfg, "predictor._target_", default=None) is None:
         return f"{stage} {data}" if data else stage

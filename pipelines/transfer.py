@@ -1,0 +1,160 @@
+"""``stage=transfer``: a new device from k of its measurements (a learning curve).
+
+    python run.py stage=transfer source=device_1 target=device_2 'shots=[0,1,2,4,8,16]' draws=5
+
+``source`` is a device (or a list of devices), ``target`` a device or a trees file; devices are
+found by the usual rule (``$IRENE_DATA_DIR`` holding ``device_1/`` and ``device_2/``, the
+project's ``datasets/``, or a download). For each target model left out and each k, ``draws``
+times: k configurations of the target's other models are drawn, every method is fitted on
+the source(s) and those k, and the left-out model's target trees are predicted
+(:func:`irene.transfer.learning_curve`). Outputs, in the run folder:
+
+* ``transfer.csv`` / ``.md`` / ``.tex``: the default method (``methods[0]``), one row per k:
+  ``shots``, ``ml``, ``module``, ``model`` (mean % error) and their ``_sd`` over draws;
+* ``transfer_methods.csv`` / ``.md``: every method, the target's own leave-one-model-out
+  (``target_lomo``, the ceiling) included;
+* ``transfer.png``: error against k per node level, with its spread.
+
+MLflow: the stage's run, and one child run per method with its errors logged per k (step).
+The last line printed is the path of ``transfer.csv``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from irene.data.tree import ERROR_COLUMNS, Tree, read_trees
+from irene.errors import SettingsError
+from irene.tables import to_latex, write_table
+from pipelines.data import load_trees, record_input
+from pipelines.paths import log, run_dir, setup
+from pipelines.tracking import Tracker, tracked_run
+
+COLUMNS = ["shots", *ERROR_COLUMNS, *(f"{c}_sd" for c in ERROR_COLUMNS)]
+
+
+def _names(value) -> list[str]:
+    if value is None:
+        return []
+    if OmegaConf.is_list(value) or isinstance(value, list | tuple):
+        return [str(v) for v in value]
+    return [str(value)]
+
+
+def device_trees(cfg: DictConfig, tracker: Tracker, name: str, role: str) -> list[Tree]:
+    """The trees of a device (its published CSVs, located as for ``data=``) or of a trees file."""
+    path = Path(name)
+    if path.suffix == ".jsonl" or path.is_file():
+        if not path.is_file():
+            raise SettingsError(f"{role}={name}: no such trees file")
+        record_input(tracker, role, path, source=role)
+        return read_trees(path, require_energy=True)
+    device = cfg.copy()
+    with open_dict(device):
+        device.data.name, device.data.path, device.data.trees = name, None, None
+    return load_trees(device, tracker)[0]
+
+
+def check_request(cfg: DictConfig) -> tuple[list[str], str, list[int | str], int, list[str]]:
+    sources, target = _names(cfg.source), cfg.target
+    if not sources or not target:
+        raise SettingsError("stage=transfer needs source=<device or [devices]> and "
+                            "target=<device or trees file>, e.g. source=device_1 target=device_2")
+    if str(target) in sources:
+        raise SettingsError(f"target={target} is also a source: choose another device")
+    shots = list(cfg.shots)
+    bad = [k for k in shots if not (k == "all" or (isinstance(k, int) and k >= 0))]
+    if not shots or bad:
+        raise SettingsError(f"shots={shots}: must be a non-empty list of counts >= 0 (or 'all')")
+    if int(cfg.draws) < 1:
+        raise SettingsError(f"draws={cfg.draws}: must be at least 1")
+    return sources, str(target), shots, int(cfg.draws), _names(cfg.methods)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> Path:
+    """Error against k per node level (one panel each), a line per method with its sd."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from irene.data.io import atomic_write_bytes
+
+    fig, axes = plt.subplots(1, len(ERROR_COLUMNS), figsize=(4.2 * len(ERROR_COLUMNS), 3.6))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for axis, level in zip(axes, ERROR_COLUMNS, strict=True):
+        for method in methods:
+            points = [r for r in rows if r["method"] == method and isinstance(r["shots"], int)]
+            if points:
+                axis.errorbar([r["shots"] for r in points], [r[level] for r in points],
+                              yerr=[r[f"{level}_sd"] for r in points], marker="o", capsize=3,
+                              label=method, linestyle="-" if method == methods[0] else "--")
+            ceiling = [r[level] for r in rows if r["method"] == method and r["shots"] == "all"]
+            if ceiling and not points:
+                axis.axhline(ceiling[0], color="grey", linestyle=":", label=f"{method} (all)")
+        axis.set_title(level)
+        axis.set_xlabel("k (measured configurations of the target)")
+        axis.set_yscale("log")
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("mean abs % error (left-out model)")
+    axes[-1].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def run(cfg: DictConfig) -> Path:
+    """Returns the path of ``transfer.csv``."""
+    import pandas as pd
+
+    from irene.transfer import learning_curve, methods_by_name
+
+    setup(cfg)
+    sources, target, shots, draws, names = check_request(cfg)
+    methods = methods_by_name(names)  # an unknown name fails here, before any data is read
+    out = run_dir(cfg)
+    params = {"source": sources, "target": target, "shots": shots, "draws": draws,
+              "methods": names, "draw_seed": int(cfg.draw_seed)}
+    with tracked_run(cfg, "transfer", params) as tracker:
+        source_trees = [device_trees(cfg, tracker, name, "source") for name in sources]
+        target_trees = device_trees(cfg, tracker, target, "target")
+        log.info("transfer %s -> %s: shots %s, %d draws, methods %s", sources, target, shots,
+                 draws, names)
+        rows = learning_curve(source_trees if len(source_trees) > 1 else source_trees[0],
+                              target_trees, shots=shots, draws=draws, seed=int(cfg.draw_seed),
+                              methods=methods)
+        frame = pd.DataFrame(rows)
+        default = frame[frame["method"] == names[0]][COLUMNS].set_index("shots")
+        paths = write_table(default, out, "transfer")
+        title = f"{' + '.join(sources)} -> {target}: {names[0]}, {draws} draws"
+        paths.append(Path(out / "transfer.tex"))
+        from irene.data.io import atomic_write_text
+
+        atomic_write_text(paths[-1], to_latex(default, f"Transfer {title} (mean abs % error)") + "\n")
+        every = frame.set_index(["method", "shots"])[[c for c in frame.columns
+                                                      if c not in ("method", "shots")]]
+        paths += write_table(every, out, "transfer_methods")
+        paths.append(plot(rows, out / "transfer.png", title))
+        for path in paths:
+            tracker.log_artifact(path, "report")
+        for method in frame["method"].unique():
+            with tracker.child_run("transfer-method", f"method {method}", {"method": method}) as child:
+                for row in (r for r in rows if r["method"] == method):
+                    step = row["shots"] if isinstance(row["shots"], int) else max(
+                        [k for k in shots if isinstance(k, int)], default=0) + 1
+                    child.log_metrics({c: row[c] for c in ERROR_COLUMNS}, step=step)
+        tracker.log_metrics({f"k{k}_{c}": float(default.loc[k, c]) for k in default.index
+                             if isinstance(k, int) for c in ERROR_COLUMNS})
+    print(f"Transfer {title}: mean % error on the left-out model")
+    from irene.tables import fold_spread, to_markdown
+
+    print(to_markdown(fold_spread(default)))
+    print(f"transfer table: {out / 'transfer.csv'}")
+    return out / "transfer.csv"
