@@ -488,7 +488,12 @@ def test_file_level_problems(cell):
     path.write_bytes(b"batch_size\n\xff\xfe\x00\n")
     assert _import_error(cell) == f"{path}: not UTF-8 text (byte 12); is this a CSV file?"
     path.write_text(header + '\n"8.0,32.0\n')
-    assert _import_error(cell).startswith(f"{path}: not a readable CSV file (")
+    import pandas as pd
+
+    with pytest.raises(pd.errors.ParserError) as parser_error:
+        pd.read_csv(path)
+    first = str(parser_error.value).strip().splitlines()[0]
+    assert _import_error(cell) == f"{path}: not a readable CSV file ({first})"
 
 
 def test_shapes_written_as_floats_become_integers(cell):
@@ -756,3 +761,9 @@ def test_every_node_has_the_tree_format_fields_and_the_root_its_parameter_count(
               "gpu_energy_mean", "ground_truth_energy", "child_nodes_obj", "child_nodes"}
     for node in iter_nodes(root):
         assert set(node) == fields
+
+
+def test_a_numeric_model_name_stays_a_name(cell):
+    path = _edit(cell, "model", 0, "model_name", "123")
+    text = _import_error(cell)
+    assert text.startswith(f"{path}:2: field 'model_name': '123' is not an architecture this version knows")
