@@ -379,6 +379,8 @@ CSV_CASES = [
     ("ml1", 2, "flops", "", "field 'flops': must be a finite number, got an empty cell (or NaN)"),
     ("ml1", 2, "gpu", "True", "field 'gpu': must be a finite number, got 'True'"),
     ("ml1", 2, "gpu", "101", "field 'gpu': must be in [0, 100] %, got 101"),
+    ("ml1", 2, "flops", str(2**53), "field 'flops': must be in [0, 1e+15] MFLOP, got 9007199254740992.0"),
+    ("ml1", 2, "flops", str(2**52 + 1), f"field 'flops': must be in [0, 1e+15] MFLOP, got {2**52 + 1}"),
     ("ml2", 0, "times_mean", "-1e-3", "field 'times_mean': must be in [0, 1e+06] s, got -0.001"),
     ("model", 0, "batch_size", "8.5", "field 'batch_size': must be a positive integer, got 8.5"),
     ("model", 0, "seq_len", "0", "field 'seq_len': must be a positive integer, got 0"),
@@ -767,3 +769,15 @@ def test_a_numeric_model_name_stays_a_name(cell):
     path = _edit(cell, "model", 0, "model_name", "123")
     text = _import_error(cell)
     assert text.startswith(f"{path}:2: field 'model_name': '123' is not an architecture this version knows")
+
+
+def test_trees_follow_the_order_of_the_models_given(device_dir, tmp_path):
+    keep = {("distilgpt2", "8.0,32.0,"), ("distilgpt2", "8.0,64.0,"), ("openai-gpt", "8.0,32.0,")}
+    for level in CSV_FILES:
+        lines = (device_dir / csv_name(level)).read_text().splitlines(keepends=True)
+        kept = [lines[0]] + [line for line in lines[1:]
+                             if (line.rstrip().rsplit(",", 1)[1], line[:9]) in keep]
+        (tmp_path / csv_name(level)).write_text("".join(kept))
+    trees = import_device(tmp_path, models=["openai-gpt", "distilgpt2"])
+    assert [tree_key(t) for t in trees] == [("openai-gpt", 8, 32), ("distilgpt2", 8, 32),
+                                            ("distilgpt2", 8, 64)]
