@@ -141,6 +141,8 @@ def main() -> int:
                         help="seconds added to a mutant's time limit (a hung mutant waits this long)")
     parser.add_argument("--timeout-multiplier", type=float, default=30,
                         help="times the covering tests' own duration, in a mutant's time limit")
+    parser.add_argument("--only", nargs="*", default=None, metavar="NAME",
+                        help="run these mutants only (e.g. the survivors of a run, with newer tests)")
     parser.add_argument("--tag", help="name of the output files (default: the revision)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary copy")
     args = parser.parse_args()
@@ -161,7 +163,8 @@ def main() -> int:
         subprocess.run([sys.executable, "-c", GENERATE], cwd=work, check=True, env=env,
                        capture_output=True)
         everything = mutant_names(work)
-        chosen = sampled(everything, args.sample)
+        chosen = sampled(everything, args.sample) if args.only is None else \
+            [name for name in everything if name in set(args.only)]
         print(f"{len(everything)} mutants, {len(chosen)} sampled (1 in {args.sample}); "
               f"tests: {tests}", flush=True)
         mutmut_bin = Path(sys.executable).with_name("mutmut")
