@@ -208,7 +208,7 @@ def test_report_and_order(tiny_trace):
     order = []
     settings = ProtocolSettings(min_window_s=0.004, windows=2, warmup=0, sample_interval_s=0.01,
                                 settle_min_s=0.05, settle_max_s=30.0, settle_tolerance=10.0,
-                                max_remeasure=0, drift_threshold=10.0)
+                                max_remeasure=0, drift_threshold=10.0, drift_action="flag")
     result = measure_nodes(tiny_trace, SimulatedMeter(SimulatedMeterSettings(tick_s=0.0)), settings,
                            on_progress=lambda done, total, scope: order.append((done, total, scope)))
     report = result.report
@@ -220,7 +220,9 @@ def test_report_and_order(tiny_trace):
     assert report["ground_truth_meter"] == "simulated" and report["gpu_energy_mean_meter"] is None
     assert report["settle"]["windows"] >= 3 and report["settle"]["power_w"] > 0
     assert report["nodes_measured"] == len(middle) + 1 and report["measurements"] == len(order)
-    assert report["passes"] == 1 and not report["drift_flagged"]
+    # real time on a loaded machine can move the root by more than 10x: drift is not asserted here
+    # (tests/test_protocol_scenarios.py decides drift on a virtual clock); one pass, flagged or not
+    assert report["passes"] == 1
     assert report["tick_s"] is not None and report["seconds"] > 0
 
 
