@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from irene.data import published
+from irene.data import locate, published
 from irene.data.published import (
     CSV_FILES,
     DataNotFoundError,
@@ -56,7 +56,7 @@ def offline(monkeypatch):
     def refuse(url, timeout):
         raise OSError("network disabled in the tests")
 
-    monkeypatch.setattr(published.urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(locate.urllib.request, "urlopen", refuse)
 
 
 # ------------------------------------------------------------------------ the data rule
@@ -113,7 +113,7 @@ def test_an_interrupted_download_is_completed(device_dir, tmp_path, monkeypatch)
     target = tmp_path / "ds" / "device_1"
     target.mkdir(parents=True)
     (target / csv_name("model")).write_bytes((device_dir / csv_name("model")).read_bytes())
-    monkeypatch.setattr(published.urllib.request, "urlopen", lambda url, timeout: open(
+    monkeypatch.setattr(locate.urllib.request, "urlopen", lambda url, timeout: open(
         device_dir / url.rsplit("/", 1)[1], "rb"))
     located = locate_device(None, "device_1", datasets_dir=tmp_path / "ds")
     assert (located.folder, located.source) == (target, "download")

@@ -11,7 +11,6 @@ Finding and downloading the files: :mod:`irene.data.locate` (its names are re-ex
 from __future__ import annotations
 
 import logging
-import urllib.request  # noqa: F401 - tests written before the split patch published.urllib.request
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING
