@@ -128,7 +128,11 @@ for model, b, s in json.loads(sys.argv[2]):
     root = trace_static(model, [(b, s)])[0]["frontend_tree"]
     out[model] = {"s": time.perf_counter() - start, "params": root["num_parameters"],
                   "mflops": root["flops"]}
-out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM: this process's own peak (ru_maxrss keeps the forking parent's across exec on Linux,
+# so a child of a large pytest process would report the parent's size)
+hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")]
+out["peak_rss_mib"] = (int(hwm[0].split()[1]) if hwm
+                       else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
 print(json.dumps(out))
 """
 
