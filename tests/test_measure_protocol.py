@@ -78,7 +78,11 @@ def test_fixed_protocol_energy_is_window_energy_over_repeats():
     assert 0.002 <= result.times_mean < 0.05  # a 2 ms sleep; longer on a loaded machine
     assert result.ground_truth_energy == pytest.approx(20.0 * result.times_mean, rel=0.05)
     assert result.energy_std_j is not None and result.energy_std_j >= 0
-    assert meter.reads == 2 * len(result.windows) and len(result.windows) == 3
+    # two reads per window; a window found too short (real time: the calibration's calls ran
+    # slower than the window's) is redone, with two reads more (exact counts: the virtual-clock
+    # scenarios in test_protocol_scenarios.py)
+    assert len(result.windows) == 3
+    assert meter.reads % 2 == 0 and meter.reads >= 2 * len(result.windows)
     assert {"cpu", "mem"} <= set(result.utilisation)
     assert "gpu" not in result.utilisation
     assert len(calls) >= 2 + 3 * result.repeats
