@@ -98,6 +98,9 @@ class SimulatedMeterSettings:
     noise_interval_s: float = 0.01  # seconds over which the power noise is constant
     resolution_j: float = 0.001  # counter resolution, joules (NVML: 1 mJ; 0: exact)
     seed: int = 0  # seed of the noise and of the tick phase
+    # when the counter updates: regular (every tick_s) | h200 (gaps as measured on an H200:
+    # median tick_s, from 0.3 to 1.25 tick_s under load)
+    tick_timing: str = "regular"
 
     def validate(self, prefix: str = "measure.meter.") -> SimulatedMeterSettings:
         """Check every range; raise :class:`SettingsError` naming the first bad field."""
@@ -106,6 +109,8 @@ class SimulatedMeterSettings:
             value = getattr(self, name)
             ok = _number(value) and (value > 0 if rule == "> 0" else value >= 0)
             _check(ok, name, f"a number {rule}", value, prefix)
+        _check(self.tick_timing in ("regular", "h200"), "tick_timing", "regular or h200",
+               self.tick_timing, prefix)
         return self
 
 

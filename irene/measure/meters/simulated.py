@@ -118,7 +118,7 @@ class SimulatedMeter(EnergyMeter):
             raise TypeError("SimulatedMeter takes settings or its fields, not both")
         self.settings = (settings or SimulatedMeterSettings(**fields)).validate()
         self.clock = clock
-        self.counter = TickCounter(self.settings, clock())
+        self.counter = TickCounter(self.settings, clock(), tick_timing=self.settings.tick_timing)
 
     @property
     def period_s(self) -> float:
@@ -139,7 +139,7 @@ class SimulatedMeter(EnergyMeter):
         """Meter and its simulated parameters."""
         s = self.settings
         return {"meter": self.name, "simulated_tick_s": str(s.tick_s), "simulated_power_w": str(s.power_w),
-                "simulated_noise": str(s.noise)}
+                "simulated_noise": str(s.noise), "simulated_tick_timing": s.tick_timing}
 
 
 class _VirtualMeter(EnergyMeter):
