@@ -95,3 +95,24 @@ def test_write_never_overwrites_input_and_leaves_no_temp_file(tmp_path):
         write_trees(source, [make_tree(model="x")], protect=[source])
     assert source.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_a_blank_line_between_trees_is_skipped_not_the_end_of_the_file(tmp_path):
+    path = tmp_path / "gaps.jsonl"
+    path.write_text(json.dumps(make_tree()) + "\n\n  \n" + json.dumps(make_tree(model="b")) + "\n")
+    assert [t["model_name"] for t in read_trees(path)] == ["toy", "b"]
+
+
+def test_validate_tree_needs_no_energy_unless_asked_and_takes_finite_predictions():
+    from irene.data.tree import validate_tree
+
+    tree = make_tree()
+    for node in iter_nodes(tree["frontend_tree"]):
+        node.pop("ground_truth_energy")
+        node["predicted_energy"] = 0.5  # a finite prediction is valid
+    validate_tree(tree, "t.jsonl:1")  # the default: energy not required
+    with pytest.raises(TreeFormatError, match="ground_truth_energy"):
+        validate_tree(tree, "t.jsonl:1", require_energy=True)
+    tree["frontend_tree"]["predicted_energy"] = float("inf")
+    with pytest.raises(TreeFormatError, match="predicted_energy.*finite"):
+        validate_tree(tree, "t.jsonl:1")
