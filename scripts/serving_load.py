@@ -191,27 +191,9 @@ def timeout_check(url: str, sampler: Sampler, model: str, rows: int, max_seq: in
 
 
 def load(url: str, sampler: Sampler, pinger_url: str, concurrency: int, rows: list) -> dict:
-    body = frame_body(rows)
-    pinger = Pinger(pinger_url)
-    start = time.monotonic()
-    pinger.start()
-    with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda _: post(url, body), range(concurrency)))
-    time.sleep(2)
-    pinger.stop.set()
-    pinger.join()
-    statuses: dict[str, int] = {}
-    for status, _, _ in results:
-        statuses[str(status)] = statuses.get(str(status), 0) + 1
-    bodies = sorted({text[:200] for status, text, _ in results if status != 200})
-    lat = sorted(pinger.latencies)
-    return {"requests": concurrency, "rows_per_request": len(rows), "first_row": rows[0],
-            "statuses": statuses, "error_bodies": bodies,
-            "seconds_max": round(max(r[2] for r in results), 2),
-            "peak_rss_mb": round(sampler.peak_rss(start) / 2**20, 1),
-            "pings": len(lat), "ping_failures": pinger.failures,
-            "ping_ms_median": round(1000 * lat[len(lat) // 2], 1) if lat else None,
-            "ping_ms_max": round(1000 * lat[-1], 1) if lat else None}
+    """``concurrency`` identical requests of shape ``rows`` at once (see :func:`load_bodies`)."""
+    return {"rows_per_request": len(rows), "first_row": rows[0],
+            **load_bodies(url, sampler, concurrency, frame_body(rows), pinger_url)}
 
 
 def node_rows_body(model: str, max_body_bytes: int, max_nodes: int) -> tuple[bytes, int]:
@@ -234,8 +216,11 @@ def node_rows_body(model: str, max_body_bytes: int, max_nodes: int) -> tuple[byt
     return body, len(data)
 
 
-def load_bodies(url: str, sampler: Sampler, concurrency: int, body: bytes) -> dict:
-    pinger = Pinger(url)
+def load_bodies(url: str, sampler: Sampler, concurrency: int, body: bytes,
+                pinger_url: str | None = None) -> dict:
+    """``concurrency`` requests of ``body`` at once, ``/ping`` polled throughout: the answers'
+    status counts, the server's peak RSS and the ping latencies."""
+    pinger = Pinger(pinger_url or url)
     start = time.monotonic()
     pinger.start()
     with ThreadPoolExecutor(concurrency) as pool:
