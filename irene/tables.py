@@ -1,6 +1,7 @@
-"""The one table writer: markdown, LaTeX and CSV from a pandas frame or a :class:`Table`,
-written atomically. A :class:`Table` is what the writers read from a frame; a stage that
-has no frame (the main job: one row per left-out model) builds one without importing pandas.
+"""The one table type and its writers: markdown, LaTeX and CSV from a :class:`Table`,
+written atomically. A stage that computes with pandas converts its frame once, where it
+writes (:meth:`Table.from_frame`); one that has no frame (the main job: one row per
+left-out model) builds a :class:`Table` without importing pandas.
 
 Cells: floats are formatted (``floatfmt``, one format or one per column), integers and
 strings are written as they are, missing values as ``–``; a :class:`MeanSd` cell is written
@@ -59,16 +60,20 @@ class Table:
     rows: list[list[Any]]
 
     @classmethod
-    def of(cls, frame: pd.DataFrame | Table) -> Table:
-        """A frame's table (a table as it is)."""
-        if isinstance(frame, Table):
-            return frame
+    def from_frame(cls, frame: pd.DataFrame) -> Table:
+        """A pandas frame as a table: where frames enter the writers (every index level a
+        label column)."""
         return cls(index_names=["" if n is None else str(n) for n in frame.index.names],
                    labels=[list(map(str, i)) if isinstance(i, tuple) else [str(i)]
                            for i in frame.index],
                    columns=list(frame.columns),
                    rows=[[frame.iat[i, j] for j in range(frame.shape[1])]  # not iterrows: it
                          for i in range(frame.shape[0])])                # upcasts ints to floats
+
+    def row(self, label: str) -> dict[Any, Any]:
+        """The cells of the (first) row labelled ``label``: column name -> value."""
+        position = next(i for i, labels in enumerate(self.labels) if labels[0] == label)
+        return dict(zip(self.columns, self.rows[position], strict=True))
 
     def column(self, name: Any) -> list[Any]:
         j = self.columns.index(name)
@@ -148,12 +153,19 @@ def _cells(table: Table, floatfmt: str | dict[str, str], style: _Style,
     return rows
 
 
-def to_markdown(frame: pd.DataFrame | Table, floatfmt: str | dict[str, str] = ".2f", *,
+def _checked(table: Table) -> Table:
+    if not isinstance(table, Table):
+        raise TypeError(f"a table writer takes a Table, got {type(table).__name__} "
+                        "(convert a pandas frame with Table.from_frame)")
+    return table
+
+
+def to_markdown(table: Table, floatfmt: str | dict[str, str] = ".2f", *,
                 bold_columns: Sequence[str] = (), bold_cells: Collection[tuple[int, str]] = (),
                 marks: Mapping[tuple[int, str], str] | None = None) -> str:
     """A markdown table; the index (every level of a MultiIndex) comes first. ``bold_cells``
     and ``marks`` address cells by (row position, column name)."""
-    table = Table.of(frame)
+    table = _checked(table)
     header = table.index_names + [str(c) for c in table.columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     style = _Style(bold=("**", "**"), pm=" ± ", marks={})
@@ -173,11 +185,11 @@ def _tex_note(text: str) -> str:
     return "".join(_TEX_SYMBOLS.get(c, c) for c in _tex_escape(text.replace("#", r"\#")))
 
 
-def to_latex(frame: pd.DataFrame | Table, caption: str, floatfmt: str | dict[str, str] = ".2f", *,
+def to_latex(table: Table, caption: str, floatfmt: str | dict[str, str] = ".2f", *,
              bold_columns: Sequence[str] = (), bold_cells: Collection[tuple[int, str]] = (),
              marks: Mapping[tuple[int, str], str] | None = None, notes: Sequence[str] = ()) -> str:
     """A booktabs LaTeX table with a caption; ``notes`` are small lines under the table."""
-    table = Table.of(frame)
+    table = _checked(table)
     names = table.index_names
     header = [_tex_escape(h) for h in names + [str(c) for c in table.columns]]
     spec = "l" * len(names) + "r" * len(table.columns)
@@ -197,13 +209,13 @@ def to_latex(frame: pd.DataFrame | Table, caption: str, floatfmt: str | dict[str
 SPREAD_SUFFIX = "_sd"
 
 
-def fold_spread(frame: pd.DataFrame | Table) -> pd.DataFrame | Table:
+def fold_spread(table: Table) -> Table:
     """Every column ``c`` that has a ``c_sd`` partner as :class:`MeanSd` cells (the partner
-    dropped), as a :class:`Table`; one without such pairs is returned as it is."""
-    table = Table.of(frame)
+    dropped); a table without such pairs is returned as it is."""
+    table = _checked(table)
     pairs = [c for c in table.columns if f"{c}{SPREAD_SUFFIX}" in table.columns]
     if not pairs:
-        return frame
+        return table
     partners = {f"{c}{SPREAD_SUFFIX}" for c in pairs}
     kept = [c for c in table.columns if c not in partners]
     where = {c: table.columns.index(c) for c in table.columns}
@@ -212,13 +224,11 @@ def fold_spread(frame: pd.DataFrame | Table) -> pd.DataFrame | Table:
     return Table(table.index_names, table.labels, kept, rows)
 
 
-def write_table(frame: pd.DataFrame | Table, directory: Path, name: str,
+def write_table(table: Table, directory: Path, name: str,
                 floatfmt: str | dict[str, str] = ".2f") -> list[Path]:
     """``name.csv`` (4 decimals) and ``name.md`` in ``directory``, each written atomically; in
     the markdown, columns ``c`` and ``c_sd`` are one ``mean ± sd`` column (:func:`fold_spread`)."""
-    csv_text = (frame.to_csv() if isinstance(frame, Table)
-                else frame.to_csv(float_format="%.4f"))
-    csv_path = atomic_write_text(directory / f"{name}.csv", csv_text)
+    csv_path = atomic_write_text(directory / f"{name}.csv", _checked(table).to_csv())
     md_path = atomic_write_text(directory / f"{name}.md",
-                                to_markdown(fold_spread(frame), floatfmt) + "\n")
+                                to_markdown(fold_spread(table), floatfmt) + "\n")
     return [csv_path, md_path]

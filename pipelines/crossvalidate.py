@@ -43,13 +43,13 @@ class CrossValidationReport:
     """What a cross-validation wrote; ``table`` (a pandas frame, built when first asked for):
     rows: left-out models + "overall"; columns: ml, module, model (None when skipped)."""
 
-    result: Table | pd.DataFrame | None
+    result: Table | None
     csv_path: Path | None  # None when the predictor does not apply (skip_not_applicable)
     predictions_path: Path | None  # out-of-fold predicted trees (save_predictions=true)
 
     @cached_property
     def table(self) -> pd.DataFrame | None:
-        return self.result.to_frame() if isinstance(self.result, Table) else self.result
+        return None if self.result is None else self.result.to_frame()
 
 
 def _resumed(cfg: DictConfig, out: Path) -> CrossValidationReport | None:
@@ -75,14 +75,14 @@ def _resumed(cfg: DictConfig, out: Path) -> CrossValidationReport | None:
     log.info("resume: identical config already FINISHED in run %s; skipping", run_id)
     import pandas as pd
 
-    table = pd.read_csv(path, index_col="left_out_model")
+    table = Table.from_frame(pd.read_csv(path, index_col="left_out_model"))
     print(f"crossvalidation table: {path}")
     return CrossValidationReport(result=table, csv_path=Path(path), predictions_path=None)
 
 
 @dataclass
 class _SeededTable:
-    table: pd.DataFrame  # means over seeds, then the <type>_sd columns
+    table: Table  # means over seeds, then the <type>_sd columns
     predicted_j: np.ndarray  # out-of-fold predictions of the first seed
 
 
@@ -107,7 +107,7 @@ def _seeded(cfg: DictConfig, tracker: Tracker, out: Path, forest, predictor,
     seeds_csv = atomic_write_text(out / "crossvalidation_seeds.csv",
                                   result.folds.to_csv(index=False, float_format="%.4f"))
     tracker.log_artifact(seeds_csv, "report")
-    return _SeededTable(table=result.table(), predicted_j=result.predicted_j)
+    return _SeededTable(table=Table.from_frame(result.table()), predicted_j=result.predicted_j)
 
 
 def run(cfg: DictConfig) -> CrossValidationReport:
@@ -154,8 +154,7 @@ def run(cfg: DictConfig) -> CrossValidationReport:
         table = result.grid if seeds is None else result.table
         csv_path = out / "crossvalidation.csv"
         write_table(table, out, "crossvalidation")
-        overall = (result.overall() if seeds is None
-                   else table.loc["overall"].to_dict())
+        overall = result.overall() if seeds is None else table.row("overall")
         tracker.log_metrics({f"overall_{k}": v for k, v in overall.items()})
         tracker.log_artifact(csv_path, "report")
         tracker.log_artifact(out / "crossvalidation.md", "report")

@@ -26,7 +26,7 @@ from irene.evaluate.crossval import leave_one_model_out
 from irene.evaluate.diagnostics import child_ratio_table, error_sources, report_markdown
 from irene.evaluate.metrics import align_predictions
 from irene.predictors.irene import IreneModel
-from irene.tables import write_table
+from irene.tables import Table, write_table
 from pipelines.config import build_predictor, predictor_class, run_params
 from pipelines.data import load_trees, record_input
 from pipelines.paths import log, run_dir, setup
@@ -63,8 +63,8 @@ def run(cfg: DictConfig) -> DiagnosticsReport:
             predicted = leave_one_model_out(
                 forest, predictor, show_progress=bool(cfg.show_progress)).predicted_j
         sources = error_sources(forest, predicted)
-        paths = write_table(ratios, out, "child_ratios", floatfmt=".3f")
-        paths += write_table(sources, out, "error_sources")
+        paths = write_table(Table.from_frame(ratios), out, "child_ratios", floatfmt=".3f")
+        paths += write_table(Table.from_frame(sources), out, "error_sources")
         report = atomic_write_text(out / "diagnostics.md",
                                    report_markdown(ratios, {label: sources},
                                                    tanh_scalar=tanh_scalar) + "\n")

@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from irene.data.tree import read_trees
 from irene.errors import SettingsError
 from irene.evaluate.metrics import align_predictions, error_tables
-from irene.tables import to_markdown, write_table
+from irene.tables import Table, to_markdown, write_table
 from pipelines.data import load_trees, record_input
 from pipelines.paths import run_dir, setup
 from pipelines.tracking import tracked_run
@@ -31,12 +31,12 @@ def run(cfg: DictConfig) -> dict:
         forest, predicted = align_predictions(gold_trees, predicted_trees, cfg.predictions)
         tables = error_tables(forest, predicted)
         for name, table in tables.items():
-            for path in write_table(table, out, f"errors_{name}"):
+            for path in write_table(Table.from_frame(table), out, f"errors_{name}"):
                 tracker.log_artifact(path, "report")
         summary = {t: float(v) for t, v in tables["by_node_type"]["mean"].items()}
         tracker.log_metrics(summary)
     print("Mean percentage error by node type")
-    print(to_markdown(tables["by_node_type"]))
-    print(to_markdown(tables["by_model"]))
+    print(to_markdown(Table.from_frame(tables["by_node_type"])))
+    print(to_markdown(Table.from_frame(tables["by_model"])))
     print(f"reports: {out}")
     return summary

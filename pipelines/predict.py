@@ -36,7 +36,7 @@ from irene.errors import SettingsError
 from irene.explain import views as explain
 from irene.explain.views import fallback_table, totals_table
 from irene.predictors.static import fallback_summary, parse_shapes, predict_trees, trace_static
-from irene.tables import write_table
+from irene.tables import Table, write_table
 from pipelines.data import load_trees, record_input
 from pipelines.models import load_predictor, unseen_policy
 from pipelines.paths import log, run_dir, setup
@@ -124,7 +124,7 @@ def run(cfg: DictConfig) -> Path:
                 _, batch_size, seq_len = tree_key(tree)
                 tracker.log_metrics({f"energy_j.{batch_size}x{seq_len}":
                              tree["frontend_tree"]["predicted_energy"]})
-        artifacts = [out, *write_table(totals, folder, "totals", floatfmt=".4g")]
+        artifacts = [out, *write_table(Table.from_frame(totals), folder, "totals", floatfmt=".4g")]
         fallback_path = folder / "fallback.csv"
         fallback_table(filled).to_csv(fallback_path, index=False)
         artifacts.append(fallback_path)

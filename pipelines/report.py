@@ -43,7 +43,7 @@ from irene.evaluate.significance import (
     prediction_bound,
     prediction_z,
 )
-from irene.tables import MeanSd, to_latex, to_markdown
+from irene.tables import MeanSd, Table, to_latex, to_markdown
 from pipelines.config import seeds_request
 from pipelines.paths import log, outputs_dir, run_dir, setup
 from pipelines.tracking import ensure_experiment
@@ -347,13 +347,14 @@ def run(cfg: DictConfig) -> ReportResult:
                                                               if str(c) in LEVELS]
     out = run_dir(cfg)
     stable = outputs_dir() / "tables" / cfg.data.name
-    markdown = to_markdown(table, bold_columns=bold_columns)
+    grid = Table.from_frame(table)
+    markdown = to_markdown(grid, bold_columns=bold_columns)
     paths = []
     for folder in (out, stable):
         paths += [
             atomic_write_text(folder / f"{name}.md", f"### {title}\n\n{markdown}\n"),
-            atomic_write_text(folder / f"{name}.csv", table.to_csv(float_format="%.4f")),
-            atomic_write_text(folder / f"{name}.tex", to_latex(table, title, bold_columns=bold_columns)),
+            atomic_write_text(folder / f"{name}.csv", grid.to_csv()),
+            atomic_write_text(folder / f"{name}.tex", to_latex(grid, title, bold_columns=bold_columns)),
         ]
     paths.append(plot(table, out / f"{name}.png", title))
     (stable / f"{name}.png").write_bytes(paths[-1].read_bytes())
@@ -372,15 +373,16 @@ def _write_seeded(cfg: DictConfig, name: str, title: str, table: SeededTable) ->
     out = run_dir(cfg)
     stable = outputs_dir() / "tables" / cfg.data.name
     style = {"bold_cells": table.bold_cells, "marks": table.marks}
-    markdown = to_markdown(table.display, **style)
+    display = Table.from_frame(table.display)
+    markdown = to_markdown(display, **style)
     notes = "\n\n".join(table.notes)
     paths = []
     for folder in (out, stable):
         paths += [
             atomic_write_text(folder / f"{stem}.md", f"### {title}\n\n{markdown}\n\n{notes}\n"),
-            atomic_write_text(folder / f"{stem}.csv", table.numbers.to_csv(float_format="%.4f")),
+            atomic_write_text(folder / f"{stem}.csv", Table.from_frame(table.numbers).to_csv()),
             atomic_write_text(folder / f"{stem}.tex",
-                              to_latex(table.display, title, notes=table.notes, **style)),
+                              to_latex(display, title, notes=table.notes, **style)),
         ]
     means = table.numbers[[c for c in LEVELS if c in table.numbers.columns]]
     spread = table.numbers[[f"{c}_sd" for c in means.columns]].set_axis(means.columns, axis=1)

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from irene.data.tree import ERROR_COLUMNS, Tree, read_trees
 from irene.errors import SettingsError
-from irene.tables import to_latex, write_table
+from irene.tables import Table, to_latex, write_table
 from pipelines.data import load_trees, record_input
 from pipelines.paths import log, run_dir, setup
 from pipelines.tracking import Tracker, tracked_run
@@ -132,15 +132,16 @@ def run(cfg: DictConfig) -> Path:
                               methods=methods)
         frame = pd.DataFrame(rows)
         default = frame[frame["method"] == names[0]][COLUMNS].set_index("shots")
-        paths = write_table(default, out, "transfer")
+        table = Table.from_frame(default)
+        paths = write_table(table, out, "transfer")
         title = f"{' + '.join(sources)} -> {target}: {names[0]}, {draws} draws"
         paths.append(Path(out / "transfer.tex"))
         from irene.data.io import atomic_write_text
 
-        atomic_write_text(paths[-1], to_latex(default, f"Transfer {title} (mean abs % error)") + "\n")
+        atomic_write_text(paths[-1], to_latex(table, f"Transfer {title} (mean abs % error)") + "\n")
         every = frame.set_index(["method", "shots"])[[c for c in frame.columns
                                                       if c not in ("method", "shots")]]
-        paths += write_table(every, out, "transfer_methods")
+        paths += write_table(Table.from_frame(every), out, "transfer_methods")
         paths.append(plot(rows, out / "transfer.png", title))
         for path in paths:
             tracker.log_artifact(path, "report")
@@ -155,6 +156,6 @@ def run(cfg: DictConfig) -> Path:
     print(f"Transfer {title}: mean % error on the left-out model")
     from irene.tables import fold_spread, to_markdown
 
-    print(to_markdown(fold_spread(default)))
+    print(to_markdown(fold_spread(table)))
     print(f"transfer table: {out / 'transfer.csv'}")
     return out / "transfer.csv"

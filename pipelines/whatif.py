@@ -23,7 +23,7 @@ from irene.data.tree import Tree, write_trees
 from irene.errors import SettingsError
 from irene.explain.views import totals_table
 from irene.predictors.static import predict_trees, trace_static
-from irene.tables import write_table
+from irene.tables import Table, write_table
 from pipelines.models import load_predictor, unseen_policy
 from pipelines.paths import log, run_dir, setup
 from pipelines.tracking import tracked_run
@@ -111,8 +111,8 @@ def run(cfg: DictConfig) -> Path:
             filled.extend(trees)
         table = comparison_table(filled)
         print(table.to_string(float_format=lambda v: f"{v:.4g}"))
-        paths = [*write_table(table, folder, "whatif", floatfmt=".4g"),
-                 *write_table(pivot_energy(table), folder, "whatif_energy", floatfmt=".4g"),
+        paths = [*write_table(Table.from_frame(table), folder, "whatif", floatfmt=".4g"),
+                 *write_table(Table.from_frame(pivot_energy(table)), folder, "whatif_energy", floatfmt=".4g"),
                  plot(table, folder / "whatif.png"),
                  write_trees(folder / "whatif_predictions.jsonl", filled)]
         for path in paths:

@@ -26,7 +26,7 @@ from irene import predictors  # noqa: E402
 from irene.data.forest import build_forest  # noqa: E402
 from irene.data.published import PAPER_MODELS, import_device  # noqa: E402
 from irene.evaluate.crossval import leave_one_model_out  # noqa: E402
-from irene.tables import to_markdown  # noqa: E402
+from irene.tables import Table, to_markdown  # noqa: E402
 
 PREDICTORS = ("irene", "irene_plus", "physics", "flat", "sum_of_children")
 SETTINGS = {"full": ["model_specs", "resource_utilization"], "static": ["model_specs"]}
@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> str:
     text = "\n\n".join([
         f"Device: {args.data}; {forest.num_trees} trees, {forest.num_nodes} nodes; "
         "leave-one-model-out, mean % error, overall = unweighted mean over the left-out models.",
-        "### Overall (ml / module / model)", to_markdown(overall),
-        "### Model level, per left-out model", to_markdown(by_model),
-        "### Time of one whole leave-one-model-out run", to_markdown(timings, ".1f"),
+        "### Overall (ml / module / model)", to_markdown(Table.from_frame(overall)),
+        "### Model level, per left-out model", to_markdown(Table.from_frame(by_model)),
+        "### Time of one whole leave-one-model-out run", to_markdown(Table.from_frame(timings), ".1f"),
     ])
     print(text)
     if args.out:

@@ -25,7 +25,7 @@ from irene.data.published import PAPER_MODELS, import_device
 from irene.data.tree import Tree, iter_nodes
 from irene.predictors.irene_plus import IrenePlusPredictor
 from irene.predictors.static import predict_trees, trace_static
-from irene.tables import to_markdown
+from irene.tables import Table, to_markdown
 
 SOURCES = ("published", "physical", "irene")
 
@@ -93,7 +93,7 @@ def main() -> None:
     start_s = time.perf_counter()
     frame = table(trees, options, tuple(args.sources.split(",")))
     print(f"IrEne+, features=model_specs, options={options}, leave one model out")
-    print(to_markdown(frame))
+    print(to_markdown(Table.from_frame(frame)))
     print(f"({time.perf_counter() - start_s:.0f} s)")
 
 

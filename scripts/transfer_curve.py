@@ -28,7 +28,7 @@ from irene.data.io import atomic_write_text
 from irene.data.published import import_device
 from irene.data.tree import read_trees, write_trees
 from irene.predictors.irene_plus import IrenePlusPredictor
-from irene.tables import to_markdown
+from irene.tables import Table, to_markdown
 from irene.transfer import (
     ALL_SHOTS,
     CalibratedPool,
@@ -74,7 +74,7 @@ def table(rows: list[dict]) -> str:
         **{level: f"{r[level]:.2f} ± {r[f'{level}_sd']:.2f}" for level in ("ml", "module", "model")},
         "worst node ×": f"{r['worst_ratio']:.1f}",
     } for r in rows])
-    return to_markdown(frame)
+    return to_markdown(Table.from_frame(frame))
 
 
 def main() -> None:

@@ -61,7 +61,7 @@ def test_the_fold_table_is_the_one_pandas_builds_bit_for_bit(tmp_path):
 
     from irene.data.tree import ERROR_COLUMNS
     from irene.evaluate.crossval import fold_table
-    from irene.tables import write_table
+    from irene.tables import Table, write_table
 
     rng = np.random.default_rng(7)
     for case in range(300):
@@ -72,5 +72,5 @@ def test_the_fold_table_is_the_one_pandas_builds_bit_for_bit(tmp_path):
         pd.testing.assert_frame_equal(table.to_frame(), expected, check_exact=True)
         assert table.to_csv() == expected.to_csv(float_format="%.4f")
     ours = write_table(table, tmp_path / "table", "t")
-    theirs = write_table(expected, tmp_path / "frame", "t")
+    theirs = write_table(Table.from_frame(expected), tmp_path / "frame", "t")
     assert [p.read_bytes() for p in ours] == [p.read_bytes() for p in theirs]

@@ -28,7 +28,7 @@ from irene.evaluate.significance import (
 from irene.predictors.baselines import FlatPredictor, PhysicsPredictor, SumOfChildrenPredictor
 from irene.predictors.irene import IreneModel
 from irene.predictors.irene_plus import IrenePlusPredictor
-from irene.tables import MeanSd, fold_spread, to_latex, to_markdown
+from irene.tables import MeanSd, Table, fold_spread, to_latex, to_markdown
 from pipelines.config import register_configs, seed_list
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,6 +194,7 @@ def test_mean_sd_cells_marks_and_bold():
     frame = pd.DataFrame({"ml": [MeanSd(0.69, 0.0), MeanSd(0.61)],
                           "model": [MeanSd(7.24, 0.29), MeanSd(math.nan)]},
                          index=pd.Index(["both", "resource"], name="features"))
+    frame = Table.from_frame(frame)
     md = to_markdown(frame, bold_cells={(1, "ml")}, marks={(0, "model"): "†"})
     assert md.splitlines()[2:] == ["| both | 0.69 ± 0.00 | 7.24 ± 0.29† |",
                                    "| resource | **0.61** | – |"]
@@ -204,7 +205,8 @@ def test_mean_sd_cells_marks_and_bold():
 
 
 def test_plain_tables_are_unchanged():
-    frame = pd.DataFrame({"ml": [0.5, 0.25], "n": [3, 4]}, index=pd.Index(["a", "b"], name="x"))
+    frame = Table.from_frame(pd.DataFrame({"ml": [0.5, 0.25], "n": [3, 4]},
+                                          index=pd.Index(["a", "b"], name="x")))
     assert fold_spread(frame) is frame
     assert to_markdown(frame, bold_columns=["ml"]) == (
         "| x | ml | n |\n|---|---|---|\n| a | 0.50 | 3 |\n| b | **0.25** | 4 |")
@@ -212,6 +214,13 @@ def test_plain_tables_are_unchanged():
         "\\begin{table}[t]\n\\centering\n\\begin{tabular}{lrr}\n\\toprule\nx & ml & n \\\\\n"
         "\\midrule\na & 0.50 & 3 \\\\\nb & \\textbf{0.25} & 4 \\\\\n\\bottomrule\n"
         "\\end{tabular}\n\\caption{10\\% of it}\n\\end{table}\n")
+
+
+def test_the_writers_take_only_tables():
+    frame = pd.DataFrame({"ml": [0.5]}, index=pd.Index(["a"], name="x"))
+    for writer in (to_markdown, fold_spread, lambda t: to_latex(t, "c")):
+        with pytest.raises(TypeError, match="Table.from_frame"):
+            writer(frame)
 
 
 # ------------------------------------------------------------------ stage + report, MLflow

@@ -27,7 +27,7 @@ import pandas as pd
 
 from irene.data.forest import Forest, children_sum, num_children, subtree_leaf_sum
 from irene.data.tree import NODE_TYPES
-from irene.tables import to_markdown
+from irene.tables import Table, to_markdown
 
 GROUP_COLUMNS = ["node_type", "instance_type"]
 
@@ -163,7 +163,7 @@ def report_markdown(ratio_table: pd.DataFrame, sources: dict[str, pd.DataFrame],
     def table_md(frame: pd.DataFrame) -> str:
         formats = {str(c): ".0f" if c == "nodes" else ".3f" if str(c).startswith("ratio")
                    or c == "children" else ".2f" for c in frame.columns}
-        return to_markdown(frame, formats)
+        return to_markdown(Table.from_frame(frame), formats)
 
     out = ["# Diagnostics", "",
            "## Measured parent ÷ sum of measured children", "",
