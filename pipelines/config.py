@@ -24,6 +24,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from irene.data.forest import ALL_FEATURE_SETS
+from irene.data.integrity import DEFAULT_MAX_FILE_MB
 from irene.errors import SettingsError
 from irene.measure.settings import MeterSettings, ProtocolSettings
 
@@ -38,6 +39,8 @@ class DataConfig:
     trees: str | None = None  # a trees jsonl to use instead of the CSVs
     models: list[str] | None = None  # these models (null: the CSVs' paper six, a trees file's all)
     download: bool = True  # fetch the CSVs from the public repository when not found
+    # the largest CSV or trees file read, in MB (2**20 bytes); checked before reading
+    max_file_mb: float = DEFAULT_MAX_FILE_MB
 
 
 @dataclass
@@ -247,6 +250,7 @@ def _settings_checks() -> dict[str, Any]:
         "stage": OneOf(STAGES),
         "data.name": device_name,
         "data.models": model_list,
+        "data.max_file_mb": Range(float, 0, None, low_open=True),
         "features.sets": Each(OneOf(ALL_FEATURE_SETS)),
         "strategy.name": OneOf(STRATEGIES),
         "weighting.name": OneOf((*WEIGHTINGS, "paper")),
@@ -279,12 +283,11 @@ def check_settings(cfg: DictConfig) -> None:
             raise SettingsError(f"{key}={value!r}: {problem}")
 
 
-def seeds_request(cfg: DictConfig) -> str | None:
+def seeds_request(seeds: Any) -> str | None:
     """``seeds`` as one canonical string (``"5"``, ``"[1, 2, 3]"``), the MLflow param by which
     ``report`` finds the runs of a request; None when seeds are not asked for."""
     import json
 
-    seeds = cfg.get("seeds")
     if seeds is None:
         return None
     if OmegaConf.is_list(seeds) or isinstance(seeds, list | tuple):
@@ -292,23 +295,21 @@ def seeds_request(cfg: DictConfig) -> str | None:
     return str(seeds)
 
 
-def seed_list(cfg: DictConfig) -> list[int] | None:
-    """The seeds of ``cfg.seeds``: None when unset (one run, ``predictor.seed``); an integer k
-    gives ``predictor.seed + 0 … k − 1`` (so the first is the single-seed run), a list is
-    taken as it is. Raises ``ValueError`` (one line) for anything else."""
-    seeds = cfg.get("seeds")
+def seed_list(seeds: Any, base: int = 0) -> list[int] | None:
+    """The seeds of a ``seeds`` setting: None when unset (one run, the predictor's ``seed``,
+    ``base``); an integer k gives ``base + 0 … k − 1`` (so the first is the single-seed run),
+    a list is taken as it is. Raises :class:`SettingsError` (one line) for anything else."""
     if seeds is None:
         return None
     if OmegaConf.is_list(seeds) or isinstance(seeds, list | tuple):
         values = list(seeds)
         if not values or not all(isinstance(s, int) and not isinstance(s, bool) for s in values):
-            raise SettingsError(f"seeds={seeds_request(cfg)}: must be a non-empty list of integers")
+            raise SettingsError(f"seeds={seeds_request(seeds)}: must be a non-empty list of integers")
         if len(set(values)) != len(values):
-            raise SettingsError(f"seeds={seeds_request(cfg)}: a seed is repeated")
+            raise SettingsError(f"seeds={seeds_request(seeds)}: a seed is repeated")
         return values
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise SettingsError(f"seeds={seeds!r}: must be a number of seeds ≥ 1 or a list of seeds")
-    base = int(cfg.predictor.get("seed", 0) or 0)
     return [base + i for i in range(seeds)]
 
 

@@ -78,7 +78,7 @@ def load_trees(cfg: DictConfig, tracker: Tracker, *, require_energy: bool = True
     if cfg.data.trees:
         return _read_trees_file(cfg, tracker, require_energy), Path(cfg.data.trees)
     cache = _device_cache(cfg, tracker)
-    return read_cache(cache, require_energy=require_energy), cache
+    return read_cache(cache, require_energy=require_energy, max_mb=cfg.data.max_file_mb), cache
 
 
 @dataclass
@@ -108,7 +108,7 @@ def load_forest(cfg: DictConfig, tracker: Tracker) -> DataSet:
     arrays = cache.with_name(f"{cache.stem}.{digest[:16]}.forest.npz")
     if arrays.is_file() and _is_validated(cache, digest, require_energy=True):
         return DataSet(load_forest_arrays(arrays), cache)
-    trees = _read_cache(cache, digest, require_energy=True)
+    trees = _read_cache(cache, digest, require_energy=True, max_mb=cfg.data.max_file_mb)
     forest = build_forest(trees)
     save_forest(forest, arrays)
     return DataSet(forest, cache, trees)
@@ -117,7 +117,7 @@ def load_forest(cfg: DictConfig, tracker: Tracker) -> DataSet:
 def _read_trees_file(cfg: DictConfig, tracker: Tracker, require_energy: bool) -> list[Tree]:
     path, models = Path(cfg.data.trees), wanted_models(cfg)
     log.info("reading trees from %s", path)
-    trees = read_trees(path, require_energy=require_energy)
+    trees = read_trees(path, require_energy=require_energy, max_mb=cfg.data.max_file_mb)
     check_no_leaked_target(trees, cfg.features.sets, path)  # a feature that is the target: refused
     record_input(tracker, "data", path, source="data.trees")
     return trees if models is None else select_models(trees, models, path)
@@ -138,7 +138,7 @@ def _device_cache(cfg: DictConfig, tracker: Tracker) -> Path:
         log.info("reading trees of %s from cache %s", location.folder, cache)
     else:
         log.info("importing the published CSVs of %s (models: %s)", location.folder, models)
-        write_trees(cache, import_device(location.folder, models))
+        write_trees(cache, import_device(location.folder, models, max_mb=data.max_file_mb))
     return cache
 
 
@@ -160,17 +160,18 @@ def _is_validated(cache: Path, digest: str, *, require_energy: bool) -> bool:
                                                  and not require_energy)
 
 
-def read_cache(cache: Path, *, require_energy: bool) -> list[Tree]:
+def read_cache(cache: Path, *, require_energy: bool, max_mb: float | None = None) -> list[Tree]:
     """The trees of an import cache. The first read validates them (as any trees file) and
     records the sha256 of the bytes that passed in ``<cache>.validated``; later reads of the
     same bytes by the same version only parse them. Changed bytes, a missing or stale marker:
-    full validation again."""
-    return _read_cache(cache, sha256_of(cache), require_energy=require_energy)
+    full validation again. ``max_mb``: the size limit (``data.max_file_mb``)."""
+    return _read_cache(cache, sha256_of(cache), require_energy=require_energy, max_mb=max_mb)
 
 
-def _read_cache(cache: Path, digest: str, *, require_energy: bool) -> list[Tree]:
+def _read_cache(cache: Path, digest: str, *, require_energy: bool, max_mb: float | None = None
+                ) -> list[Tree]:
     if _is_validated(cache, digest, require_energy=require_energy):
-        return read_trees(cache, validate=False)
-    trees = read_trees(cache, require_energy=require_energy)
+        return read_trees(cache, validate=False, max_mb=max_mb)
+    trees = read_trees(cache, require_energy=require_energy, max_mb=max_mb)
     atomic_write_text(_validated_marker(cache), _stamp(digest, require_energy))
     return trees

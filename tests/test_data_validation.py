@@ -473,11 +473,14 @@ def test_a_second_row_for_one_scope_and_for_the_model(cell):
 
 
 def test_a_cell_without_a_model_row_is_skipped_with_a_warning(cell, caplog):
-    model = cell / csv_name("model")
-    model.write_text(model.read_text().splitlines(keepends=True)[0])
+    for level in ("module", "ml1", "ml2"):  # a second cell, (8, 64), without its model row
+        path = cell / csv_name(level)
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(lines + [line.replace("8.0,32.0,", "8.0,64.0,", 1)
+                                         for line in lines[1:]]))
     with caplog.at_level(logging.WARNING, logger="irene.data.published"):
-        assert import_device(cell, models=None) == []
-    assert f"{cell}: {MODEL} at batch 8, seq 32 has no model row; skipped" in caplog.messages
+        assert [tree_key(t) for t in import_device(cell, models=None)] == [(MODEL, 8, 32)]
+    assert f"{cell}: {MODEL} at batch 8, seq 64 has no model row; skipped" in caplog.messages
 
 
 def test_file_level_problems(cell):

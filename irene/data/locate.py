@@ -38,6 +38,13 @@ def _missing_files(folder: Path) -> list[str]:
     return [csv_name(level) for level in CSV_FILES if not (folder / csv_name(level)).is_file()]
 
 
+def _why(folder: Path, name: str) -> str:
+    """Why a device file is not there: missing, a folder, a link that loops..."""
+    from irene.data.integrity import file_problem
+
+    return file_problem(folder / name) or "is missing"
+
+
 def load_sources(path: Path = SOURCES_FILE) -> dict:
     """Public raw-file URLs and sha256 checksums of each device's CSVs."""
     return json.loads(path.read_text())
@@ -155,7 +162,7 @@ def locate_device(path: str | Path | None, device: str = "device_1", *, datasets
             raise DataNotFoundError(f"data.path={folder}: no such folder")
         missing = _missing_files(folder)
         if missing:
-            raise DataNotFoundError(f"data.path={folder}: {missing[0]} is missing "
+            raise DataNotFoundError(f"data.path={folder}: {missing[0]} {_why(folder, missing[0])} "
                                     f"(a device folder holds {', '.join(_all_files())})")
         return _located(folder, "data.path")
     tried: list[str] = []
@@ -165,7 +172,7 @@ def locate_device(path: str | Path | None, device: str = "device_1", *, datasets
         if folder is not None:
             missing = _missing_files(folder)
             if missing:
-                raise DataNotFoundError(f"{label}={folder}: {missing[0]} is missing "
+                raise DataNotFoundError(f"{label}={folder}: {missing[0]} {_why(folder, missing[0])} "
                                         f"(a device folder holds {', '.join(_all_files())})")
             return _located(folder, f"${ENV_VAR}")
         log.info("%s", label)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from irene.data.integrity import check_import, check_input_file
 from irene.data.locate import (
     CSV_FILES,
     ENV_VAR,
@@ -83,12 +84,14 @@ _COLUMN_FIELDS = {**{c: c for c in CSV_FEATURES}, "energy_mean": "ground_truth_e
                   "batch_size": "batch_size", "seq_len": "seq_len"}
 
 
-def _read_csv(folder: Path, level: str) -> pd.DataFrame:
+def _read_csv(folder: Path, level: str, max_mb: float | None = None) -> pd.DataFrame:
     """One CSV, every value checked: numbers of any numeric dtype (``8`` or ``8.0``) within
-    their physical bounds, whole numbers where a count is meant, names in place."""
+    their physical bounds, whole numbers where a count is meant, names in place. A file
+    larger than ``max_mb`` is refused before it is read (:mod:`irene.data.integrity`)."""
     import pandas as pd  # here: a stage that reads the cached trees does not import pandas
 
     path = folder / csv_name(level)
+    check_input_file(path, "CSV file", max_mb)
     try:
         frame = pd.read_csv(path, dtype={"level_name": str, "model_name": str})
     except UnicodeDecodeError:
@@ -124,6 +127,7 @@ def _read_csv(folder: Path, level: str) -> pd.DataFrame:
     frame["src_line"] = range(2, len(frame) + 2)
     frame["src_level"] = level
     frame["src_file"] = str(path)
+    frame.attrs["src_file"] = str(path)  # named even when the file has no rows
     return frame
 
 
@@ -250,14 +254,15 @@ def _finish(node: dict, level: int) -> None:
         _finish(child, level + 1)
 
 
-def import_device(folder: str | Path, models: tuple[str, ...] | list[str] | None = PAPER_MODELS
-                  ) -> list[Tree]:
+def import_device(folder: str | Path, models: tuple[str, ...] | list[str] | None = PAPER_MODELS,
+                  *, max_mb: float | None = None) -> list[Tree]:
     """Build one tree per (model, batch_size, seq_len) of a device folder.
 
     Args:
         folder: a folder with the four ``*_level_features.csv`` files.
         models: the models to keep, in this order (default: the six of the paper);
             ``None`` keeps every model of the files, in order of appearance.
+        max_mb: the largest CSV read, in MB (None: ``integrity.DEFAULT_MAX_FILE_MB``).
 
     Returns:
         Trees ordered by model (as given), then batch size, then sequence length. Cells
@@ -266,7 +271,7 @@ def import_device(folder: str | Path, models: tuple[str, ...] | list[str] | None
     import pandas as pd
 
     folder = Path(folder)
-    frames = [_read_csv(folder, level) for level in CSV_FILES]
+    frames = [_read_csv(folder, level, max_mb) for level in CSV_FILES]
     rows = pd.concat(frames, ignore_index=True)
     rows["batch_size"] = rows["batch_size"].astype(int)
     rows["seq_len"] = rows["seq_len"].astype(int)
@@ -302,4 +307,5 @@ def import_device(folder: str | Path, models: tuple[str, ...] | list[str] | None
                                   f"'level_name': a second row for {model} ({batch_size}, "
                                   f"{seq_len}) (the first is line {model_lines[0]})")
         trees.append(_build_tree(model, int(batch_size), int(seq_len), cell))
+    check_import(frames)  # duplicates, orphan model rows, structure, physics: every model
     return trees

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from irene.data.io import atomic_write_text
-from irene.errors import InputError, MissingInputError
+from irene.errors import InputError, MissingInputError  # noqa: F401 - re-exported
 
 
 class NodeType(StrEnum):
@@ -207,19 +207,27 @@ def validate_tree(
             fail("predicted_energy", f"must be a finite number, got {predicted!r}", node)
 
 
-def read_trees(path: str | Path, *, require_energy: bool = False, validate: bool = True
-               ) -> list[Tree]:
+def read_trees(path: str | Path, *, require_energy: bool = False, validate: bool = True,
+               max_mb: float | None = None) -> list[Tree]:
     """Read and validate a trees jsonl file (``validate=False``: parse only, for bytes known
     to have passed validation before, such as a checked cache).
+
+    Validation includes :func:`irene.data.integrity.check_trees`: energies not inverted and,
+    with ``require_energy`` (a measured data set), one structure per model at every shape.
+    A file larger than ``max_mb`` (None: ``integrity.DEFAULT_MAX_FILE_MB``) is refused
+    before it is read.
 
     Raises:
         MissingInputError: the file does not exist (a ``FileNotFoundError``).
         TreeFormatError: the first problem found, as ``file:line: ... field 'x': ...``; two
             trees of the same (model_name, batch_size, seq_len) are one.
+        InputError: a folder, a link loop or a file over the limit; trees that cannot be
+            right together (``integrity.IntegrityError``).
     """
+    from irene.data import integrity
+
     path = Path(path)
-    if not path.is_file():
-        raise MissingInputError(f"trees file not found: {path}")
+    integrity.check_input_file(path, "trees file", max_mb)
     trees: list[Tree] = []
     seen_ids: set[str] = set()
     first_line: dict[tuple, int] = {}
@@ -255,6 +263,9 @@ def read_trees(path: str | Path, *, require_energy: bool = False, validate: bool
             trees.append(tree)
     if not trees:
         raise TreeFormatError(f"{path}: no trees in file")
+    if validate:
+        integrity.check_trees(trees, [first_line[tree_key(t)] for t in trees], path,
+                              structure=require_energy)
     return trees
 
 
