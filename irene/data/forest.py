@@ -108,7 +108,9 @@ class Forest:
         return values
 
     def subset(self, tree_mask: np.ndarray) -> Forest:
-        """The forest of the trees where ``tree_mask`` is true."""
+        """The forest of the trees where ``tree_mask`` is true; it remembers the forest it was
+        cut from (:func:`origin`), so work that depends only on the data set is shared by the
+        subsets (:func:`shared_cache`)."""
         keep_trees = np.flatnonzero(tree_mask)
         node_mask = np.isin(self.tree_index, keep_trees)
         new_index = np.full(self.num_nodes, -1)
@@ -118,7 +120,7 @@ class Forest:
         tree_remap = np.full(self.num_trees, -1)
         tree_remap[keep_trees] = np.arange(len(keep_trees))
         sizes = np.diff(self.offsets)[keep_trees]
-        return Forest(
+        out = Forest(
             features=self.features[node_mask],
             gold_j=self.gold_j[node_mask],
             parent=parent,
@@ -133,6 +135,26 @@ class Forest:
             batch_sizes=self.batch_sizes[keep_trees],
             seq_lens=self.seq_lens[keep_trees],
         )
+        root, root_trees = origin(self)
+        out.__dict__["_origin"] = (root, root_trees[keep_trees])
+        return out
+
+
+def origin(forest: Forest) -> tuple[Forest, np.ndarray]:
+    """The forest ``forest`` was cut from by :meth:`Forest.subset` (through any number of
+    subsets; ``forest`` itself if it was not cut from one) and the index there of each of its
+    trees. A tree of a subset has the same nodes, in the same order, as the tree it copies."""
+    found = forest.__dict__.get("_origin")
+    return found if found is not None else (forest, np.arange(forest.num_trees))
+
+
+def shared_cache(forest: Forest) -> dict:
+    """A dict for results that depend only on the data of the forest ``forest`` was cut from
+    (:func:`origin`): the subsets of one data set (the folds of a cross-validation, the draws
+    of a learning curve) compute such work once. A forest is never changed in place
+    (``dataclasses.replace`` makes a new one, with a cache of its own)."""
+    root = origin(forest)[0]
+    return root.__dict__.setdefault("_shared", {})
 
 
 def build_forest(trees: Sequence[Tree]) -> Forest:

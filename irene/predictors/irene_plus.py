@@ -31,15 +31,34 @@ the whole model on device 1 takes well under a second per fold.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from irene.data.forest import ALL_FEATURE_SETS, Forest, children_sum, compose, feature_list
+from irene.data.forest import (
+    ALL_FEATURE_SETS,
+    Forest,
+    children_sum,
+    compose,
+    feature_list,
+    origin,
+    shared_cache,
+)
 from irene.data.tree import NODE_TYPES
 from irene.errors import InputError
 from irene.predictors.base import Each, OneOf, Predictor, Range
-from irene.predictors.leaves import LogPolyRegressor, measured, predict_leaves, relative_lstsq
+from irene.predictors.leaves import (
+    LogPolyRegressor,
+    Standardizer,
+    log_features,
+    measured,
+    polynomial_expand,
+    polynomial_transform,
+    predict_leaves,
+    relative_lstsq,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -128,7 +147,10 @@ class IrenePlusPredictor(Predictor):
         for op in sorted(set(forest.op_type[leaves])):
             rows = np.flatnonzero(leaves & (forest.op_type == op))
             x_op, y_op, group_op, count = _distinct(x[rows], forest.gold_j[rows], groups[rows])
-            (space, degree, alpha), error = self._select(x_op, y_op, group_op, count)
+            (space, degree, alpha), error = self._select(
+                x_op, y_op, group_op, count,
+                sums=lambda space, degree, op=op: _LeafSums.of(forest, self.features_, op, space,
+                                                               degree))
             self.leaf_models_[op] = LogPolyRegressor.fit(x_op, y_op, degree=degree, alpha=alpha,
                                                          sample_weight=count, space=space)
             self.leaf_cv_error_pct_[op] = error
@@ -138,22 +160,36 @@ class IrenePlusPredictor(Predictor):
             x_all, y_all, degree=min(2, max(int(d) for d in self.leaf_degrees)),
             alpha=float(min(self.leaf_alphas)), sample_weight=count, space="log")
 
-    def _select(self, x: np.ndarray, y: np.ndarray, groups: np.ndarray, count: np.ndarray
+    def _select(self, x: np.ndarray, y: np.ndarray, groups: np.ndarray, count: np.ndarray,
+                sums: Callable[[str, int], _LeafSums] | None = None
                 ) -> tuple[tuple[str, int, float], float]:
         """Space, degree and ridge strength by leave-one-model-out inside the training models
-        (mean % error over the held-out models, each node counted as often as it occurs)."""
+        (mean % error over the held-out models, each node counted as often as it occurs).
+
+        Every held-out fit is the ridge regression of :class:`LogPolyRegressor` on the other
+        models, solved from sums per model (:class:`_LeafSums`; ``sums(space, degree)`` gives
+        them, by default from these rows; ``fit`` passes the data set's, computed once and
+        shared by every fold cut from it); only the held-out model's rows are predicted row by
+        row. The sums give the direct fits to rounding (tested); the chosen regressor is then
+        fit on the rows as before.
+        """
         candidates = self._candidates()
         models = list(dict.fromkeys(groups))
         if not self.select_by_cv or len(models) < 2 or len(candidates) == 1:
             return candidates[0], float("nan")
         errors = np.zeros(len(candidates))
-        for held in models:
-            train, test = groups != held, groups == held
-            for i, (space, degree, alpha) in enumerate(candidates):
-                model = LogPolyRegressor.fit(x[train], y[train], degree=degree, alpha=alpha,
-                                             sample_weight=count[train], space=space)
-                error = np.abs(model.predict(x[test]) / y[test] - 1.0)
-                errors[i] += np.average(error, weights=count[test])
+        by_form: dict[tuple[str, int], list[int]] = {}
+        for i, (space, degree, _) in enumerate(candidates):
+            by_form.setdefault((space, degree), []).append(i)
+        for (space, degree), indices in by_form.items():
+            form = (_LeafSums.from_rows(x, y, groups, count, space, degree) if sums is None
+                    else sums(space, degree))
+            for held, fit in form.leave_one_out(models):
+                test = groups == held
+                for i in indices:
+                    model = fit.solve(candidates[i][2])
+                    error = np.abs(model.predict(x[test]) / y[test] - 1.0)
+                    errors[i] += np.average(error, weights=count[test])
         best = int(np.argmin(errors))
         return candidates[best], float(100.0 * errors[best] / len(models))
 
@@ -320,3 +356,144 @@ def _distinct(x: np.ndarray, energy_j: np.ndarray, groups: np.ndarray
     key = np.column_stack([x, energy_j, codes])
     _, first, counts = np.unique(key, axis=0, return_index=True, return_counts=True)
     return x[first], energy_j[first], groups[first], counts.astype(np.float64)
+
+
+@dataclass
+class _NormalEquations:
+    """One held-out fit of the inner selection: the standardizer of its training rows and the
+    normal equations of :meth:`LogPolyRegressor.fit` in that standardisation."""
+
+    space: str
+    degree: int
+    scaler: Standardizer
+    gram: np.ndarray
+    rhs: np.ndarray
+    weight: float
+
+    def solve(self, alpha: float) -> LogPolyRegressor:
+        penalty = alpha * self.weight * np.eye(len(self.gram))
+        penalty[0, 0] = 0.0  # never shrink the intercept
+        coef = np.linalg.lstsq(self.gram + penalty, self.rhs, rcond=None)[0]
+        return LogPolyRegressor(degree=self.degree, alpha=alpha, scaler=self.scaler, coef_=coef,
+                                space=self.space)
+
+
+@dataclass
+class _LeafSums:
+    """Per model, the sums the ridge regression of one primitive type needs, over the model's
+    distinct leaf rows, in one reference standardisation (the whole data set's):
+    ``gram`` Σ w·z·zᵀ and ``rhs`` Σ w·z·target of the expanded rows z, ``weight`` Σ w, and
+    for the standardizer ``count``, ``total``, ``squares`` (Σ 1, Σ u, Σ u² of the reference
+    coordinates) and ``low``/``high`` (the raw minimum and maximum, which tell a constant
+    column exactly). Any set of models is then one sum and one change of standardisation
+    (:func:`polynomial_transform`) away from its normal equations.
+    """
+
+    space: str
+    degree: int
+    models: dict[str, int]
+    reference: Standardizer
+    gram: np.ndarray
+    rhs: np.ndarray
+    weight: np.ndarray
+    count: np.ndarray
+    total: np.ndarray
+    squares: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+
+    @classmethod
+    def of(cls, forest: Forest, features: list[str], op: str, space: str, degree: int
+           ) -> _LeafSums:
+        """The sums of ``op``'s leaves per model of the data set ``forest`` was cut from
+        (computed once per data set, :func:`~irene.data.forest.shared_cache`), when
+        ``forest`` holds every tree of each of its models there (the folds of a
+        leave-one-model-out); else the sums of ``forest``'s own rows."""
+        root = origin(forest)[0]
+        if not _whole_models(forest, root):  # some trees of a model: its own rows
+            return cls._compute(forest, features, op, space, degree)
+        cache = shared_cache(forest).setdefault("irene_plus_leaf_sums", {})
+        key = (tuple(features), op, space, degree)
+        if key not in cache:
+            cache[key] = cls._compute(root, features, op, space, degree)
+        return cache[key]
+
+    @classmethod
+    def _compute(cls, forest: Forest, features: list[str], op: str, space: str, degree: int
+                 ) -> _LeafSums:
+        rows = np.flatnonzero(forest.is_leaf & measured(forest) & (forest.op_type == op))
+        x, y, groups, weight = _distinct(forest.matrix(features, rows), forest.gold_j[rows],
+                                         forest.node_model_names()[rows])
+        return cls.from_rows(x, y, groups, weight, space, degree)
+
+    @classmethod
+    def from_rows(cls, x: np.ndarray, y: np.ndarray, groups: np.ndarray, weight: np.ndarray,
+                  space: str, degree: int) -> _LeafSums:
+        """The sums of distinct rows ``x`` (raw features), energies ``y``, models ``groups``
+        and row weights ``weight``."""
+        inputs = log_features(x) if space == "log" else x
+        reference = Standardizer.fit(inputs)
+        u = reference.transform(inputs)
+        z = polynomial_expand(u, max(degree, 1))
+        if space == "log":
+            target = np.log(y)
+        else:  # relative error: each row divided by its energy, the target 1
+            z = z / y[:, None]
+            target = np.ones(len(z))
+        models = {name: i for i, name in enumerate(dict.fromkeys(groups))}
+        code = np.asarray([models[g] for g in groups])
+        k, width, f = len(models), z.shape[1], u.shape[1]
+        out = cls(space=space, degree=degree, models=models, reference=reference,
+                  gram=np.zeros((k, width, width)), rhs=np.zeros((k, width)), weight=np.zeros(k),
+                  count=np.zeros(k), total=np.zeros((k, f)), squares=np.zeros((k, f)),
+                  low=np.zeros((k, f)), high=np.zeros((k, f)))
+        for i in range(k):
+            mine = code == i
+            zw = z[mine] * weight[mine, None]
+            out.gram[i] = zw.T @ z[mine]
+            out.rhs[i] = zw.T @ target[mine]
+            out.weight[i] = weight[mine].sum()
+            out.count[i] = mine.sum()
+            out.total[i] = u[mine].sum(axis=0)
+            out.squares[i] = (u[mine] ** 2).sum(axis=0)
+            out.low[i] = inputs[mine].min(axis=0)
+            out.high[i] = inputs[mine].max(axis=0)
+        return out
+
+    def leave_one_out(self, models: list[str]):
+        """``(held, normal equations of the other models)`` for every model of ``models``."""
+        index = np.asarray([self.models[m] for m in models])
+        gram, rhs = self.gram[index].sum(axis=0), self.rhs[index].sum(axis=0)
+        weight, count = self.weight[index].sum(), self.count[index].sum()
+        total, squares = self.total[index].sum(axis=0), self.squares[index].sum(axis=0)
+        for j, held in enumerate(models):
+            others = np.delete(index, j)
+            i = index[j]
+            n = count - self.count[i]
+            mean = (total - self.total[i]) / n
+            variance = np.maximum((squares - self.squares[i]) / n - mean**2, 0.0)
+            constant = self.low[others].min(axis=0) == self.high[others].max(axis=0)
+            ref_mean, ref_scale = self.reference.mean_, self.reference.scale_
+            raw_mean = ref_mean + ref_scale * mean
+            raw_scale = np.where(constant, 0.0, ref_scale * np.sqrt(variance))
+            # Standardizer's rule: a (near-)zero variance column keeps scale 1
+            eps = 10 * np.finfo(np.float64).eps
+            raw_scale = np.where(raw_scale < eps * np.maximum(np.abs(raw_mean), 1.0), 1.0, raw_scale)
+            scaler = Standardizer(mean_=raw_mean, scale_=raw_scale)
+            change = polynomial_transform(mean, raw_scale / ref_scale, max(self.degree, 1))
+            yield held, _NormalEquations(
+                space=self.space, degree=self.degree, scaler=scaler,
+                gram=change @ (gram - self.gram[i]) @ change.T,
+                rhs=change @ (rhs - self.rhs[i]), weight=float(weight - self.weight[i]))
+
+
+def _whole_models(forest: Forest, root: Forest) -> bool:
+    """Whether ``forest``, cut from ``root``, holds every tree of each of its models there."""
+    if forest is root:
+        return True
+    counts = shared_cache(forest).get("trees_per_model")
+    if counts is None:
+        names, number = np.unique(np.asarray(root.model_names, dtype=object), return_counts=True)
+        counts = shared_cache(forest)["trees_per_model"] = dict(zip(names, number, strict=True))
+    names, number = np.unique(np.asarray(forest.model_names, dtype=object), return_counts=True)
+    return all(counts[name] == n for name, n in zip(names, number, strict=True))

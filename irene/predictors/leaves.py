@@ -5,7 +5,8 @@ fit and prediction."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import combinations_with_replacement
+from functools import lru_cache
+from itertools import combinations_with_replacement, product
 
 import numpy as np
 
@@ -43,26 +44,94 @@ class Standardizer:
 def polynomial_powers(num_features: int, degree: int) -> list[tuple[int, ...]]:
     """Column index tuples of a polynomial expansion, in scikit-learn's output order
     (bias first, then degree 1, 2, ...; within a degree, combinations with replacement)."""
+    return list(_powers(num_features, degree))
+
+
+@lru_cache(maxsize=32)
+def _powers(num_features: int, degree: int) -> tuple[tuple[int, ...], ...]:
     terms: list[tuple[int, ...]] = [()]
     for d in range(1, degree + 1):
         terms.extend(combinations_with_replacement(range(num_features), d))
-    return terms
+    return tuple(terms)
+
+
+@lru_cache(maxsize=32)
+def _expansion_plan(num_features: int, degree: int) -> tuple[int, list[tuple[slice, np.ndarray, np.ndarray]]]:
+    """How :func:`polynomial_expand` builds its columns: the number of terms and, per degree,
+    the output columns with the lower-degree column and the input column each one multiplies."""
+    terms = _powers(num_features, degree)
+    position = {(): 0}
+    for i, term in enumerate(terms):
+        position[term] = i
+    plan = []
+    for d in range(1, degree + 1):
+        columns = [i for i, term in enumerate(terms) if len(term) == d]
+        plan.append((slice(columns[0], columns[-1] + 1),
+                     np.asarray([position[terms[i][:-1]] for i in columns]),
+                     np.asarray([terms[i][-1] for i in columns])))
+    return len(terms), plan
+
+
+@lru_cache(maxsize=32)
+def _shift_pattern(num_features: int, degree: int) -> tuple[np.ndarray, ...]:
+    """The terms of :func:`polynomial_transform`: each monomial Π(u_i − a_i) expanded over
+    the subsets of its factors; per term its row (monomial), column (the kept u factors),
+    the features whose −a it takes and the features of the monomial (padded with
+    ``num_features``, whose value is 1)."""
+    terms = _powers(num_features, degree)
+    position = {term: i for i, term in enumerate(terms)}
+    rows, cols, taken, members = [], [], [], []
+    for i, term in enumerate(terms):
+        for keep in product((True, False), repeat=len(term)):
+            rows.append(i)
+            cols.append(position[tuple(f for f, k in zip(term, keep, strict=True) if k)])
+            gone = [f for f, k in zip(term, keep, strict=True) if not k]
+            taken.append(gone + [num_features] * (degree - len(gone)))
+            members.append(list(term) + [num_features] * (degree - len(term)))
+    return (np.asarray(rows), np.asarray(cols), np.asarray(taken).reshape(len(rows), degree),
+            np.asarray(members).reshape(len(rows), degree))
+
+
+def polynomial_transform(shift: np.ndarray, scale: np.ndarray, degree: int) -> np.ndarray:
+    """The matrix T with ``polynomial_expand((u - shift) / scale)[r] = T @ polynomial_expand(u)[r]``
+    for every row r (equal in exact arithmetic): a change of standardisation of expanded
+    features is one linear map, so sums of expanded rows (Gram matrices) computed once in
+    one standardisation serve every other."""
+    shift, scale = np.asarray(shift, dtype=np.float64), np.asarray(scale, dtype=np.float64)
+    rows, cols, taken, members = _shift_pattern(len(shift), degree)
+    minus_shift = np.append(-shift, 1.0)
+    inverse_scale = np.append(1.0 / scale, 1.0)
+    values = minus_shift[taken].prod(axis=1) * inverse_scale[members].prod(axis=1)
+    width = len(_powers(len(shift), degree))
+    out = np.zeros((width, width))
+    np.add.at(out, (rows, cols), values)
+    return out
+
+
+EXPAND_ROWS = 512  # rows expanded at a time: the block and its transpose stay in cache
 
 
 def polynomial_expand(x: np.ndarray, degree: int) -> np.ndarray:
     """All monomials of the columns of ``x`` up to ``degree``, bias column included.
 
     Equal to ``sklearn.preprocessing.PolynomialFeatures(degree).fit_transform(x)``; each
-    degree-k column is one product of a degree-(k-1) column with one input column.
+    degree-k column is one product of a degree-(k-1) column with one input column (the bias
+    column 1.0 for degree 1), so every value is the same float whatever the block size.
+    Rows are expanded in blocks, one array operation per degree and block, on the block's
+    transpose (gathering whole rows is a copy; gathering columns of a wide array is not).
     """
     n, f = x.shape
-    terms = polynomial_powers(f, degree)
-    out = np.empty((n, len(terms)), dtype=x.dtype)
-    position = {(): 0}
-    out[:, 0] = 1.0
-    for i, term in enumerate(terms[1:], start=1):
-        out[:, i] = out[:, position[term[:-1]]] * x[:, term[-1]]
-        position[term] = i
+    width, plan = _expansion_plan(f, degree)
+    out = np.empty((n, width), dtype=x.dtype)
+    block = np.empty((width, min(n, EXPAND_ROWS)), dtype=x.dtype)
+    for start in range(0, n, EXPAND_ROWS):
+        rows = slice(start, min(n, start + EXPAND_ROWS))
+        xt = np.ascontiguousarray(x[rows].T)
+        bt = block[:, :xt.shape[1]]
+        bt[0] = 1.0
+        for columns, lower, factor in plan:
+            np.multiply(bt[lower], xt[factor], out=bt[columns])
+        out[rows] = bt.T
     return out
 
 

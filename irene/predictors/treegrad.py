@@ -12,11 +12,11 @@ child weights, v the node values (energies), g the measured energies. With
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from irene.data.forest import Forest
+from irene.data.forest import Forest, origin, shared_cache
 
 
 @dataclass
@@ -33,10 +33,26 @@ class TreeIndex:
 
 
 def tree_indices(forest: Forest) -> list[TreeIndex]:
-    """Index arrays of every tree of a forest (computed once per fit)."""
+    """Index arrays of every tree of a forest (computed once per fit).
+
+    A tree's local arrays depend only on the tree, so they are computed once per data set
+    (:func:`~irene.data.forest.shared_cache`) and shared by the forests cut from it: every
+    fold of a cross-validation reuses them with its own row offsets.
+    """
+    root, root_trees = origin(forest)
+    cache = shared_cache(forest).setdefault("tree_indices", {})
+    missing = [int(r) for r in root_trees if int(r) not in cache]
+    if missing:
+        cache.update(zip(missing, _tree_indices(root, missing), strict=True))
+    return [replace(cache[int(r)], start=int(forest.offsets[t]), stop=int(forest.offsets[t + 1]))
+            for t, r in enumerate(root_trees)]
+
+
+def _tree_indices(forest: Forest, trees: list[int]) -> list[TreeIndex]:
     out = []
     measured = ~np.isnan(forest.gold_j)
-    for t in range(forest.num_trees):
+    leaf = forest.is_leaf
+    for t in trees:
         a, b = int(forest.offsets[t]), int(forest.offsets[t + 1])
         parent = np.where(forest.parent[a:b] >= 0, forest.parent[a:b] - a, -1)
         depth = forest.depth[a:b]
@@ -45,7 +61,7 @@ def tree_indices(forest: Forest) -> list[TreeIndex]:
             children = np.flatnonzero(depth == d)
             levels.append((children, parent[children]))
         nonroot = np.flatnonzero(parent >= 0)
-        is_leaf = forest.is_leaf[a:b]
+        is_leaf = leaf[a:b]
         out.append(TreeIndex(start=a, stop=b, parent=parent, levels=levels,
                              edges=(nonroot, parent[nonroot]),
                              inner=np.flatnonzero(~is_leaf & measured[a:b]), is_leaf=is_leaf))
