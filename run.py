@@ -17,7 +17,18 @@ from pathlib import Path
 
 from pipelines.tracking_worker import dismiss_prestarted, prestart
 
+
+def terminated_before_the_stage(signum: int, frame: object) -> None:
+    """SIGTERM while Python imports and Hydra composes (seconds): one line and exit code 143,
+    like a stage's (:func:`execute` hands over to the stage's own handler)."""
+    print("error: terminated by SIGTERM before the stage started", file=sys.stderr, flush=True)
+    raise SystemExit(143)
+
+
 if __name__ == "__main__":
+    import signal
+
+    signal.signal(signal.SIGTERM, terminated_before_the_stage)
     # MLflow's usage telemetry costs its client about a second per process here; a stage
     # does not send it unless asked to (MLFLOW_DISABLE_TELEMETRY=false)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -107,6 +118,7 @@ def execute(cfg: DictConfig, *, multirun: bool = False) -> None:
     try:
         check_known_settings(cfg)
         check_settings(cfg)  # every value in its range, whatever the stage
+        _hand_over_sigterm()
         with terminate_unwinds():  # SIGTERM: finally blocks run, then one line, exit 143
             run_stage(cfg)
     except USER_ERRORS as error:
@@ -121,6 +133,14 @@ def execute(cfg: DictConfig, *, multirun: bool = False) -> None:
     except (Terminated, KeyboardInterrupt) as stop:
         print(f"error: {stop or 'interrupted'}; a tracked run is marked KILLED", file=sys.stderr)
         raise SystemExit(143 if isinstance(stop, Terminated) else 130) from None
+
+
+def _hand_over_sigterm() -> None:
+    """From here the stage's handler (:func:`terminate_unwinds`) answers SIGTERM."""
+    import signal
+
+    if signal.getsignal(signal.SIGTERM) is terminated_before_the_stage:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 _SINGLE_RUN_DONE = False  # set when a single run's stage returned
