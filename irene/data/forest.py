@@ -148,6 +148,15 @@ def origin(forest: Forest) -> tuple[Forest, np.ndarray]:
     return found if found is not None else (forest, np.arange(forest.num_trees))
 
 
+def origin_rows(forest: Forest) -> np.ndarray:
+    """The row in ``origin(forest)[0]`` of every node of ``forest``."""
+    root, trees = origin(forest)
+    if forest is root:
+        return np.arange(forest.num_nodes)
+    shift = root.offsets[trees] - forest.offsets[:-1]
+    return np.repeat(shift, np.diff(forest.offsets)) + np.arange(forest.num_nodes)
+
+
 def shared_cache(forest: Forest) -> dict:
     """A dict for results that depend only on the data of the forest ``forest`` was cut from
     (:func:`origin`): the subsets of one data set (the folds of a cross-validation, the draws

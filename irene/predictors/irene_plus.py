@@ -39,11 +39,13 @@ import numpy as np
 
 from irene.data.forest import (
     ALL_FEATURE_SETS,
+    ALL_FEATURES,
     Forest,
     children_sum,
     compose,
     feature_list,
     origin,
+    origin_rows,
     shared_cache,
 )
 from irene.data.tree import NODE_TYPES
@@ -141,12 +143,10 @@ class IrenePlusPredictor(Predictor):
         leaves = forest.is_leaf & measured(forest)
         if not leaves.any():
             raise InputError("no measured leaf (ml) nodes to fit the leaf regressors on")
-        groups = forest.node_model_names()
         self.leaf_models_: dict[str, LogPolyRegressor] = {}
         self.leaf_cv_error_pct_: dict[str, float] = {}
         for op in sorted(set(forest.op_type[leaves])):
-            rows = np.flatnonzero(leaves & (forest.op_type == op))
-            x_op, y_op, group_op, count = _distinct(x[rows], forest.gold_j[rows], groups[rows])
+            x_op, y_op, group_op, count = _leaf_rows(forest, self.features_, op)
             (space, degree, alpha), error = self._select(
                 x_op, y_op, group_op, count,
                 sums=lambda space, degree, op=op: _LeafSums.of(forest, self.features_, op, space,
@@ -155,7 +155,7 @@ class IrenePlusPredictor(Predictor):
                                                          sample_weight=count, space=space)
             self.leaf_cv_error_pct_[op] = error
         # op-agnostic regressor (log space: it must span decades) for unseen primitive types
-        x_all, y_all, _, count = _distinct(x[leaves], forest.gold_j[leaves], groups[leaves])
+        x_all, y_all, _, count = _leaf_rows(forest, self.features_, None)
         self.global_leaf_model_ = LogPolyRegressor.fit(
             x_all, y_all, degree=min(2, max(int(d) for d in self.leaf_degrees)),
             alpha=float(min(self.leaf_alphas)), sample_weight=count, space="log")
@@ -181,38 +181,49 @@ class IrenePlusPredictor(Predictor):
         by_form: dict[tuple[str, int], list[int]] = {}
         for i, (space, degree, _) in enumerate(candidates):
             by_form.setdefault((space, degree), []).append(i)
+        held_rows = {name: np.flatnonzero(groups == name) for name in models}
         for (space, degree), indices in by_form.items():
             form = (_LeafSums.from_rows(x, y, groups, count, space, degree) if sums is None
                     else sums(space, degree))
-            for held, fit in form.leave_one_out(models):
-                test = groups == held
-                for i in indices:
-                    model = fit.solve(candidates[i][2])
-                    error = np.abs(model.predict(x[test]) / y[test] - 1.0)
+            alphas = [candidates[i][2] for i in indices]
+            scalers, coef = form.leave_one_out(models, alphas)
+            for j, held in enumerate(models):
+                test = held_rows[held]
+                fit = LogPolyRegressor(degree=degree, alpha=alphas[0], scaler=scalers[j],
+                                       coef_=coef[j, 0], space=space)
+                expanded = fit.expand(x[test])  # the same for every ridge strength
+                for a, i in enumerate(indices):
+                    fit.coef_ = coef[j, a]
+                    error = np.abs(fit.predict(x[test], expanded=expanded) / y[test] - 1.0)
                     errors[i] += np.average(error, weights=count[test])
         best = int(np.argmin(errors))
         return candidates[best], float(100.0 * errors[best] / len(models))
 
-    def _child_kind(self, forest: Forest) -> np.ndarray:
-        """Kind of every node as a child: its primitive type, or "module"."""
-        return np.where(forest.is_leaf, forest.op_type, MODULE_CHILD).astype(object)
+    def _kind_columns(self, forest: Forest, values: np.ndarray) -> list[np.ndarray]:
+        """Per kind of ``child_kinds_``: Σ over each node's children of that kind of ``values``."""
+        names, code = _node_kinds(forest)
+        position = {name: j for j, name in enumerate(names)}
+        return [children_sum(forest, np.where(code == position.get(k, -1), values, 0.0))
+                for k in self.child_kinds_]
+
+    def _residual_design(self, forest: Forest) -> np.ndarray:
+        """Columns of the unattributed term: 1, then Δx_k = x_k(node) − Σ_children x_k(child)
+        (per node, the same in every forest that holds its tree: computed once per data set)."""
+        columns = [np.ones(forest.num_nodes)]  # constant per call (launch overhead)
+        if self.extra_features_:
+            forest.matrix(self.extra_features_)  # a missing value is an error here
+            columns.extend(_own_work(forest, self.extra_features_).T)
+        return np.column_stack(columns)
 
     def _inner_design(self, forest: Forest, child_values: np.ndarray) -> np.ndarray:
         """Columns: Σ children of each kind (values), then the unattributed features."""
-        kind = self._child_kind(forest)
-        columns = [children_sum(forest, np.where(kind == k, child_values, 0.0))
-                   for k in self.child_kinds_]
-        columns.append(np.ones(forest.num_nodes))  # constant per call (launch overhead)
-        if self.extra_features_:
-            own = forest.matrix(self.extra_features_)
-            for j in range(own.shape[1]):
-                columns.append(own[:, j] - children_sum(forest, own[:, j]))
-        return np.column_stack(columns)
+        return np.column_stack([*self._kind_columns(forest, child_values),
+                                self._residual_design(forest)])
 
     def _fit_inner(self, forest: Forest, leaf_pred: np.ndarray) -> None:
         targets = ~forest.is_leaf & measured(forest)
-        kinds = self._child_kind(forest)
-        self.child_kinds_ = sorted(set(kinds[forest.parent >= 0]))
+        names, code = _node_kinds(forest)
+        self.child_kinds_ = [str(names[c]) for c in np.unique(code[forest.parent >= 0])]
         self.residual_terms_ = ["constant_j"] + [f"extra_{f}" for f in self.extra_features_]
         k = len(self.child_kinds_)
         lower = np.full(k + len(self.residual_terms_), -np.inf)
@@ -254,11 +265,13 @@ class IrenePlusPredictor(Predictor):
 
     def _weights_and_residual(self, forest: Forest) -> tuple[np.ndarray, np.ndarray]:
         """Each node's weight in its parent's sum and each inner node's unattributed term."""
-        lookup = dict(zip(self.child_kinds_, self.child_weights_, strict=True))
-        weights = np.array([lookup.get(kind, 1.0) for kind in self._child_kind(forest)])
-        k = len(self.child_kinds_)
-        design = self._inner_design(forest, np.zeros(forest.num_nodes))[:, k:]
-        residual = np.where(forest.is_leaf, 0.0, design @ self.residual_coef_)
+        names, code = _node_kinds(forest)
+        position = {name: j for j, name in enumerate(names)}
+        weights = np.ones(forest.num_nodes)
+        for kind, weight in zip(self.child_kinds_, self.child_weights_, strict=True):
+            if kind in position:
+                weights[code == position[kind]] = weight
+        residual = np.where(forest.is_leaf, 0.0, self._residual_design(forest) @ self.residual_coef_)
         return weights, residual
 
     def _compose(self, forest: Forest, leaf_pred: np.ndarray) -> np.ndarray:
@@ -359,26 +372,6 @@ def _distinct(x: np.ndarray, energy_j: np.ndarray, groups: np.ndarray
 
 
 @dataclass
-class _NormalEquations:
-    """One held-out fit of the inner selection: the standardizer of its training rows and the
-    normal equations of :meth:`LogPolyRegressor.fit` in that standardisation."""
-
-    space: str
-    degree: int
-    scaler: Standardizer
-    gram: np.ndarray
-    rhs: np.ndarray
-    weight: float
-
-    def solve(self, alpha: float) -> LogPolyRegressor:
-        penalty = alpha * self.weight * np.eye(len(self.gram))
-        penalty[0, 0] = 0.0  # never shrink the intercept
-        coef = np.linalg.lstsq(self.gram + penalty, self.rhs, rcond=None)[0]
-        return LogPolyRegressor(degree=self.degree, alpha=alpha, scaler=self.scaler, coef_=coef,
-                                space=self.space)
-
-
-@dataclass
 class _LeafSums:
     """Per model, the sums the ridge regression of one primitive type needs, over the model's
     distinct leaf rows, in one reference standardisation (the whole data set's):
@@ -411,20 +404,12 @@ class _LeafSums:
         leave-one-model-out); else the sums of ``forest``'s own rows."""
         root = origin(forest)[0]
         if not _whole_models(forest, root):  # some trees of a model: its own rows
-            return cls._compute(forest, features, op, space, degree)
+            return cls.from_rows(*_distinct_leaves(forest, features, op), space, degree)
         cache = shared_cache(forest).setdefault("irene_plus_leaf_sums", {})
         key = (tuple(features), op, space, degree)
         if key not in cache:
-            cache[key] = cls._compute(root, features, op, space, degree)
+            cache[key] = cls.from_rows(*_data_set_leaves(forest, features, op)[:4], space, degree)
         return cache[key]
-
-    @classmethod
-    def _compute(cls, forest: Forest, features: list[str], op: str, space: str, degree: int
-                 ) -> _LeafSums:
-        rows = np.flatnonzero(forest.is_leaf & measured(forest) & (forest.op_type == op))
-        x, y, groups, weight = _distinct(forest.matrix(features, rows), forest.gold_j[rows],
-                                         forest.node_model_names()[rows])
-        return cls.from_rows(x, y, groups, weight, space, degree)
 
     @classmethod
     def from_rows(cls, x: np.ndarray, y: np.ndarray, groups: np.ndarray, weight: np.ndarray,
@@ -460,31 +445,43 @@ class _LeafSums:
             out.high[i] = inputs[mine].max(axis=0)
         return out
 
-    def leave_one_out(self, models: list[str]):
-        """``(held, normal equations of the other models)`` for every model of ``models``."""
+    def leave_one_out(self, models: list[str], alphas: list[float]
+                      ) -> tuple[list[Standardizer], np.ndarray]:
+        """For every model of ``models`` held out, the fit of the others: its standardizer and
+        the coefficients of each ridge strength (``coef[held, alpha]``), as
+        :meth:`LogPolyRegressor.fit` solves them (normal equations, least squares), all
+        held-out models at once."""
         index = np.asarray([self.models[m] for m in models])
-        gram, rhs = self.gram[index].sum(axis=0), self.rhs[index].sum(axis=0)
-        weight, count = self.weight[index].sum(), self.count[index].sum()
-        total, squares = self.total[index].sum(axis=0), self.squares[index].sum(axis=0)
-        for j, held in enumerate(models):
-            others = np.delete(index, j)
-            i = index[j]
-            n = count - self.count[i]
-            mean = (total - self.total[i]) / n
-            variance = np.maximum((squares - self.squares[i]) / n - mean**2, 0.0)
-            constant = self.low[others].min(axis=0) == self.high[others].max(axis=0)
-            ref_mean, ref_scale = self.reference.mean_, self.reference.scale_
-            raw_mean = ref_mean + ref_scale * mean
-            raw_scale = np.where(constant, 0.0, ref_scale * np.sqrt(variance))
-            # Standardizer's rule: a (near-)zero variance column keeps scale 1
-            eps = 10 * np.finfo(np.float64).eps
-            raw_scale = np.where(raw_scale < eps * np.maximum(np.abs(raw_mean), 1.0), 1.0, raw_scale)
-            scaler = Standardizer(mean_=raw_mean, scale_=raw_scale)
-            change = polynomial_transform(mean, raw_scale / ref_scale, max(self.degree, 1))
-            yield held, _NormalEquations(
-                space=self.space, degree=self.degree, scaler=scaler,
-                gram=change @ (gram - self.gram[i]) @ change.T,
-                rhs=change @ (rhs - self.rhs[i]), weight=float(weight - self.weight[i]))
+        keep = lambda total, part: total.sum(axis=0)[None] - part  # noqa: E731
+        gram = keep(self.gram[index], self.gram[index])
+        rhs = keep(self.rhs[index], self.rhs[index])
+        weight = keep(self.weight[index], self.weight[index])
+        n = keep(self.count[index], self.count[index])
+        mean = keep(self.total[index], self.total[index]) / n[:, None]
+        variance = np.maximum(keep(self.squares[index], self.squares[index]) / n[:, None]
+                              - mean**2, 0.0)
+        low, high = self.low[index], self.high[index]
+        constant = np.stack([np.delete(low, j, axis=0).min(axis=0)
+                             == np.delete(high, j, axis=0).max(axis=0)
+                             for j in range(len(index))])
+        ref_mean, ref_scale = self.reference.mean_, self.reference.scale_
+        raw_mean = ref_mean + ref_scale * mean
+        raw_scale = np.where(constant, 0.0, ref_scale * np.sqrt(variance))
+        # Standardizer's rule: a (near-)zero variance column keeps scale 1
+        eps = 10 * np.finfo(np.float64).eps
+        raw_scale = np.where(raw_scale < eps * np.maximum(np.abs(raw_mean), 1.0), 1.0, raw_scale)
+        change = polynomial_transform(mean, raw_scale / ref_scale, max(self.degree, 1))
+        gram = change @ gram @ np.swapaxes(change, 1, 2)
+        rhs = np.einsum("hij,hj->hi", change, rhs)
+        coef = np.empty((len(index), len(alphas), gram.shape[1]))
+        free = np.eye(gram.shape[1])
+        free[0, 0] = 0.0  # never shrink the intercept
+        for a, alpha in enumerate(alphas):
+            system = gram + (alpha * weight)[:, None, None] * free
+            for j in range(len(index)):  # lstsq as the direct fit: small ridges are ill-posed
+                coef[j, a] = np.linalg.lstsq(system[j], rhs[j], rcond=None)[0]
+        scalers = [Standardizer(mean_=raw_mean[j], scale_=raw_scale[j]) for j in range(len(index))]
+        return scalers, coef
 
 
 def _whole_models(forest: Forest, root: Forest) -> bool:
@@ -497,3 +494,74 @@ def _whole_models(forest: Forest, root: Forest) -> bool:
         counts = shared_cache(forest)["trees_per_model"] = dict(zip(names, number, strict=True))
     names, number = np.unique(np.asarray(forest.model_names, dtype=object), return_counts=True)
     return all(counts[name] == n for name, n in zip(names, number, strict=True))
+
+
+def _distinct_leaves(forest: Forest, features: list[str], op: str | None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_distinct` of the measured leaves of primitive type ``op`` (None: every type)."""
+    rows = forest.is_leaf & measured(forest)
+    if op is not None:
+        rows &= forest.op_type == op
+    rows = np.flatnonzero(rows)
+    return _distinct(forest.matrix(features, rows), forest.gold_j[rows],
+                     forest.node_model_names()[rows])
+
+
+def _leaf_rows(forest: Forest, features: list[str], op: str | None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_distinct_leaves` of ``forest``, cut from the data set's when ``forest`` holds
+    whole models of it (computed once per data set).
+
+    The same rows in the same order: a distinct triple belongs to one model, and the order
+    of :func:`_distinct` (by row, energy, then the model's rank among the sorted model names)
+    is the same among any set of models.
+    """
+    root = origin(forest)[0]
+    if not _whole_models(forest, root):
+        return _distinct_leaves(forest, features, op)
+    x, y, groups, count, code, names = _data_set_leaves(forest, features, op)
+    if forest is root:
+        return x, y, groups, count
+    present = set(forest.model_names)
+    keep = np.asarray([name in present for name in names], dtype=bool)[code]
+    return x[keep], y[keep], groups[keep], count[keep]
+
+
+def _data_set_leaves(forest: Forest, features: list[str], op: str | None) -> tuple:
+    """:func:`_distinct_leaves` of the data set ``forest`` was cut from, once per data set,
+    with each row's model as its index among the sorted model names."""
+    cache = shared_cache(forest).setdefault("irene_plus_distinct", {})
+    key = (tuple(features), op)
+    if key not in cache:
+        root = origin(forest)[0]
+        x, y, groups, count = _distinct_leaves(root, features, op)
+        names = sorted(set(root.model_names))
+        code = np.searchsorted(np.asarray(names, dtype=object), groups) if len(groups) else groups
+        cache[key] = (x, y, groups, count, np.asarray(code, dtype=np.int64), names)
+    return cache[key]
+
+
+def _node_kinds(forest: Forest) -> tuple[np.ndarray, np.ndarray]:
+    """The kinds of child (primitive types and "module", sorted) and each node's index there,
+    computed once per data set."""
+    cache = shared_cache(forest)
+    if "irene_plus_kinds" not in cache:
+        root = origin(forest)[0]
+        kind = np.where(root.is_leaf, root.op_type, MODULE_CHILD).astype(object)
+        names, code = np.unique(kind, return_inverse=True)
+        cache["irene_plus_kinds"] = (names.astype(object), code.ravel())
+    names, code = cache["irene_plus_kinds"]
+    return names, code[origin_rows(forest)]
+
+
+def _own_work(forest: Forest, features: list[str]) -> np.ndarray:
+    """x_k(node) − Σ_children x_k(child) of every node for each of ``features``, computed once
+    per data set (a node's children are in its tree)."""
+    cache = shared_cache(forest).setdefault("irene_plus_own_work", {})
+    key = tuple(features)
+    if key not in cache:
+        root = origin(forest)[0]
+        own = root.features[:, [ALL_FEATURES.index(f) for f in features]]
+        cache[key] = np.column_stack([own[:, j] - children_sum(root, own[:, j])
+                                      for j in range(own.shape[1])])
+    return cache[key][origin_rows(forest)]

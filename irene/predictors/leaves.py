@@ -96,15 +96,18 @@ def polynomial_transform(shift: np.ndarray, scale: np.ndarray, degree: int) -> n
     """The matrix T with ``polynomial_expand((u - shift) / scale)[r] = T @ polynomial_expand(u)[r]``
     for every row r (equal in exact arithmetic): a change of standardisation of expanded
     features is one linear map, so sums of expanded rows (Gram matrices) computed once in
-    one standardisation serve every other."""
+    one standardisation serve every other. ``shift`` and ``scale`` of shape (..., F) give
+    one T per leading index."""
     shift, scale = np.asarray(shift, dtype=np.float64), np.asarray(scale, dtype=np.float64)
-    rows, cols, taken, members = _shift_pattern(len(shift), degree)
-    minus_shift = np.append(-shift, 1.0)
-    inverse_scale = np.append(1.0 / scale, 1.0)
-    values = minus_shift[taken].prod(axis=1) * inverse_scale[members].prod(axis=1)
-    width = len(_powers(len(shift), degree))
-    out = np.zeros((width, width))
-    np.add.at(out, (rows, cols), values)
+    lead, f = shift.shape[:-1], shift.shape[-1]
+    rows, cols, taken, members = _shift_pattern(f, degree)
+    ones = np.ones((*lead, 1))
+    minus_shift = np.concatenate([-shift, ones], axis=-1)
+    inverse_scale = np.concatenate([1.0 / scale, ones], axis=-1)
+    values = minus_shift[..., taken].prod(axis=-1) * inverse_scale[..., members].prod(axis=-1)
+    width = len(_powers(f, degree))
+    out = np.zeros((*lead, width, width))
+    np.add.at(out, (..., rows, cols), values)
     return out
 
 
@@ -256,9 +259,15 @@ class LogPolyRegressor:
         coef = np.linalg.lstsq(zw.T @ z + penalty, zw.T @ target, rcond=None)[0]
         return cls(degree=degree, alpha=alpha, scaler=scaler, coef_=coef, space=space)
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
+    def expand(self, x: np.ndarray) -> np.ndarray:
+        """The regression's inputs for rows ``x``: the polynomial of the standardized features."""
         inputs = log_features(x) if self.space == "log" else x
-        z = polynomial_expand(self.scaler.transform(inputs), max(self.degree, 1)) @ self.coef_
+        return polynomial_expand(self.scaler.transform(inputs), max(self.degree, 1))
+
+    def predict(self, x: np.ndarray, *, expanded: np.ndarray | None = None) -> np.ndarray:
+        """Energy of rows ``x`` (``expanded``: their :meth:`expand`, when already computed by a
+        regressor with the same scaler, space and degree)."""
+        z = (self.expand(x) if expanded is None else expanded) @ self.coef_
         if self.space == "linear":
             return z
         # clip the exponent: a polynomial far outside its data must not overflow
