@@ -21,7 +21,9 @@ predictor and learn a cheap multiplicative correction from ``k`` measured config
 of the target's *other* models, fit, predict the left-out model's target trees, repeat over
 draws; report mean and sd per k of the ml / module / model % errors. The source predictor is
 fitted once per source device; its predictions of every target node are computed once and
-sliced for each fold and draw.
+sliced for each fold and draw; each fold's left-out trees are cut once for every k and draw;
+the folds of the ceiling (whole models of the target) share the data set's fold-free work
+(:func:`irene.data.forest.shared_cache`: IrEne+'s distinct leaf rows and selection sums).
 """
 
 from __future__ import annotations
@@ -541,16 +543,19 @@ def learning_curve(source_trees: Sequence[Tree] | Sequence[Sequence[Tree]] | Seq
         errors[key][draw, fold] = [errs.get(level, np.nan) for level in ERROR_COLUMNS]
         worst[key] = max(worst.get(key, 0.0), _worst_ratio(test, pred))
 
+    # the left-out model's trees and their source predictions: once per fold, shared by
+    # every k, draw and method (and the ceiling)
+    tests = []
+    for left_out in folds:
+        test_rows = node_mask(target, names == left_out)
+        tests.append((target.subset(names == left_out), [p[test_rows] for p in source_preds]))
     for k in counts:
         n_draws = 1 if k in (0, ALL_SHOTS) else draws
         for name in methods:
             errors[(name, k)] = np.full((n_draws, len(folds), 3), np.nan)
         for draw in range(n_draws):
             for f, left_out in enumerate(folds):
-                test_trees = names == left_out
-                test = target.subset(test_trees)
-                test_rows = node_mask(target, test_trees)
-                test_preds = [p[test_rows] for p in source_preds]
+                test, test_preds = tests[f]
                 if k == 0:  # the source as is, for every method that uses one
                     for name in source_based:
                         record((name, k), draw, f, test, _geometric_mean(test_preds))
@@ -571,9 +576,9 @@ def learning_curve(source_trees: Sequence[Tree] | Sequence[Sequence[Tree]] | Seq
     if ceiling:
         key = ("target_lomo", ALL_SHOTS)
         errors[key] = np.full((1, len(folds), 3), np.nan)
-        for f, left_out in enumerate(folds):
+        for f, left_out in enumerate(folds):  # whole models: the folds share the data set's work
             predictor = make_predictor().fit(target.subset(names != left_out))
-            test = target.subset(names == left_out)
+            test = tests[f][0]
             record(key, 0, f, test, np.asarray(predictor.predict(test), dtype=np.float64))
         rows.append(_summary("target_lomo", ALL_SHOTS, errors[key], worst[key]))
     return rows

@@ -57,6 +57,7 @@ from irene.predictors.leaves import (
     log_features,
     measured,
     polynomial_expand,
+    polynomial_powers,
     polynomial_transform,
     predict_leaves,
     relative_lstsq,
@@ -69,6 +70,8 @@ MODULE_CHILD = "module"  # the kind of a child that is a module (not a primitive
 # additive features whose parent-minus-children difference is the parent's own, unattributed work
 EXTRA_FEATURES = ("flops", "mem_bytes", "times_mean", "gpu_energy_mean")
 MAX_FEATURES_FOR_CUBIC = 8  # degree 3 of more features has too many terms for small op types
+# inner selection from per-model sums when every held-out fit has this many rows per coefficient
+SUMS_ROWS_PER_TERM = 20
 
 
 class IrenePlusPredictor(Predictor):
@@ -167,11 +170,14 @@ class IrenePlusPredictor(Predictor):
         (mean % error over the held-out models, each node counted as often as it occurs).
 
         Every held-out fit is the ridge regression of :class:`LogPolyRegressor` on the other
-        models, solved from sums per model (:class:`_LeafSums`; ``sums(space, degree)`` gives
-        them, by default from these rows; ``fit`` passes the data set's, computed once and
-        shared by every fold cut from it); only the held-out model's rows are predicted row by
-        row. The sums give the direct fits to rounding (tested); the chosen regressor is then
-        fit on the rows as before.
+        models. With ``sums`` (``sums(space, degree)``: the data set's :class:`_LeafSums`,
+        computed once and shared by every fold cut from it) and at least
+        ``SUMS_ROWS_PER_TERM`` rows per coefficient in every held-out fit, it is solved from
+        the sums per model and only the held-out model's rows are predicted row by row: the
+        same fit to rounding (tested), in time that does not grow with the other models'
+        rows. Otherwise (few rows, where small ridges are ill-conditioned and rounding could
+        change the choice; or no ``sums``) each held-out fit is fit on the rows.
+        The chosen regressor is then fit on the rows.
         """
         candidates = self._candidates()
         models = list(dict.fromkeys(groups))
@@ -182,11 +188,14 @@ class IrenePlusPredictor(Predictor):
         for i, (space, degree, _) in enumerate(candidates):
             by_form.setdefault((space, degree), []).append(i)
         held_rows = {name: np.flatnonzero(groups == name) for name in models}
+        fewest = len(x) - max(len(rows) for rows in held_rows.values())  # rows of a held-out fit
         for (space, degree), indices in by_form.items():
-            form = (_LeafSums.from_rows(x, y, groups, count, space, degree) if sums is None
-                    else sums(space, degree))
+            width = len(polynomial_powers(x.shape[1], max(degree, 1)))
+            if sums is None or fewest < SUMS_ROWS_PER_TERM * width:
+                self._select_direct(x, y, count, held_rows, space, degree, indices, errors)
+                continue
             alphas = [candidates[i][2] for i in indices]
-            scalers, coef = form.leave_one_out(models, alphas)
+            scalers, coef = sums(space, degree).leave_one_out(models, alphas)
             for j, held in enumerate(models):
                 test = held_rows[held]
                 fit = LogPolyRegressor(degree=degree, alpha=alphas[0], scaler=scalers[j],
@@ -198,6 +207,22 @@ class IrenePlusPredictor(Predictor):
                     errors[i] += np.average(error, weights=count[test])
         best = int(np.argmin(errors))
         return candidates[best], float(100.0 * errors[best] / len(models))
+
+    def _select_direct(self, x: np.ndarray, y: np.ndarray, count: np.ndarray,
+                       held_rows: dict[str, np.ndarray], space: str, degree: int,
+                       indices: list[int], errors: np.ndarray) -> None:
+        """The held-out errors of candidates ``indices`` (one space and degree) added to
+        ``errors``, each held-out fit a :meth:`LogPolyRegressor.fit` on the other rows."""
+        candidates = self._candidates()
+        everything = np.arange(len(x))
+        for test in held_rows.values():
+            train = np.setdiff1d(everything, test)
+            for i in indices:
+                model = LogPolyRegressor.fit(x[train], y[train], degree=degree,
+                                             alpha=candidates[i][2], sample_weight=count[train],
+                                             space=space)
+                error = np.abs(model.predict(x[test]) / y[test] - 1.0)
+                errors[i] += np.average(error, weights=count[test])
 
     def _kind_columns(self, forest: Forest, values: np.ndarray) -> list[np.ndarray]:
         """Per kind of ``child_kinds_``: Σ over each node's children of that kind of ``values``."""
