@@ -9,7 +9,6 @@ traceback instead. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
@@ -47,7 +46,7 @@ from irene.errors import (  # noqa: E402
     full_error_requested,
     one_line,
 )
-from pipelines.config import STAGES, bad_group_option, check_settings, register_configs  # noqa: E402
+from pipelines.config import bad_group_option, check_settings, register_configs  # noqa: E402
 from pipelines.sweep import record_job_error, watch_sweep_process  # noqa: E402
 from pipelines.tracking import Terminated, terminate_unwinds  # noqa: E402
 
@@ -58,10 +57,11 @@ register_configs()
 
 
 def run_stage(cfg: DictConfig) -> None:
-    """Run ``cfg.stage``; a user error raises :class:`~irene.errors.UserError`."""
-    if cfg.stage not in STAGES:
-        raise SettingsError(f"stage={cfg.stage!r}: choose from {list(STAGES)}")
-    importlib.import_module(f"pipelines.{cfg.stage}").run(cfg)
+    """Run ``cfg.stage`` (a plug-in of ``pipelines/stages/``); a user error raises
+    :class:`~irene.errors.UserError`."""
+    from pipelines.stage import run_stage as run_named
+
+    run_named(str(cfg.stage), cfg)
 
 
 def unknown_settings(node: DictConfig, prefix: str = "") -> list[str]:

@@ -28,9 +28,6 @@ from irene.data.integrity import DEFAULT_MAX_FILE_MB
 from irene.errors import SettingsError
 from irene.measure.settings import MeterSettings, ProtocolSettings
 
-STAGES = ("featurize", "train", "predict", "evaluate", "crossvalidate", "diagnose", "measure",
-          "report", "whatif", "transfer")
-
 
 @dataclass
 class DataConfig:
@@ -71,14 +68,6 @@ class TrackingConfig:
 
 
 @dataclass
-class ExplainConfig:
-    max_depth: int = 6  # predict: tree levels drawn in the HTML / PNG icicle
-    source: str = "auto"  # energy explained: auto (predicted, else measured) | predicted | measured
-    max_trees: int = 4  # predict: trees explained (HTML, PNG, text): the first N predicted
-    views: bool = True  # predict: write the explanation views at all
-
-
-@dataclass
 class MeasureConfig(ProtocolSettings, MeterSettings):
     """``stage=measure``: the protocol and meter fields (and their defaults) are inherited from
     :class:`irene.measure.settings.ProtocolSettings` and :class:`~irene.measure.settings.MeterSettings`;
@@ -111,50 +100,33 @@ class MeasureConfig(ProtocolSettings, MeterSettings):
 
 @dataclass
 class Config:
-    stage: str = "crossvalidate"  # one of STAGES (train, predict, whatif, crossvalidate...)
+    """The keys every stage shares. Each stage adds its own (``pipelines/stages/<name>.py``,
+    its ``STAGE.settings``): :func:`schema` builds the whole config's schema from both."""
+
+    stage: str = "crossvalidate"  # a stage of pipelines/stages/ (train, predict, crossvalidate...)
     data: DataConfig = field(default_factory=DataConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     predictor: Any = None  # a predictor's hyperparameters + _target_ (schema from its signature)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    measure: MeasureConfig = field(default_factory=MeasureConfig)  # stage=measure: protocol, meter, output
-    model: str | None = None  # measure, predict: registry name (e.g. bert-base-uncased) or config.json
-    batch_size: int = 8  # measure, predict: input batch size
-    seq_len: int = 128  # measure, predict: input sequence length
-    shapes: list[list[int]] | None = None  # predict: [[batch_size, seq_len], ...] instead of one pair
-    model_dir: str | None = None  # train: output (default: run folder); predict/whatif: trained model
-    model_run: str | None = None  # predict/whatif: MLflow run id of stage=train (its "model" artifact)
-    unseen_op: str | None = None  # predict/whatif: unseen primitive: null (predictor's) | error | <type>
-    trace_convention: str = "irene"  # predict: tracer's convention: irene (published data) | physical
-    explain: ExplainConfig = field(default_factory=ExplainConfig)  # predict: explanation views
-    package: bool = False  # predict: also log the predictor as an MLflow pyfunc model
-    models: list[str] | None = None  # whatif: models compared side by side
-    batch_sizes: list[int] | None = None  # whatif: batch sizes (default: [batch_size])
-    seq_lens: list[int] | None = None  # whatif: sequence lengths (default: [seq_len])
-    trees: str | None = None  # predict/evaluate: input trees (default: the data set)
-    predictions: str | None = None  # evaluate: predicted trees
-    output: str | None = None  # predict: output file (default: run folder)
     sweep_name: str | None = None  # preset name, tagged on the runs of a sweep (report reads it)
     resume: bool = False  # skip a stage whose identical config already has a FINISHED run
-    skip_not_applicable: bool = False  # a predictor that cannot use these features: skip, not fail
-    save_predictions: bool = False  # crossvalidate: also write the out-of-fold predicted trees (14 MB)
-    # crossvalidate, report: repeat every cross-validation over seeds: null (one run with
-    # predictor.seed), k (predictor.seed, +1, ..., +k-1) or a list of seeds; report: which runs
-    seeds: Any = None
-    cv_jobs: int = 1  # crossvalidate with seeds: folds fitted in parallel processes (-1: all cores)
-    report: dict[str, Any] = field(default_factory=dict)  # report: table layout (see report.py)
-    # transfer: source device(s) -> target device (or trees file), a learning curve over k shots
-    source: Any = None  # transfer: a device name (device_1), a trees file, or a list of them
-    target: str | None = None  # transfer: a device name or a trees file of the new device
-    shots: list[Any] = field(default_factory=lambda: [0, 1, 2, 4, 8, 16])  # transfer: k ('all' too)
-    draws: int = 5  # transfer: draws of k configurations per k (k = 0 and 'all': one)
-    draw_seed: int = 0  # transfer: seed of the draws
-    # transfer: methods compared (irene/transfer.py METHODS), the first one is the default
-    methods: list[str] = field(default_factory=lambda: ["type_scale", "level_scale", "target_only"])
     run_dir: str | None = None  # where the stage writes (default: Hydra's run folder)
     threads: int = 0  # threads of numpy's BLAS and torch (0: 1, and the libraries' default for measure)
     show_progress: bool = True  # progress bars
+
+
+# shared keys that do not change a stage's result (sweep_name is hashed: resume works within
+# a preset); a stage names its own in STAGE.not_hashed
+SHARED_NOT_HASHED = ("stage", "tracking", "run_dir", "show_progress", "threads", "resume")
+
+
+def schema() -> type:
+    """The whole config's schema: :class:`Config` and every stage's own keys."""
+    from pipelines.stage import stage_fields
+
+    return make_dataclass("Config", stage_fields(Config), bases=(Config,))
 
 
 # ------------------------------------------------------------------------- predictors
@@ -212,6 +184,7 @@ def _settings_checks() -> dict[str, Any]:
     predictor (whose hyperparameters check themselves: ``Predictor.constraints``)."""
     from irene.predictors.base import Each, OneOf, Range
     from irene.predictors.irene import STRATEGIES, WEIGHTINGS
+    from pipelines.stage import stage_names
 
     shape = {"batch_size": Range(int, 1, MAX_BATCH_SIZE), "seq_len": Range(int, 1, MAX_SEQ_LEN)}
 
@@ -247,7 +220,7 @@ def _settings_checks() -> dict[str, Any]:
         return lambda value: None if value is None else check.check(value)
 
     return {
-        "stage": OneOf(STAGES),
+        "stage": OneOf(stage_names()),
         "data.name": device_name,
         "data.models": model_list,
         "data.max_file_mb": Range(float, 0, None, low_open=True),
@@ -338,7 +311,7 @@ def register_configs() -> None:
     from pipelines.paths import outputs_dir
 
     store = ConfigStore.instance()
-    store.store(name="schema", node=Config)
+    store.store(name="schema", node=schema())
     from irene.predictors import classes
 
     for cls in classes().values():

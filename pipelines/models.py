@@ -15,20 +15,21 @@ from pipelines.paths import log, outputs_dir
 from pipelines.tracking import Tracker, tracking_uri
 
 
-def resolve_model_dir(cfg: DictConfig, into: Path, tracker: Tracker) -> Path:
+def resolve_model_dir(cfg: DictConfig, into: Path, tracker: Tracker, *, model_dir: str | None,
+                      model_run: str | None, traced: bool) -> Path:
     """The trained predictor's folder: ``model_dir``, or the ``model`` artifact of the MLflow
-    run ``model_run`` (downloaded into ``into``), or, for a traced model (``model=``) with
+    run ``model_run`` (downloaded into ``into``), or, for traced models (``traced``) with
     neither, the default static predictor of the configured data (trained once, then reused)."""
-    if cfg.get("model_dir"):
-        return Path(cfg.model_dir)
-    if cfg.get("model_run"):
+    if model_dir:
+        return Path(model_dir)
+    if model_run:
         import mlflow
 
         mlflow.set_tracking_uri(tracking_uri(cfg))
-        local = mlflow.artifacts.download_artifacts(run_id=str(cfg.model_run),
+        local = mlflow.artifacts.download_artifacts(run_id=str(model_run),
                                                     artifact_path="model", dst_path=str(into))
         return Path(local)
-    if cfg.get("model") or cfg.get("models"):  # traced models: static features suffice
+    if traced:  # traced models: static features suffice
         return default_static_predictor(cfg, tracker)
     raise SettingsError(f"stage={cfg.stage} needs a trained predictor: model_dir=<folder written by "
                         "stage=train> or model_run=<MLflow run id of stage=train> (or model=<name> "
@@ -64,18 +65,20 @@ def default_static_predictor(cfg: DictConfig, tracker: Tracker) -> Path:
     return folder
 
 
-def load_predictor(cfg: DictConfig, into: Path, tracker: Tracker):
-    """The trained predictor and where it came from (for the run's params)."""
+def load_predictor(cfg: DictConfig, into: Path, tracker: Tracker, *, model_dir: str | None,
+                   model_run: str | None, traced: bool):
+    """The trained predictor and its folder (see :func:`resolve_model_dir`)."""
     from pipelines.data import record_input
 
-    model_dir = resolve_model_dir(cfg, into, tracker)
-    predictor = predictors.load(model_dir)
-    record_input(tracker, "model", model_dir / predictors.base.STATE_FILE, source="model_dir" if
-                 cfg.get("model_dir") else f"model_run={cfg.model_run}")
-    return predictor, model_dir
+    folder = resolve_model_dir(cfg, into, tracker, model_dir=model_dir, model_run=model_run,
+                               traced=traced)
+    predictor = predictors.load(folder)
+    source = ("model_dir" if model_dir else f"model_run={model_run}" if model_run
+              else "default static predictor")
+    record_input(tracker, "model", folder / predictors.base.STATE_FILE, source=source)
+    return predictor, folder
 
 
-def unseen_policy(cfg: DictConfig) -> str | None:
-    """The stage's ``unseen_op`` (None: the predictor's own policy)."""
-    value = cfg.get("unseen_op")
+def unseen_policy(value: str | None) -> str | None:
+    """An ``unseen_op`` setting as a policy (None: the predictor's own policy)."""
     return None if value in (None, "", "null") else str(value)

@@ -15,19 +15,19 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-# keys that do not change a stage's result (sweep_name is hashed: resume works within a preset)
-_NOT_HASHED = ("tracking", "run_dir", "show_progress", "threads", "resume", "output",
-               "report", "skip_not_applicable", "cv_jobs")
-
 CODE_TAG = "irene.code"
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """A digest of everything that determines a stage's result (not where it is logged).
-    An unset ``seeds`` is left out, so single-seed runs keep the hash they had before it."""
+def config_hash(cfg: DictConfig, stage: str) -> str:
+    """A digest of everything that determines a run's result: the shared keys and the stage's
+    own (:func:`pipelines.stage.hashed_keys`), not where it is logged nor another stage's
+    settings. An unset ``seeds`` is left out, so single-seed runs keep the hash they had
+    before it."""
+    from pipelines.stage import hashed_keys
+
     container = OmegaConf.to_container(cfg, resolve=True)
-    kept = {k: v for k, v in container.items()
-            if k not in _NOT_HASHED and not (k == "seeds" and v is None)}
+    kept = {k: container[k] for k in hashed_keys(cfg, stage)
+            if k in container and not (k == "seeds" and container[k] is None)}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -59,7 +59,7 @@ def code_identity() -> str:
 
 def identity_tags(cfg: DictConfig, stage: str) -> dict[str, str]:
     """The tags by which :func:`finished_run` finds a run of ``stage`` again."""
-    return {"stage": stage, "config_hash": config_hash(cfg), CODE_TAG: code_identity()}
+    return {"stage": stage, "config_hash": config_hash(cfg, stage), CODE_TAG: code_identity()}
 
 
 def finished_run(cfg: DictConfig, stage: str):
@@ -74,7 +74,7 @@ def finished_run(cfg: DictConfig, stage: str):
     experiment_id = ensure_experiment(cfg)
     found = mlflow.search_runs(
         experiment_ids=[experiment_id], output_format="list", max_results=1,
-        filter_string=(f"tags.stage = '{stage}' and tags.config_hash = '{config_hash(cfg)}' "
+        filter_string=(f"tags.stage = '{stage}' and tags.config_hash = '{config_hash(cfg, stage)}' "
                        f"and tags.`{CODE_TAG}` = '{code_identity()}' "
                        "and attributes.status = 'FINISHED'"),
         order_by=["attributes.start_time DESC"])

@@ -226,26 +226,13 @@ EXPERIMENT_TAGS = {
         "is a parent run whose children are its jobs; its `tables/` artifacts hold the preset's "
         "table. Group or compare runs by the params `features`, `strategy`, `weighting`, `predictor`."),
 }
-STAGE_SHORT = {"crossvalidate": "cv"}
 
 
 def run_name(cfg: DictConfig, stage: str) -> str:
-    """What a run is, readable in the run list: ``cv irene both/end2end/close_to_one device_1``."""
-    from pipelines.config import predictor_class, run_params
-
+    """A run's default name, ``<stage> <data set>`` (a stage names its own runs:
+    ``STAGE.run_name``, e.g. ``cv irene both/end2end/close_to_one device_1``)."""
     data = OmegaConf.select(cfg, "data.name", default=None)
-    if stage == "transfer":
-        source = OmegaConf.select(cfg, "source", default=None)
-        sources = "+".join(map(str, source)) if OmegaConf.is_list(source) else source
-        return f"transfer {sources} -> {OmegaConf.select(cfg, 'target', default=None)}"
-    if stage not in ("crossvalidate", "train", "diagnose") or OmegaConf.select(
-            cfg, "predictor._target_", default=None) is None:
-        return f"{stage} {data}" if data else stage
-    params = run_params(cfg)
-    name = predictor_class(cfg).name
-    axes = (f"{params['features']}/{params['strategy']}/{params['weighting']}" if name == "irene"
-            else params["features"])
-    return f"{STAGE_SHORT.get(stage, stage)} {name} {axes} {cfg.data.name}"
+    return f"{stage} {data}" if data else stage
 
 
 # --------------------------------------------------------------------------- the trackers

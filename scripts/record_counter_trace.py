@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     from irene.data.io import atomic_write_text
     from irene.measure.meters.replay import format_trace
     from irene.measure.runner import resolve_device
-    from pipelines.measure import build_meter, measure_settings
+    from pipelines.stages.measure import build_meter, measure_settings
 
     settings = measure_settings(_compose(args.overrides))
     device = resolve_device(settings.device, settings.gpu_index)

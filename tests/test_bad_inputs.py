@@ -101,11 +101,11 @@ def world(device_dir, tmp_path_factory):
 
     mp.setattr(locate.urllib.request, "urlopen", offline)
     uri = f"sqlite:///{outputs / 'mlflow.db'}"
-    from pipelines import featurize, train
+    from pipelines.stage import run_stage
 
-    featurize.run(_compose("stage=featurize", f"data.path={device}", f"tracking.uri={uri}",
+    run_stage("featurize", _compose("stage=featurize", f"data.path={device}", f"tracking.uri={uri}",
                            "tracking.experiment=corpus", f"run_dir={outputs / 'featurized'}"))
-    model_dir = train.run(_compose("stage=train", f"data.trees={trees}", "tracking=off",
+    model_dir = run_stage("train", _compose("stage=train", f"data.trees={trees}", "tracking=off",
                                    "features=model_specs", "predictor.epochs=1",
                                    f"model_dir={base / 'inputs' / 'model'}",
                                    f"run_dir={base / 'train'}", "show_progress=false"))
@@ -362,8 +362,8 @@ CASES = [
          "data.name='../../etc': must be a folder name (letters, digits, '_', '.', '+', '-')"),
     Case("threads-negative", [FEAT, DEV, "threads=-1"], "threads=-1: must be in [0, 4096]"),
     Case("stage-bogus", ["stage=bogus"],
-         "stage='bogus': choose from ['featurize', 'train', 'predict', 'evaluate', "
-         "'crossvalidate', 'diagnose', 'measure', 'report', 'whatif', 'transfer']"),
+         "stage='bogus': choose from ['crossvalidate', 'diagnose', 'evaluate', 'featurize', "
+         "'measure', 'predict', 'report', 'train', 'transfer', 'whatif']"),
     Case("physics-on-static-features", [CV, DEV, "predictor=physics", "features=model_specs"],
          "predictor 'physics' needs the features ['gpu_energy_mean', 'times_mean'], which the "
          "selected feature sets ['model_specs'] do not provide (they give ['num_parameters', "

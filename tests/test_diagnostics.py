@@ -62,8 +62,8 @@ def test_diagnose_stage_writes_and_logs_the_report(small_trees, mlflow_uri, tmp_
     from hydra import initialize_config_dir
 
     from irene.data.tree import write_trees
-    from pipelines import diagnose
     from pipelines.config import register_configs
+    from pipelines.stage import run_stage
 
     register_configs()
     trees_file = write_trees(tmp_path / "small.jsonl", small_trees)
@@ -73,7 +73,7 @@ def test_diagnose_stage_writes_and_logs_the_report(small_trees, mlflow_uri, tmp_
             f"run_dir={tmp_path / 'diagnose'}", "tracking.experiment=pytest-diagnose",
             "show_progress=false", "predictor=irene_plus", "features=model_specs",
             "predictor.leaf_degrees=[1,2]", "predictor.leaf_alphas=[1e-4]"])
-    report = diagnose.run(cfg)
+    report = run_stage("diagnose", cfg)
     for name in ("child_ratios.csv", "child_ratios.md", "error_sources.csv", "diagnostics.md"):
         assert (tmp_path / "diagnose" / name).is_file(), name
     text = report.report_path.read_text()

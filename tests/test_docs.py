@@ -76,7 +76,7 @@ def close(printed: str, computed: float) -> bool:
 
 @pytest.mark.slow
 def test_every_generated_number_is_what_the_code_computes(device_forest):
-    from pipelines.report import REFERENCE_DEVICE_1
+    from pipelines.stages.report import REFERENCE_DEVICE_1
 
     checked = 0
     for path, name, rows in blocks():

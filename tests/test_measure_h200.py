@@ -69,30 +69,32 @@ def test_new_nvml_only_trees_declare_it_and_a_separate_ground_truth_is_allowed(h
 
 @pytest.mark.parametrize("stage", ["crossvalidate", "train", "diagnose"])
 def test_stages_refuse_features_that_read_the_target(h200_path, tmp_path, stage):
-    module = __import__(f"pipelines.{stage}", fromlist=["run"])
+    from pipelines.stage import run_stage
+
     with pytest.raises(LeakedTargetError, match="gpu_energy_mean"):
-        module.run(_cfg(stage, tmp_path, f"data.trees={h200_path}", "features=both"))
+        run_stage(stage, _cfg(stage, tmp_path, f"data.trees={h200_path}", "features=both"))
 
 
 # --------------------------------------------------------------------------------- stages
 def test_measured_trees_flow_through_the_stages(h200_path, h200, tmp_path):
-    from pipelines import crossvalidate, diagnose, evaluate, predict, train
+    from pipelines.stage import run_stage
 
     # llama-small alone has RMSNorm and SiLU leaves: left out, they use the LayerNorm regressor
     data = [f"data.trees={h200_path}", "features=model_specs", "predictor.unseen_op=layernorm"]
-    report = crossvalidate.run(_cfg("crossvalidate", tmp_path, *data, "save_predictions=true"))
+    report = run_stage("crossvalidate", _cfg("crossvalidate", tmp_path, *data, "save_predictions=true"))
     assert set(report.table.index) >= {t["model_name"] for t in h200} | {"overall"}
     assert report.predictions_path.is_file()
 
-    summary = evaluate.run(_cfg("evaluate", tmp_path, f"trees={h200_path}",
+    summary = run_stage("evaluate", _cfg("evaluate", tmp_path, f"trees={h200_path}",
                                 f"predictions={report.predictions_path}"))
     assert set(summary) == {"ml", "module", "model"} and all(v >= 0 for v in summary.values())
 
-    diagnostics = diagnose.run(_cfg("diagnose", tmp_path, *data, f"predictions={report.predictions_path}"))
+    diagnostics = run_stage("diagnose", _cfg("diagnose", tmp_path, *data,
+                                             f"predictions={report.predictions_path}"))
     assert diagnostics.report_path.is_file()
 
-    model_dir = train.run(_cfg("train", tmp_path, *data))
-    predictions = predict.run(_cfg("predict", tmp_path, *data, f"model_dir={model_dir}",
+    model_dir = run_stage("train", _cfg("train", tmp_path, *data))
+    predictions = run_stage("predict", _cfg("predict", tmp_path, *data, f"model_dir={model_dir}",
                                    f"output={tmp_path / 'predicted.jsonl'}"))
     predicted = read_trees(predictions)
     assert len(predicted) == len(h200)

@@ -160,8 +160,8 @@ def test_the_stage_measures_with_the_replay_meter(tmp_path):
     """measure/meter=replay: the stage end to end on a recorded counter, no hardware."""
     from hydra import compose, initialize_config_dir
 
-    from pipelines import measure as stage
     from pipelines.config import register_configs
+    from pipelines.stage import run_stage
 
     register_configs()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
@@ -171,7 +171,7 @@ def test_the_stage_measures_with_the_replay_meter(tmp_path):
             "measure.windows=1", "measure.window_ticks=1", "measure.min_window_s=0.05", "measure.warmup=0",
             "measure.settle_min_s=0", "measure.max_remeasure=0", "measure.drift_action=flag",
             "measure.track=false", f"measure.output={tmp_path / 'trees.jsonl'}"])
-    path = stage.run(cfg)
+    path = run_stage("measure", cfg)
     record = json.loads(path.read_text())
     block = record["measurement"]
     assert block["ground_truth_meter"] == "replay" and block["ground_truth_features"] == []

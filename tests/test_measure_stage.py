@@ -81,12 +81,11 @@ def test_bad_type_or_key_fails_at_compose_time(override):
 ])
 def test_out_of_range_fails_at_start_in_one_line(tmp_path, override, message):
     from irene.errors import UserError  # SettingsError; a missing file: MissingInputError
-    from pipelines import measure as stage
-
+    from pipelines.stage import run_stage
     cfg = _compose(["stage=measure", "model=tiny/bert", "measure.device=cpu",
                     f"measure.output={tmp_path / 't.jsonl'}", *override.split()])
     with pytest.raises(UserError) as error:
-        stage.run(cfg)
+        run_stage("measure", cfg)
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
     assert not (tmp_path / "t.jsonl").exists()
 
@@ -94,7 +93,7 @@ def test_out_of_range_fails_at_start_in_one_line(tmp_path, override, message):
 def test_settings_instantiate_the_protocol_and_the_meter():
     from irene.measure.meters import SimulatedMeter
     from irene.measure.settings import ProtocolSettings
-    from pipelines.measure import build_meter, measure_settings
+    from pipelines.stages.measure import build_meter, measure_settings
 
     cfg = _compose(["stage=measure", "measure=simulated", "measure.meter.tick_s=0.05", "measure.windows=5"])
     settings = measure_settings(cfg)
@@ -111,7 +110,7 @@ def test_every_meter_option_composes_and_names_a_meter(name, tmp_path):
     from hydra.utils import get_object
 
     from irene.measure.meters import DeviceCounter, EnergyMeter, MeterUnavailableError
-    from pipelines.measure import build_meter, measure_settings, meter_config
+    from pipelines.stages.measure import build_meter, measure_settings, meter_config
 
     extra = [f"measure.meter.path={TRACE}"] if name == "replay" else []
     group = _compose(["stage=measure", f"measure/meter={name}", *extra])
@@ -140,7 +139,7 @@ def test_the_simulated_yaml_repeats_the_settings_defaults():
 
 def test_meter_must_measure_the_device_the_model_runs_on(tmp_path):
     from irene.measure.meters import MeterMismatchError
-    from pipelines.measure import build_meter, measure_settings
+    from pipelines.stages.measure import build_meter, measure_settings
 
     package = tmp_path / "intel-rapl:0"
     package.mkdir()
@@ -154,10 +153,9 @@ def test_meter_must_measure_the_device_the_model_runs_on(tmp_path):
 
 
 def test_stage_appends_once_and_skips_on_rerun(tmp_path, monkeypatch, capsys):
-    from pipelines import measure as stage
-
+    from pipelines.stage import run_stage
     cfg = _cfg(tmp_path)
-    path = stage.run(cfg)
+    path = run_stage("measure", cfg)
     lines = path.read_text().splitlines()
     assert len(lines) == 1
     record = json.loads(lines[0])
@@ -165,12 +163,12 @@ def test_stage_appends_once_and_skips_on_rerun(tmp_path, monkeypatch, capsys):
     tree = record["frontend_tree"]
     assert "ground_truth_energy" not in tree and tree["times_mean"] > 0
     called = []
-    monkeypatch.setattr(stage, "measure_into", lambda *a, **k: called.append(1))
-    assert stage.run(cfg) == path
+    monkeypatch.setattr("irene.measure.runner.measure_into", lambda *a, **k: called.append(1))
+    assert run_stage("measure", cfg) == path
     assert called == [] and len(path.read_text().splitlines()) == 1
     cfg.seq_len = 4
     monkeypatch.undo()
-    stage.run(cfg)
+    run_stage("measure", cfg)
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"trees: {path}"
     assert read_keys(path) == {("tiny/bert", 2, 8), ("tiny/bert", 2, 4)}
 
@@ -210,23 +208,24 @@ def test_a_line_with_less_is_replaced_in_place_and_never_one_with_as_much(tmp_pa
 def test_a_times_only_line_does_not_stop_a_measurement_with_energy(tmp_path, monkeypatch):
     """Measured first where no energy meter exists (times only), then with one: the shape is
     measured again and its line gets the energies; later runs skip it."""
-    from pipelines import measure as stage
-
+    from pipelines.stage import run_stage
     measured = []
-    real = stage.measure_into
-    monkeypatch.setattr(stage, "measure_into", lambda *a, **k: measured.append(1) or real(*a, **k))
-    path = stage.run(_cfg(tmp_path))
+    from irene.measure import runner
+
+    real = runner.measure_into
+    monkeypatch.setattr(runner, "measure_into", lambda *a, **k: measured.append(1) or real(*a, **k))
+    path = run_stage("measure", _cfg(tmp_path))
     assert "ground_truth_energy" not in json.loads(path.read_text())["frontend_tree"]
-    stage.run(_cfg(tmp_path))  # the same meter again: nothing to add
+    run_stage("measure", _cfg(tmp_path))  # the same meter again: nothing to add
     assert measured == [1]
     simulated = {"meter": "simulated", "meter.tick_s": 0.001}
-    stage.run(_cfg(tmp_path, **simulated))
+    run_stage("measure", _cfg(tmp_path, **simulated))
     assert measured == [1, 1]
     lines = path.read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["frontend_tree"]["ground_truth_energy"] > 0
     before = path.read_text()
-    stage.run(_cfg(tmp_path, **simulated))
-    stage.run(_cfg(tmp_path))  # less than what is there: skipped too
+    run_stage("measure", _cfg(tmp_path, **simulated))
+    run_stage("measure", _cfg(tmp_path))  # less than what is there: skipped too
     assert measured == [1, 1] and path.read_text() == before
 
 
@@ -264,9 +263,8 @@ def test_killed_sweep_resumes_without_loss_or_duplicates(tmp_path):
 
 @pytest.mark.parametrize("measure", [False, True])
 def test_stage_static_or_measured(tmp_path, measure):
-    from pipelines import measure as stage
-
-    path = stage.run(_cfg(tmp_path, measure=measure))
+    from pipelines.stage import run_stage
+    path = run_stage("measure", _cfg(tmp_path, measure=measure))
     tree = json.loads(path.read_text())["frontend_tree"]
     assert ("times_mean" in tree) is measure
     assert "ground_truth_energy" not in tree
@@ -275,8 +273,7 @@ def test_stage_static_or_measured(tmp_path, measure):
 def test_real_config_with_mlflow(tmp_path, capsys):
     """Compose the project's config; the run logs protocol, versions, the summary and the trees."""
     mlflow = pytest.importorskip("mlflow")
-    from pipelines import measure as stage
-
+    from pipelines.stage import run_stage
     cfg = _compose(
         [
             "stage=measure",
@@ -300,7 +297,7 @@ def test_real_config_with_mlflow(tmp_path, capsys):
         ]
     )
     assert cfg.measure.reuse_identical is True
-    path = stage.run(cfg)
+    path = run_stage("measure", cfg)
     assert read_keys(path) == {("tiny/gpt2", 1, 4)}
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1] == f"trees: {path}" and out[-2].startswith("tiny/gpt2 1x4: 15/30 nodes measured, root ")
@@ -344,15 +341,15 @@ def test_a_device_that_is_not_here_fails_even_when_the_shape_is_already_measured
 
     from irene.data.tree import write_trees
     from irene.errors import SettingsError
-    from pipelines import measure
+    from pipelines.stage import run_stage
     from tests.conftest import make_tree
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA machine: measure.device=cuda is available here")
     write_trees(tmp_path / "trees.jsonl", [make_tree(model="tiny/bert", batch_size=2, seq_len=8)])
-    assert measure.run(_cfg(tmp_path)) == tmp_path / "trees.jsonl"  # on the CPU: skipped
+    assert run_stage("measure", _cfg(tmp_path)) == tmp_path / "trees.jsonl"  # on the CPU: skipped
     with pytest.raises(SettingsError, match=r"measure.device=cuda: CUDA is not available"):
-        measure.run(_cfg(tmp_path, device="cuda"))
+        run_stage("measure", _cfg(tmp_path, device="cuda"))
 
 
 def test_a_ground_truth_without_a_gpu_counter_gets_the_devices_counter_beside_it(tmp_path, monkeypatch):
@@ -362,7 +359,7 @@ def test_a_ground_truth_without_a_gpu_counter_gets_the_devices_counter_beside_it
     from irene.measure.meters import nvml as nvml_module
     from irene.measure.runner import measure_configuration
     from irene.measure.settings import ProtocolSettings
-    from pipelines.measure import build_companion, measure_settings
+    from pipelines.stages.measure import build_companion, measure_settings
     from tests.test_measure_meters import _FakeNvml
 
     monkeypatch.setattr(nvml_module, "_pynvml", _FakeNvml)

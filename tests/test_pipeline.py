@@ -59,9 +59,9 @@ def test_bad_option_fails_at_start_with_the_valid_ones():
 
 
 def test_crossvalidate_stage_logs_parent_and_fold_runs(trees_file, mlflow_uri, tmp_path, capsys):
-    from pipelines import crossvalidate
+    from pipelines.stage import run_stage
 
-    report = crossvalidate.run(stage_cfg("crossvalidate", trees_file, mlflow_uri, tmp_path))
+    report = run_stage("crossvalidate", stage_cfg("crossvalidate", trees_file, mlflow_uri, tmp_path))
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == f"crossvalidation table: {report.csv_path}"
     header = report.csv_path.read_text().splitlines()[0]
@@ -78,28 +78,28 @@ def test_crossvalidate_stage_logs_parent_and_fold_runs(trees_file, mlflow_uri, t
 
 
 def test_train_predict_evaluate_chain(trees_file, mlflow_uri, tmp_path):
-    from pipelines import evaluate, predict, train
+    from pipelines.stage import run_stage
 
-    model_dir = train.run(stage_cfg("train", trees_file, mlflow_uri, tmp_path))
-    predictions = predict.run(stage_cfg("predict", trees_file, mlflow_uri, tmp_path,
+    model_dir = run_stage("train", stage_cfg("train", trees_file, mlflow_uri, tmp_path))
+    predictions = run_stage("predict", stage_cfg("predict", trees_file, mlflow_uri, tmp_path,
                                         f"model_dir={model_dir}"))
     predicted = read_trees(predictions)
     assert all("predicted_energy" in n for t in predicted for n in iter_nodes(t["frontend_tree"]))
     assert all("predicted_energy" not in n for t in read_trees(trees_file)
                for n in iter_nodes(t["frontend_tree"]))
-    summary = evaluate.run(stage_cfg("evaluate", trees_file, mlflow_uri, tmp_path,
+    summary = run_stage("evaluate", stage_cfg("evaluate", trees_file, mlflow_uri, tmp_path,
                                      f"predictions={predictions}"))
     assert set(summary) == {"ml", "module", "model"}
     assert summary["ml"] < 5  # in-sample leaf regressors are close
 
 
 def test_failing_stage_marks_its_run_failed_and_keeps_the_input(trees_file, mlflow_uri, tmp_path):
-    from pipelines import predict, train
+    from pipelines.stage import run_stage
 
-    model_dir = train.run(stage_cfg("train", trees_file, mlflow_uri, tmp_path))
+    model_dir = run_stage("train", stage_cfg("train", trees_file, mlflow_uri, tmp_path))
     before = trees_file.read_bytes()
     with pytest.raises(ValueError, match="refusing to overwrite input"):
-        predict.run(stage_cfg("predict", trees_file, mlflow_uri, tmp_path,
+        run_stage("predict", stage_cfg("predict", trees_file, mlflow_uri, tmp_path,
                               f"model_dir={model_dir}", f"output={trees_file}"))
     assert trees_file.read_bytes() == before
     failed = runs(mlflow_uri, "tags.stage = 'predict' and attributes.status = 'FAILED'")
@@ -138,13 +138,13 @@ def test_cli_bad_input_is_one_line_without_traceback(tmp_path):
 def test_resume_of_a_not_applicable_job_skips_it_again(trees_file, mlflow_uri, tmp_path):
     """A preset job that did not apply (physics on static features) FINISHED without a table;
     re-running the preset resumes it as skipped instead of failing on the missing table."""
-    from pipelines import crossvalidate
+    from pipelines.stage import run_stage
 
     cfg = stage_cfg("crossvalidate", trees_file, mlflow_uri, tmp_path, "predictor=physics",
                     "features=model_specs", "skip_not_applicable=true", "resume=true")
-    first = crossvalidate.run(cfg)
+    first = run_stage("crossvalidate", cfg)
     assert first.table is None and first.csv_path is None
-    again = crossvalidate.run(cfg)
+    again = run_stage("crossvalidate", cfg)
     assert again.table is None and again.csv_path is None
     skipped = runs(mlflow_uri, "tags.stage = 'crossvalidate' and tags.not_applicable != ''")
     assert len(skipped) == 1  # the second run resumed: no new run

@@ -91,14 +91,14 @@ def test_stage_predict_traces_every_shape_and_logs_views(static_model_dir, mlflo
                                                          tmp_path, capsys):
     import mlflow
 
-    from pipelines import predict
+    from pipelines.stage import run_stage
 
     # the physical convention keeps transformers 5's GELUActivation leaves: unseen primitives
     cfg = compose_cfg("stage=predict", "model=bert-base-uncased", "shapes=[[8,128],[16,64]]",
                       f"model_dir={static_model_dir}", f"tracking.uri={mlflow_uri}",
                       "tracking.experiment=pytest_predict", f"run_dir={tmp_path}",
                       "trace_convention=physical")
-    out = predict.run(cfg)
+    out = run_stage("predict", cfg)
     trees = read_trees(out)
     assert [(t["batch_size"], t["seq_len"]) for t in trees] == [(8, 128), (16, 64)]
     printed = capsys.readouterr().out
@@ -116,11 +116,11 @@ def test_stage_predict_traces_every_shape_and_logs_views(static_model_dir, mlflo
 
 def test_stage_predict_irene_convention_has_the_published_leaves(static_model_dir, tmp_path):
     from irene.data.tree import iter_nodes
-    from pipelines import predict
+    from pipelines.stage import run_stage
 
     cfg = compose_cfg("stage=predict", "model=bert-base-uncased", f"model_dir={static_model_dir}",
                       "tracking=off", f"run_dir={tmp_path}", "explain.views=false")
-    tree = read_trees(predict.run(cfg))[0]
+    tree = read_trees(run_stage("predict", cfg))[0]
     kinds = {n["instance_type"] for n in iter_nodes(tree["frontend_tree"]) if n["type"] == "ml"}
     assert kinds == {"Embedding", "LayerNorm", "Linear", "MatMul", "Softmax", "Tanh"}
     assert not any(n.get("prediction_fallback") for n in iter_nodes(tree["frontend_tree"]))
@@ -132,7 +132,7 @@ def test_stage_predict_reads_the_predictor_from_a_train_run_and_packages_it(
     import mlflow.pyfunc
     import pandas as pd
 
-    from pipelines import predict
+    from pipelines.stage import run_stage
 
     mlflow.set_tracking_uri(mlflow_uri)
     mlflow.set_experiment(experiment_id=mlflow.create_experiment(
@@ -143,7 +143,7 @@ def test_stage_predict_reads_the_predictor_from_a_train_run_and_packages_it(
                       f"tracking.uri={mlflow_uri}", "tracking.experiment=pytest_predict_run",
                       f"run_dir={tmp_path}", "explain.views=false", "batch_size=2", "seq_len=8",
                       "package=true")
-    out = predict.run(cfg)
+    out = run_stage("predict", cfg)
     assert read_trees(out)[0]["frontend_tree"]["predicted_energy"] > 0
     assert not (tmp_path / "views").exists()
     uri = capsys.readouterr().out.split("pyfunc model: ")[1].split()[0]
@@ -157,32 +157,32 @@ def test_stage_predict_without_a_predictor_trains_the_static_one_once(small_tree
     import logging
 
     from irene.data.tree import write_trees
-    from pipelines import predict
+    from pipelines.stage import run_stage
 
     trees = write_trees(tmp_path / "small.jsonl", small_trees)
     base = ("stage=predict", "model=tiny/bert", "tracking.enabled=false", f"data.trees={trees}",
             "explain.views=false", "batch_size=2", "seq_len=8")
     with caplog.at_level(logging.INFO, logger="irene"):
-        first = predict.run(compose_cfg(*base, f"run_dir={tmp_path / 'a'}"))
-        second = predict.run(compose_cfg(*base, f"run_dir={tmp_path / 'b'}"))
+        first = run_stage("predict", compose_cfg(*base, f"run_dir={tmp_path / 'a'}"))
+        second = run_stage("predict", compose_cfg(*base, f"run_dir={tmp_path / 'b'}"))
     said = [r.getMessage() for r in caplog.records if "no model_dir/model_run given" in r.getMessage()]
     assert len(said) == 2 and "training the static IrEne+" in said[0] and "earlier" in said[1], said
     energy = [read_trees(p)[0]["frontend_tree"]["predicted_energy"] for p in (first, second)]
     assert energy[0] == energy[1] > 0
     with pytest.raises(ValueError, match="model_dir=.*model_run="):
-        predict.run(compose_cfg("stage=predict", "tracking.enabled=false", f"data.trees={trees}",
+        run_stage("predict", compose_cfg("stage=predict", "tracking.enabled=false", f"data.trees={trees}",
                                 f"run_dir={tmp_path / 'c'}", "model_dir=null"))
 
 
 def test_stage_whatif_writes_a_comparison_table_and_plot(static_model_dir, tmp_path):
     import pandas as pd
 
-    from pipelines import whatif
+    from pipelines.stage import run_stage
 
     cfg = compose_cfg("stage=whatif", "models=[bert-base-uncased,distilbert-base-uncased]",
                       "batch_sizes=[8,16]", "seq_lens=[64,128]", f"model_dir={static_model_dir}",
                       "tracking.enabled=false", f"run_dir={tmp_path}")
-    table = pd.read_csv(whatif.run(cfg))
+    table = pd.read_csv(run_stage("whatif", cfg))
     assert len(table) == 2 * 2 * 2
     energy = table.set_index(["model", "batch_size", "seq_len"])["predicted_energy_j"]
     # distilbert has half of bert-base's layers: less energy at every shape

@@ -128,11 +128,13 @@ def test_parallel_folds_give_the_serial_numbers(small_forest):
 @pytest.mark.parametrize("value, expected", [
     ("3", [13370, 13371, 13372]), ("[5,1,9]", [5, 1, 9]), ("1", [13370]), ("null", None)])
 def test_seed_list(value, expected):
-    assert seed_list(compose_cfg(f"seeds={value}")) == expected
+    cfg = compose_cfg(f"seeds={value}")
+    assert seed_list(cfg.seeds, cfg.predictor.seed) == expected
 
 
 def test_seed_list_follows_predictor_seed():
-    assert seed_list(compose_cfg("seeds=2", "predictor.seed=1")) == [1, 2]
+    cfg = compose_cfg("seeds=2", "predictor.seed=1")
+    assert seed_list(cfg.seeds, cfg.predictor.seed) == [1, 2]
 
 
 @pytest.mark.parametrize("value, message", [
@@ -140,7 +142,7 @@ def test_seed_list_follows_predictor_seed():
     ("abc", "must be a number of seeds"), ("[]", "non-empty list")])
 def test_bad_seeds_fail_in_one_line(value, message):
     with pytest.raises(ValueError, match=message):
-        seed_list(compose_cfg(f"seeds={value}"))
+        seed_list(compose_cfg(f"seeds={value}").seeds)
 
 
 # ------------------------------------------------------------------------------ significance
@@ -228,7 +230,7 @@ def test_the_writers_take_only_tables():
 def seeded_store(small_trees, mlflow_uri, tmp_path_factory):
     """Seeded cross-validations of a two-row weighting ablation and a per-model table (plus
     one single-seed run the seeded report must not read), in the session's store."""
-    from pipelines import crossvalidate
+    from pipelines.stage import run_stage
 
     tmp = tmp_path_factory.mktemp("seeded")
     trees = write_trees(tmp / "small.jsonl", small_trees)
@@ -242,7 +244,7 @@ def seeded_store(small_trees, mlflow_uri, tmp_path_factory):
                                     "weighting=close_to_one")),
                         ("per_model", ("experiment=per_model", "seeds=3"))]:
         cfg = compose_cfg(*base, *extra, f"run_dir={tmp / name}")
-        reports[name] = crossvalidate.run(cfg)
+        reports[name] = run_stage("crossvalidate", cfg)
     return {"uri": mlflow_uri, "trees": trees, "tmp": tmp, "base": base, "reports": reports}
 
 
@@ -272,11 +274,11 @@ def test_seeded_stage_logs_a_child_per_seed_and_fold(seeded_store):
 
 
 def test_seeded_cross_validation_is_deterministic(seeded_store):
-    from pipelines import crossvalidate
+    from pipelines.stage import run_stage
 
     cfg = compose_cfg(*seeded_store["base"], "tracking=off", "strategy=end2end", "seeds=3",
                       f"run_dir={seeded_store['tmp'] / 'again'}")
-    again = crossvalidate.run(cfg)
+    again = run_stage("crossvalidate", cfg)
     first = seeded_store["reports"]["end2end"]
     assert again.csv_path.read_bytes() == first.csv_path.read_bytes()
     name = "crossvalidation_seeds.csv"
@@ -284,12 +286,12 @@ def test_seeded_cross_validation_is_deterministic(seeded_store):
 
 
 def _report(store, tmp_path, name, *extra):
-    from pipelines import report
+    from pipelines.stage import run_stage
 
     cfg = compose_cfg(f"tracking.uri={store['uri']}", "tracking.experiment=pytest-seeds",
                       "stage=report", f"experiment={name}", f"run_dir={tmp_path}",
                       "data.name=device_1", *extra)
-    return report.run(cfg)
+    return run_stage("report", cfg)
 
 
 def test_seeded_report_is_byte_identical_and_marks_noise(seeded_store, tmp_path):
@@ -340,12 +342,12 @@ def test_report_without_runs_of_the_request_says_so(seeded_store, tmp_path):
 
 
 def test_bad_seed_for_the_predictor_fails_as_a_failed_run(seeded_store, tmp_path):
-    from pipelines import crossvalidate
+    from pipelines.stage import run_stage
 
     cfg = compose_cfg(*seeded_store["base"], "seeds=[1,-2]", f"run_dir={tmp_path}",
                       "tracking.experiment=pytest-seeds-bad")
     with pytest.raises(ValueError, match=r"predictor.seed=-2"):
-        crossvalidate.run(cfg)
+        run_stage("crossvalidate", cfg)
     mlflow.set_tracking_uri(seeded_store["uri"])
     failed = mlflow.search_runs(experiment_names=["pytest-seeds-bad"], output_format="list")
     assert [r.info.status for r in failed] == ["FAILED"]

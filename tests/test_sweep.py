@@ -68,13 +68,13 @@ def test_parallel_jobs_on_one_sqlite_store_and_a_failing_job(tmp_path, trees_fil
 
 
 def _report(uri: str, run_dir: Path):
-    from pipelines import report
+    from pipelines.stage import run_stage
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[
             "stage=report", "experiment=weighting_ablation", f"tracking.uri={uri}",
             "tracking.experiment=sweeps", f"run_dir={run_dir}", "data.name=device_1"])
-    return report.run(cfg)
+    return run_stage("report", cfg)
 
 
 def test_report_resume_and_mlflow_server(tmp_path, trees_file):

@@ -140,15 +140,15 @@ def test_integer_columns_import_to_the_same_trees(device_dir, device_trees, tmp_
 
 
 def test_runs_record_where_the_data_came_from(device_dir, tmp_path, mlflow_uri, small_trees):
-    from pipelines import featurize
+    from pipelines.stage import run_stage
 
     device = _device(tmp_path / "device_1", device_dir)
     common = [f"tracking.uri={mlflow_uri}", "tracking.experiment=pytest-trust",
               "show_progress=false"]
-    featurize.run(_compose("stage=featurize", f"data.path={device}", *common,
+    run_stage("featurize", _compose("stage=featurize", f"data.path={device}", *common,
                            f"run_dir={tmp_path / 'a'}"))
     trees = write_trees(tmp_path / "two.jsonl", small_trees)
-    result = featurize.run(_compose("stage=featurize", f"data.trees={trees}",
+    result = run_stage("featurize", _compose("stage=featurize", f"data.trees={trees}",
                                     "data.models=[gpt2,bert-base-uncased]", *common,
                                     f"run_dir={tmp_path / 'b'}"))
     assert result.num_trees == 4  # two shapes of each of the two models asked for

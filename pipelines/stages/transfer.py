@@ -21,56 +21,74 @@ The last line printed is the path of ``transfer.csv``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any  # noqa: UP035 - OmegaConf needs typing.Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
-
-from irene.data.tree import ERROR_COLUMNS, Tree, read_trees
+from irene.data.tree import ERROR_COLUMNS
 from irene.errors import SettingsError
-from irene.tables import Table, to_latex, write_table
-from pipelines.data import load_trees, record_input
-from pipelines.paths import log, run_dir, setup
-from pipelines.tracking import Tracker, tracked_run
+from pipelines.paths import log
+from pipelines.stage import Context, Stage
+
+if TYPE_CHECKING:
+    from irene.data.tree import Tree
+    from pipelines.tracking import Tracker
 
 COLUMNS = ["shots", *ERROR_COLUMNS, *(f"{c}_sd" for c in ERROR_COLUMNS)]
+
+
+@dataclass
+class TransferSettings:
+    source: Any = None  # a device name (device_1), a trees file, or a list of them
+    target: str | None = None  # a device name or a trees file of the new device
+    shots: list[Any] = field(default_factory=lambda: [0, 1, 2, 4, 8, 16])  # k ('all' too)
+    draws: int = 5  # draws of k configurations per k (k = 0 and 'all': one)
+    draw_seed: int = 0  # seed of the draws
+    # methods compared (irene/transfer.py METHODS), the first one is the default
+    methods: list[str] = field(default_factory=lambda: ["type_scale", "level_scale", "target_only"])
 
 
 def _names(value) -> list[str]:
     if value is None:
         return []
-    if OmegaConf.is_list(value) or isinstance(value, list | tuple):
+    if isinstance(value, list | tuple):
         return [str(v) for v in value]
     return [str(value)]
 
 
-def device_trees(cfg: DictConfig, tracker: Tracker, name: str, role: str) -> list[Tree]:
+def device_trees(ctx: Context, tracker: Tracker, name: str, role: str) -> list[Tree]:
     """The trees of a device (its published CSVs, located as for ``data=``) or of a trees file."""
+    from irene.data.tree import read_trees
+    from pipelines.data import record_input
+
     path = Path(name)
     if path.suffix == ".jsonl" or path.is_file():
         if not path.is_file():
             raise SettingsError(f"{role}={name}: no such trees file")
         record_input(tracker, role, path, source=role)
         return read_trees(path, require_energy=True)
-    device = cfg.copy()
-    with open_dict(device):
-        device.data.name, device.data.path, device.data.trees = name, None, None
-    return load_trees(device, tracker)[0]
+    return ctx.for_device(name).load_trees(tracker)[0]
 
 
-def check_request(cfg: DictConfig) -> tuple[list[str], str, list[int | str], int, list[str]]:
-    sources, target = _names(cfg.source), cfg.target
+def run_name(ctx: Context, settings: TransferSettings) -> str:
+    return f"transfer {'+'.join(_names(settings.source))} -> {settings.target}"
+
+
+def check_request(settings: TransferSettings
+                  ) -> tuple[list[str], str, list[int | str], int, list[str]]:
+    sources, target = _names(settings.source), settings.target
     if not sources or not target:
         raise SettingsError("stage=transfer needs source=<device or [devices]> and "
                             "target=<device or trees file>, e.g. source=device_1 target=device_2")
     if str(target) in sources:
         raise SettingsError(f"target={target} is also a source: choose another device")
-    shots = list(cfg.shots)
+    shots = list(settings.shots)
     bad = [k for k in shots if not (k == "all" or (isinstance(k, int) and k >= 0))]
     if not shots or bad:
         raise SettingsError(f"shots={shots}: must be a non-empty list of counts >= 0 (or 'all')")
-    if int(cfg.draws) < 1:
-        raise SettingsError(f"draws={cfg.draws}: must be at least 1")
-    return sources, str(target), shots, int(cfg.draws), _names(cfg.methods)
+    if int(settings.draws) < 1:
+        raise SettingsError(f"draws={settings.draws}: must be at least 1")
+    return sources, str(target), shots, int(settings.draws), _names(settings.methods)
 
 
 def plot(rows: list[dict], path: Path, title: str) -> Path:
@@ -110,25 +128,25 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
-def run(cfg: DictConfig) -> Path:
+def run(ctx: Context, settings: TransferSettings) -> Path:
     """Returns the path of ``transfer.csv``."""
     import pandas as pd
 
+    from irene.tables import Table, to_latex, write_table
     from irene.transfer import learning_curve, methods_by_name
 
-    setup(cfg)
-    sources, target, shots, draws, names = check_request(cfg)
+    sources, target, shots, draws, names = check_request(settings)
     methods = methods_by_name(names)  # an unknown name fails here, before any data is read
-    out = run_dir(cfg)
+    out = ctx.run_dir
     params = {"source": sources, "target": target, "shots": shots, "draws": draws,
-              "methods": names, "draw_seed": int(cfg.draw_seed)}
-    with tracked_run(cfg, "transfer", params) as tracker:
-        source_trees = [device_trees(cfg, tracker, name, "source") for name in sources]
-        target_trees = device_trees(cfg, tracker, target, "target")
+              "methods": names, "draw_seed": int(settings.draw_seed)}
+    with ctx.tracked_run(params) as tracker:
+        source_trees = [device_trees(ctx, tracker, name, "source") for name in sources]
+        target_trees = device_trees(ctx, tracker, target, "target")
         log.info("transfer %s -> %s: shots %s, %d draws, methods %s", sources, target, shots,
                  draws, names)
         rows = learning_curve(source_trees if len(source_trees) > 1 else source_trees[0],
-                              target_trees, shots=shots, draws=draws, seed=int(cfg.draw_seed),
+                              target_trees, shots=shots, draws=draws, seed=int(settings.draw_seed),
                               methods=methods)
         frame = pd.DataFrame(rows)
         default = frame[frame["method"] == names[0]][COLUMNS].set_index("shots")
@@ -159,3 +177,6 @@ def run(cfg: DictConfig) -> Path:
     print(to_markdown(fold_spread(table)))
     print(f"transfer table: {out / 'transfer.csv'}")
     return out / "transfer.csv"
+
+
+STAGE = Stage("transfer", TransferSettings, run, run_name=run_name)

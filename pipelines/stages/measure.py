@@ -12,25 +12,30 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from irene.errors import SettingsError, UserError, one_line
-from irene.measure.meters import EnergyMeter, NullMeter, meter_for_device
-from irene.measure.runner import environment, gpu_counter, measure_into, resolve_device, wanted_completeness
 from irene.measure.settings import MeterSettings, ProtocolSettings
-from irene.measure.store import ENERGY, TRACE, existing_completeness
-from irene.measure.summary import summarize, summary_line, summary_metrics
 from pipelines.config import MeasureConfig
-from pipelines.tracking import NullTracker, tracked_run
+from pipelines.stage import Context, ModelInput, Stage
+
+if TYPE_CHECKING:
+    from irene.measure.meters import EnergyMeter
 
 log = logging.getLogger(__name__)
 
 #: One YAML per meter (its ``_target_`` and arguments): the group ``measure/meter``.
-METER_DIR = Path(__file__).resolve().parents[1] / "conf" / "measure" / "meter"
+METER_DIR = Path(__file__).resolve().parents[2] / "conf" / "measure" / "meter"
+
+
+@dataclass
+class MeasureSettings(ModelInput):
+    measure: MeasureConfig = field(default_factory=MeasureConfig)  # protocol, meter, output
 
 
 def meter_config(cfg: DictConfig) -> DictConfig:
@@ -75,6 +80,15 @@ def measure_settings(cfg: DictConfig) -> MeasureConfig:
     return settings.validate()
 
 
+def read_settings(cfg: DictConfig) -> MeasureSettings:
+    """The stage's settings: the shape and the ``measure`` block with its meter resolved."""
+    if not cfg.get("model"):
+        raise SettingsError("stage=measure needs model=<registry name or config.json path>, "
+                            "e.g. model=bert-base-uncased batch_size=8 seq_len=128")
+    return MeasureSettings(model=str(cfg.model), batch_size=int(cfg.batch_size),
+                           seq_len=int(cfg.seq_len), measure=measure_settings(cfg))
+
+
 def build_meter(settings: MeasureConfig, device: str) -> EnergyMeter:
     """Instantiate the meter config (``_target_``) and fit it to ``device`` (``auto`` picks the
     device's counter; a meter of another device is refused: MeterMismatchError).
@@ -94,6 +108,8 @@ def build_meter(settings: MeasureConfig, device: str) -> EnergyMeter:
             raise cause from None
         target = settings.meter.get("_target_", "?")
         raise SettingsError(f"measure.meter ({target}): {one_line(cause or error)}") from None
+    from irene.measure.meters import meter_for_device
+
     return meter_for_device(built, device)
 
 
@@ -103,6 +119,8 @@ def build_companion(settings: MeasureConfig, meter: EnergyMeter, device: str) ->
     its utilisation probes and ``gpu_energy_mean``. ``None`` when the ground truth has one or
     none opens here."""
     from hydra.utils import instantiate
+
+    from irene.measure.runner import gpu_counter
 
     if gpu_counter(meter) is not None:
         return None
@@ -136,28 +154,25 @@ def protocol_params(settings: MeasureConfig) -> dict[str, Any]:
     return {key.replace("meter.meter.", "meter.", 1): value for key, value in params.items()}
 
 
-def _tracking(cfg: DictConfig, track: bool, params: dict[str, Any]) -> contextlib.AbstractContextManager:
+def _tracking(ctx: Context, track: bool, params: dict[str, Any]) -> contextlib.AbstractContextManager:
     if not track:
+        from pipelines.tracking import NullTracker
+
         return contextlib.nullcontext(NullTracker())
-    return tracked_run(cfg, stage="measure", params=params)
+    return ctx.tracked_run(params)
 
 
-def run(cfg: DictConfig) -> Path:
-    """Measure ``cfg.model`` at ``cfg.batch_size`` x ``cfg.seq_len`` into ``cfg.measure.output``.
+def run(ctx: Context, request: MeasureSettings) -> Path:
+    """Measure ``model`` at ``batch_size`` x ``seq_len`` into ``measure.output``; returns the
+    path of the trees file."""
+    from irene.measure.meters import NullMeter
+    from irene.measure.runner import environment, measure_into, resolve_device, wanted_completeness
+    from irene.measure.store import ENERGY, TRACE, existing_completeness
+    from irene.measure.summary import summarize, summary_line, summary_metrics
 
-    Args:
-        cfg: the composed config: top-level ``model``, ``batch_size``, ``seq_len`` and the
-            ``measure`` block (schema: ``MeasureConfig`` in ``pipelines/config.py``).
-
-    Returns:
-        The path of the trees file.
-    """
-    if not cfg.model:
-        raise SettingsError("stage=measure needs model=<registry name or config.json path>, "
-                         "e.g. model=bert-base-uncased batch_size=8 seq_len=128")
-    settings = measure_settings(cfg)
+    settings = request.measure
     output = Path(settings.output)
-    model, batch_size, seq_len = str(cfg.model), int(cfg.batch_size), int(cfg.seq_len)
+    model, batch_size, seq_len = str(request.model), int(request.batch_size), int(request.seq_len)
     device = resolve_device(settings.device, settings.gpu_index)  # absent: an error, always
     found = existing_completeness(output, (model, batch_size, seq_len))  # None: no line yet
     if found is not None and found >= (ENERGY if settings.measure else TRACE):  # nothing to add
@@ -188,7 +203,7 @@ def run(cfg: DictConfig) -> Path:
              meter.name, settings.protocol)
     companion = build_companion(settings, meter, device) if settings.measure else None
     try:
-        with _tracking(cfg, settings.track, params) as tracker:
+        with _tracking(ctx, settings.track, params) as tracker:
             record = measure_into(
                 output,
                 model,
@@ -202,7 +217,7 @@ def run(cfg: DictConfig) -> Path:
                 measure=settings.measure,
                 seed=settings.seed,
                 convention=settings.convention,
-                show_progress=bool(cfg.get("show_progress", True)),
+                show_progress=ctx.show_progress,
             )
             if record is not None and settings.measure:
                 summary = summarize(record)
@@ -218,3 +233,6 @@ def run(cfg: DictConfig) -> Path:
             companion.close()
     print(f"trees: {output}")
     return output
+
+
+STAGE = Stage("measure", MeasureSettings, run, read_settings=read_settings)

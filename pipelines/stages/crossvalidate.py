@@ -13,29 +13,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any  # noqa: UP035 - OmegaConf needs typing.Any
 
-import numpy as np
-from omegaconf import DictConfig
-
-from irene.data.forest import fill_predictions
-from irene.data.io import atomic_write_text
-from irene.data.tree import ERROR_COLUMNS, write_trees
-from irene.evaluate.crossval import (
-    SeededCrossValidationResult,
-    leave_one_model_out,
-    seeded_leave_one_model_out,
-)
-from irene.predictors.base import NotApplicableError, clone
-from irene.tables import Table, fold_spread, to_markdown, write_table
-from pipelines.config import build_predictor, run_params, seed_list, seeds_request
-from pipelines.data import load_forest
-from pipelines.paths import log, run_dir, setup
-from pipelines.run_identity import finished_run
-from pipelines.tracking import Tracker, tracked_run
+from irene.data.tree import ERROR_COLUMNS
+from irene.tables import Table
+from pipelines.config import seed_list, seeds_request
+from pipelines.paths import log
+from pipelines.stage import Context, Stage, predictor_run_name
 
 if TYPE_CHECKING:
+    import numpy as np
     import pandas as pd
+
+    from pipelines.tracking import Tracker
+
+
+@dataclass
+class CrossValidateSettings:
+    # crossvalidate, report: repeat every cross-validation over seeds: null (one run with
+    # predictor.seed), k (predictor.seed, +1, ..., +k-1) or a list of seeds; report: which runs
+    seeds: Any = None
+    cv_jobs: int = 1  # crossvalidate with seeds: folds fitted in parallel processes (-1: all cores)
+    save_predictions: bool = False  # also write the out-of-fold predicted trees (14 MB)
+    skip_not_applicable: bool = False  # a predictor that cannot use these features: skip, not fail
 
 
 @dataclass
@@ -52,9 +52,9 @@ class CrossValidationReport:
         return None if self.result is None else self.result.to_frame()
 
 
-def _resumed(cfg: DictConfig, out: Path) -> CrossValidationReport | None:
+def _resumed(ctx: Context, out: Path) -> CrossValidationReport | None:
     """The report of an identical, already FINISHED run (``resume=true``), else None."""
-    previous = finished_run(cfg, "crossvalidate")
+    previous = ctx.finished_run()
     if previous is None:
         return None
     import mlflow
@@ -86,7 +86,7 @@ class _SeededTable:
     predicted_j: np.ndarray  # out-of-fold predictions of the first seed
 
 
-def _seeded(cfg: DictConfig, tracker: Tracker, out: Path, forest, predictor,
+def _seeded(settings: CrossValidateSettings, tracker: Tracker, out: Path, forest, predictor,
             seeds: list[int]) -> _SeededTable:
     """Leave-one-model-out once per seed: a child run per (seed, fold), the seeds' table."""
     def on_fold(seed: int | None, left_out: str, errors: dict[str, float]) -> None:
@@ -97,8 +97,11 @@ def _seeded(cfg: DictConfig, tracker: Tracker, out: Path, forest, predictor,
         with tracker.child_run("crossvalidate-fold", name, params) as fold:
             fold.log_metrics(errors)
 
+    from irene.data.io import atomic_write_text
+    from irene.evaluate.crossval import SeededCrossValidationResult, seeded_leave_one_model_out
+
     result: SeededCrossValidationResult = seeded_leave_one_model_out(
-        forest, predictor, seeds, n_jobs=int(cfg.cv_jobs), on_fold=on_fold)
+        forest, predictor, seeds, n_jobs=int(settings.cv_jobs), on_fold=on_fold)
     if not result.seed_dependent:
         log.info("predictor %r does not depend on a seed with these settings: fit once, "
                  "spread 0 (not %d identical times)", predictor.name, len(seeds))
@@ -110,22 +113,27 @@ def _seeded(cfg: DictConfig, tracker: Tracker, out: Path, forest, predictor,
     return _SeededTable(table=Table.from_frame(result.table()), predicted_j=result.predicted_j)
 
 
-def run(cfg: DictConfig) -> CrossValidationReport:
-    setup(cfg)
-    out = run_dir(cfg)
-    resumed = _resumed(cfg, out)
+def run(ctx: Context, settings: CrossValidateSettings) -> CrossValidationReport:
+    from irene.data.forest import fill_predictions
+    from irene.data.tree import write_trees
+    from irene.evaluate.crossval import leave_one_model_out
+    from irene.predictors.base import NotApplicableError, clone
+    from irene.tables import fold_spread, to_markdown, write_table
+
+    out = ctx.run_dir
+    resumed = _resumed(ctx, out)
     if resumed is not None:
         return resumed
-    request = seeds_request(cfg)
-    params = run_params(cfg) | ({} if request is None else {"seeds": request})
-    with tracked_run(cfg, "crossvalidate", params) as tracker:
+    request = seeds_request(settings.seeds)
+    params = ctx.run_params() | ({} if request is None else {"seeds": request})
+    with ctx.tracked_run(params) as tracker:
         # a bad hyperparameter or seed fails here, before any data is read, as a FAILED run
-        predictor = build_predictor(cfg, show_progress=False)
-        seeds = seed_list(cfg)
+        predictor = ctx.build_predictor(show_progress=False)
+        seeds = seed_list(settings.seeds, ctx.predictor_seed)
         if seeds is not None and predictor.uses_seed():
             for seed in seeds:
                 clone(predictor).set_params(seed=seed).validate_params()
-        data = load_forest(cfg, tracker)
+        data = ctx.load_forest(tracker)
         forest = data.forest
         models = list(dict.fromkeys(forest.model_names))
         log.info("leave-one-model-out over %d models, %d trees, %d nodes", len(models),
@@ -142,11 +150,11 @@ def run(cfg: DictConfig) -> CrossValidationReport:
         try:
             if seeds is None:
                 result = leave_one_model_out(forest, predictor,
-                                             show_progress=cfg.show_progress, on_fold=on_fold)
+                                             show_progress=ctx.show_progress, on_fold=on_fold)
             else:
-                result = _seeded(cfg, tracker, out, forest, predictor, seeds)
+                result = _seeded(settings, tracker, out, forest, predictor, seeds)
         except NotApplicableError as error:
-            if not cfg.skip_not_applicable:
+            if not settings.skip_not_applicable:
                 raise
             log.warning("not applicable, skipped: %s", error)
             tracker.set_tags({"not_applicable": str(error)[:500]})
@@ -159,7 +167,7 @@ def run(cfg: DictConfig) -> CrossValidationReport:
         tracker.log_artifact(csv_path, "report")
         tracker.log_artifact(out / "crossvalidation.md", "report")
         predictions = None
-        if cfg.save_predictions:
+        if settings.save_predictions:
             predictions = write_trees(out / "predictions.jsonl",
                                       fill_predictions(data.trees(), forest, result.predicted_j),
                                       protect=[data.source])
@@ -168,3 +176,7 @@ def run(cfg: DictConfig) -> CrossValidationReport:
     print(to_markdown(fold_spread(table)))
     print(f"crossvalidation table: {csv_path}")
     return CrossValidationReport(result=table, csv_path=csv_path, predictions_path=predictions)
+
+
+STAGE = Stage("crossvalidate", CrossValidateSettings, run,
+              not_hashed=("cv_jobs", "skip_not_applicable"), run_name=predictor_run_name("cv"))

@@ -14,33 +14,42 @@ batch_sizes=[8,16,32] seq_lens=[64,128,256] model_dir=<trained static predictor>
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-from omegaconf import DictConfig
-
-from irene.data.tree import Tree, write_trees
 from irene.errors import SettingsError
-from irene.explain.views import totals_table
-from irene.predictors.static import predict_trees, trace_static
-from irene.tables import Table, write_table
-from pipelines.models import load_predictor, unseen_policy
-from pipelines.paths import log, run_dir, setup
-from pipelines.tracking import tracked_run
+from pipelines.models import unseen_policy
+from pipelines.paths import log
+from pipelines.stage import Context, ModelInput, Stage, TrainedPredictor
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from irene.data.tree import Tree
 
 
-def grid(cfg: DictConfig) -> tuple[list[str], list[int], list[int]]:
+@dataclass
+class WhatifSettings(ModelInput, TrainedPredictor):
+    models: list[str] | None = None  # models compared side by side (default: [model])
+    batch_sizes: list[int] | None = None  # batch sizes (default: [batch_size])
+    seq_lens: list[int] | None = None  # sequence lengths (default: [seq_len])
+
+
+def grid(settings: WhatifSettings) -> tuple[list[str], list[int], list[int]]:
     """Models, batch sizes and sequence lengths of the comparison."""
-    models = list(cfg.models or ([cfg.model] if cfg.get("model") else []))
+    models = list(settings.models or ([settings.model] if settings.model else []))
     if not models:
         raise SettingsError("stage=whatif needs models=[name,...] (or model=<name>)")
-    batch_sizes = [int(b) for b in (cfg.batch_sizes or [cfg.batch_size])]
-    seq_lens = [int(s) for s in (cfg.seq_lens or [cfg.seq_len])]
+    batch_sizes = [int(b) for b in (settings.batch_sizes or [settings.batch_size])]
+    seq_lens = [int(s) for s in (settings.seq_lens or [settings.seq_len])]
     return [str(m) for m in models], batch_sizes, seq_lens
 
 
 def comparison_table(trees: list[Tree]) -> pd.DataFrame:
     """One row per tree: total predicted energy, per token, fallback count."""
+    from irene.explain.views import totals_table
+
     table = totals_table(trees).reset_index()
     table["energy_per_token_mj"] = (1e3 * table["predicted_energy_j"]
                                     / (table["batch_size"] * table["seq_len"]))
@@ -91,23 +100,29 @@ def plot(table: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def run(cfg: DictConfig) -> Path:
+def run(ctx: Context, settings: WhatifSettings) -> Path:
     """Returns the comparison table (``<run folder>/whatif.csv``)."""
-    setup(cfg)
-    folder = run_dir(cfg)
-    models, batch_sizes, seq_lens = grid(cfg)
+    from irene.data.tree import write_trees
+    from irene.predictors.static import predict_trees, trace_static
+    from irene.tables import Table, write_table
+
+    folder = ctx.run_dir
+    models, batch_sizes, seq_lens = grid(settings)
     params = {"models": models, "batch_sizes": batch_sizes, "seq_lens": seq_lens,
-              "model_dir": str(cfg.model_dir), "model_run": str(cfg.get("model_run")),
-              "unseen_op": str(cfg.get("unseen_op"))}
-    with tracked_run(cfg, "whatif", params) as tracker:
-        predictor, _ = load_predictor(cfg, folder / "downloaded", tracker)
+              "model_dir": str(settings.model_dir), "model_run": str(settings.model_run),
+              "unseen_op": str(settings.unseen_op)}
+    with ctx.tracked_run(params) as tracker:
+        predictor, _ = ctx.trained_predictor(folder / "downloaded", tracker,
+                                             model_dir=settings.model_dir,
+                                             model_run=settings.model_run, traced=True)
         tracker.log_params({"predictor": type(predictor).__name__})
         shapes = [(b, s) for b in batch_sizes for s in seq_lens]
         filled: list[Tree] = []
         for model in models:
             log.info("tracing %s at %d shapes", model, len(shapes))
-            traced = trace_static(model, shapes, convention=cfg.trace_convention)
-            trees, _, _ = predict_trees(predictor, traced, unseen_policy(cfg), static_only=True)
+            traced = trace_static(model, shapes, convention=settings.trace_convention)
+            trees, _, _ = predict_trees(predictor, traced, unseen_policy(settings.unseen_op),
+                                        static_only=True)
             filled.extend(trees)
         table = comparison_table(filled)
         print(table.to_string(float_format=lambda v: f"{v:.4g}"))
@@ -119,3 +134,6 @@ def run(cfg: DictConfig) -> Path:
             tracker.log_artifact(path, "whatif")
     print(f"what-if table: {folder / 'whatif.csv'}")
     return folder / "whatif.csv"
+
+
+STAGE = Stage("whatif", WhatifSettings, run)

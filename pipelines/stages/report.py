@@ -29,9 +29,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from typing import TYPE_CHECKING, Any  # noqa: UP035 - OmegaConf needs typing.Any
 
 from irene.data.io import atomic_write_text
 from irene.data.tree import ERROR_COLUMNS
@@ -45,8 +43,36 @@ from irene.evaluate.significance import (
 )
 from irene.tables import MeanSd, Table, to_latex, to_markdown
 from pipelines.config import seeds_request
-from pipelines.paths import log, outputs_dir, run_dir, setup
-from pipelines.tracking import ensure_experiment
+from pipelines.paths import log, outputs_dir
+from pipelines.stage import Context, Stage
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+@dataclass
+class ReportSettings:
+    report: dict[str, Any] = field(default_factory=dict)  # table layout (set by the preset)
+    # crossvalidate, report: repeat every cross-validation over seeds: null (one run with
+    # predictor.seed), k (predictor.seed, +1, ..., +k-1) or a list of seeds; report: which runs
+    seeds: Any = None
+
+
+@dataclass
+class _Query:
+    """What the report reads runs by: the data set and experiment (``ctx``), the preset's
+    ``seeds`` request."""
+
+    ctx: Context
+    seeds: Any
+
+    @property
+    def data_name(self) -> str:
+        return self.ctx.data_name
+
+    @property
+    def models(self) -> list[str]:
+        return self.ctx.data_models
 
 LEVELS = ERROR_COLUMNS
 # The reference implementation's published cross-validation report (device 1, its README).
@@ -79,10 +105,10 @@ class SeededTable:
     notes: list[str] = field(default_factory=list)
 
 
-def _search(cfg: DictConfig, filter_string: str) -> list:
+def _search(q: _Query, filter_string: str) -> list:
     import mlflow
 
-    experiment_id = ensure_experiment(cfg)
+    experiment_id = q.ctx.experiment_id()
     return mlflow.search_runs(experiment_ids=[experiment_id], filter_string=filter_string,
                               output_format="list", order_by=["attributes.start_time DESC"],
                               max_results=5000)
@@ -103,6 +129,8 @@ def _latest_per_row(runs: list, rows: list[str]) -> list[tuple[tuple, object]]:
 
 def runs_table(runs: list, rows: list[str], order: dict) -> pd.DataFrame:
     """One row per distinct ``rows`` params (latest run wins), columns ml / module / model."""
+    import pandas as pd
+
     records = [{**dict(zip(rows, key, strict=True)),
                 **{level: run.data.metrics.get(f"overall_{level}") for level in LEVELS}}
                for key, run in _latest_per_row(runs, rows)]
@@ -123,10 +151,12 @@ def _ordered(frame: pd.DataFrame, rows: list[str], order: dict) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------- over seeds
-def _seed_folds(cfg: DictConfig, run) -> pd.DataFrame:
+def _seed_folds(q: _Query, run) -> pd.DataFrame:
     """The (seed, left-out model) child runs of a seeded cross-validation: columns seed
     ("" when the predictor does not use one), left_out_model and the % error per node type."""
-    children = _search(cfg, f"tags.mlflow.parentRunId = '{run.info.run_id}' "
+    import pandas as pd
+
+    children = _search(q, f"tags.mlflow.parentRunId = '{run.info.run_id}' "
                             "and tags.stage = 'crossvalidate-fold'")
     records = [{"seed": c.data.params.get("seed", ""),
                 "left_out_model": c.data.params["left_out_model"],
@@ -148,11 +178,11 @@ def _sample(values: pd.Series, deterministic: bool) -> SeedSample | None:
     return SeedSample(tuple(float(v) for v in values), deterministic) if len(values) else None
 
 
-def _overall_samples(cfg: DictConfig, run) -> dict[str, SeedSample | None]:
+def _overall_samples(q: _Query, run) -> dict[str, SeedSample | None]:
     """Per node type, the overall % error of every seed (mean over the left-out models)."""
     if "not_applicable" in run.data.tags:
         return dict.fromkeys(LEVELS)
-    folds = _seed_folds(cfg, run)
+    folds = _seed_folds(q, run)
     per_seed = folds.groupby("seed", sort=False)[list(LEVELS)].mean()
     return {level: _sample(per_seed[level], _deterministic(run)) for level in LEVELS}
 
@@ -178,13 +208,15 @@ def _seed_range(seeds: list[int]) -> str:
     return f"{seeds[0]}-{seeds[-1]}" if consecutive and len(seeds) > 2 else ", ".join(map(str, seeds))
 
 
-def seeded_runs_table(cfg: DictConfig, runs: list, rows: list[str], order: dict) -> SeededTable:
+def seeded_runs_table(q: _Query, runs: list, rows: list[str], order: dict) -> SeededTable:
     """One row per configuration, ``mean ± sd`` over seeds of the overall % error; per column,
     every row is tested against the lowest mean (Welch t-test over seeds on log % error)."""
+    import pandas as pd
+
     latest = _latest_per_row(runs, rows)
     records = []
     for key, run in latest:
-        samples = _overall_samples(cfg, run)
+        samples = _overall_samples(q, run)
         records.append({**dict(zip(rows, key, strict=True)), **samples})
     samples = _ordered(pd.DataFrame.from_records(records), rows, order)
     display = samples.map(_cell)
@@ -211,12 +243,14 @@ def seeded_runs_table(cfg: DictConfig, runs: list, rows: list[str], order: dict)
                        notes=notes)
 
 
-def seeded_folds_table(cfg: DictConfig, run) -> SeededTable:
+def seeded_folds_table(q: _Query, run) -> SeededTable:
     """Per left-out model, ``mean ± sd`` over seeds, the reference's numbers and how many
     standard deviations they lie from ours (``z``)."""
-    folds = _seed_folds(cfg, run)
+    import pandas as pd
+
+    folds = _seed_folds(q, run)
     deterministic = _deterministic(run)
-    models = (OmegaConf.to_container(cfg.data.models) if cfg.data.models
+    models = (q.models if q.models
               else sorted(set(folds["left_out_model"])))
     names = [m for m in models if m in set(folds["left_out_model"])]
     kept = folds[folds["left_out_model"].isin(names)]
@@ -234,7 +268,7 @@ def seeded_folds_table(cfg: DictConfig, run) -> SeededTable:
                                   for m in index]
     marks: dict[tuple[int, str], str] = {}
     notes = _seed_notes([run], "each left-out model's % error (overall: the mean over models)")
-    if cfg.data.name == "device_1":
+    if q.data_name == "device_1":
         for i, level in enumerate(LEVELS):
             reference = [REFERENCE_DEVICE_1.get(m, (None,) * 3)[i] for m in index]
             display[f"reference {level}"] = numbers[f"reference {level}"] = reference
@@ -254,20 +288,22 @@ def seeded_folds_table(cfg: DictConfig, run) -> SeededTable:
     return SeededTable(display=display, numbers=numbers, marks=marks, notes=notes)
 
 
-def folds_table(cfg: DictConfig, run) -> pd.DataFrame:
+def folds_table(q: _Query, run) -> pd.DataFrame:
     """Per-left-out-model rows of one cross-validation run, with the reference's numbers."""
-    children = _search(cfg, f"tags.mlflow.parentRunId = '{run.info.run_id}' "
+    import pandas as pd
+
+    children = _search(q, f"tags.mlflow.parentRunId = '{run.info.run_id}' "
                             "and tags.stage = 'crossvalidate-fold'")
     frame = pd.DataFrame.from_records([
         {"left_out_model": c.data.params["left_out_model"],
          **{level: c.data.metrics.get(level) for level in LEVELS}} for c in children])
     frame = frame.drop_duplicates("left_out_model").set_index("left_out_model")
     # rows in the data's model order: data.models, else the order the run cross-validated
-    models = (OmegaConf.to_container(cfg.data.models) if cfg.data.models
+    models = (q.models if q.models
               else json.loads(run.data.params.get("models", "[]")) or sorted(frame.index))
     frame = frame.reindex([m for m in models if m in frame.index])
     frame.loc["overall"] = frame.mean(axis=0, skipna=False)
-    if cfg.data.name == "device_1":
+    if q.data_name == "device_1":
         for i, level in enumerate(LEVELS):
             frame[f"reference {level}"] = [REFERENCE_DEVICE_1.get(m, (None,) * 3)[i]
                                            for m in frame.index]
@@ -304,49 +340,49 @@ def plot(frame: pd.DataFrame, path: Path, title: str, spread: pd.DataFrame | Non
     return path
 
 
-def _preset_runs(cfg: DictConfig, name: str) -> list:
+def _preset_runs(q: _Query, name: str) -> list:
     """The preset's FINISHED cross-validations on this data set, newest first: those of the
     ``seeds`` request when given, else the single-seed ones only."""
     base = (f"tags.preset = '{name}' and tags.stage = 'crossvalidate' "
-            f"and attributes.status = 'FINISHED' and params.data = '{cfg.data.name}'")
-    request = seeds_request(cfg)
+            f"and attributes.status = 'FINISHED' and params.data = '{q.data_name}'")
+    request = seeds_request(q.seeds)
     if request is not None:
-        return _search(cfg, f"{base} and params.seeds = '{request}'")
-    return [r for r in _search(cfg, base) if "seeds" not in r.data.params]
+        return _search(q, f"{base} and params.seeds = '{request}'")
+    return [r for r in _search(q, base) if "seeds" not in r.data.params]
 
 
-def build_table(cfg: DictConfig, name: str, layout: dict) -> pd.DataFrame | SeededTable:
-    runs = _preset_runs(cfg, name)
-    seeded = seeds_request(cfg) is not None
+def build_table(q: _Query, name: str, layout: dict) -> pd.DataFrame | SeededTable:
+    runs = _preset_runs(q, name)
+    seeded = seeds_request(q.seeds) is not None
     if layout.get("kind", "runs") == "folds":
         if not runs:
-            asked = f" with seeds={seeds_request(cfg)}" if seeded else ""
+            asked = f" with seeds={seeds_request(q.seeds)}" if seeded else ""
             raise MissingInputError(f"no FINISHED crossvalidate run of preset {name!r} on "
-                                    f"{cfg.data.name}{asked}: run its sweep first (python run.py "
+                                    f"{q.data_name}{asked}: run its sweep first (python run.py "
                                     f"-m experiment={name})")
-        return seeded_folds_table(cfg, runs[0]) if seeded else folds_table(cfg, runs[0])
+        return seeded_folds_table(q, runs[0]) if seeded else folds_table(q, runs[0])
     rows, order = list(layout["rows"]), dict(layout.get("order", {}))
-    return seeded_runs_table(cfg, runs, rows, order) if seeded else runs_table(runs, rows, order)
+    return seeded_runs_table(q, runs, rows, order) if seeded else runs_table(runs, rows, order)
 
 
-def run(cfg: DictConfig) -> ReportResult:
-    setup(cfg)
-    name = cfg.get("sweep_name")
+def run(ctx: Context, settings: ReportSettings) -> ReportResult:
+    name = ctx.sweep_name
     if not name:
         raise SettingsError("stage=report needs a preset: python run.py stage=report experiment=<name>")
-    layout = OmegaConf.to_container(cfg.report, resolve=True) if cfg.report else {}
-    if not cfg.tracking.enabled:
+    layout = dict(settings.report or {})
+    if not ctx.tracking_enabled:
         raise SettingsError("stage=report reads MLflow runs: tracking must be enabled")
-    built = build_table(cfg, name, layout)
+    q = _Query(ctx, settings.seeds)
+    built = build_table(q, name, layout)
     title = layout.get("title", name)
     if isinstance(built, SeededTable):
-        return _write_seeded(cfg, name, title, built)
+        return _write_seeded(q, name, title, built)
     table = built
     # best per column: meaningful across configurations, not across left-out models
     bold_columns = [] if layout.get("kind") == "folds" else [c for c in table.columns
                                                               if str(c) in LEVELS]
-    out = run_dir(cfg)
-    stable = outputs_dir() / "tables" / cfg.data.name
+    out = q.ctx.run_dir
+    stable = outputs_dir() / "tables" / q.data_name
     grid = Table.from_frame(table)
     markdown = to_markdown(grid, bold_columns=bold_columns)
     paths = []
@@ -358,20 +394,20 @@ def run(cfg: DictConfig) -> ReportResult:
         ]
     paths.append(plot(table, out / f"{name}.png", title))
     (stable / f"{name}.png").write_bytes(paths[-1].read_bytes())
-    _log_to_sweep(cfg, name, out, paths[:3] + paths[-1:])
+    _log_to_sweep(q, name, out, paths[:3] + paths[-1:])
     print(markdown)
     for path in paths[3:6] + paths[-1:]:
         print(f"table: {path}")
     return ReportResult(table=table, paths=paths)
 
 
-def _write_seeded(cfg: DictConfig, name: str, title: str, table: SeededTable) -> ReportResult:
+def _write_seeded(q: _Query, name: str, title: str, table: SeededTable) -> ReportResult:
     """``<preset>_k<k>.md/.csv/.tex/.png``: the single-seed tables keep their names."""
-    k = _num_seeds(cfg)
+    k = _num_seeds(q)
     stem = f"{name}_k{k}"
     title = f"{title}, mean ± sd over {k} seeds"
-    out = run_dir(cfg)
-    stable = outputs_dir() / "tables" / cfg.data.name
+    out = q.ctx.run_dir
+    stable = outputs_dir() / "tables" / q.data_name
     style = {"bold_cells": table.bold_cells, "marks": table.marks}
     display = Table.from_frame(table.display)
     markdown = to_markdown(display, **style)
@@ -388,7 +424,7 @@ def _write_seeded(cfg: DictConfig, name: str, title: str, table: SeededTable) ->
     spread = table.numbers[[f"{c}_sd" for c in means.columns]].set_axis(means.columns, axis=1)
     paths.append(plot(means, out / f"{stem}.png", title, spread=spread))
     (stable / f"{stem}.png").write_bytes(paths[-1].read_bytes())
-    _log_to_sweep(cfg, name, out, paths[:3] + paths[-1:])
+    _log_to_sweep(q, name, out, paths[:3] + paths[-1:])
     print(markdown)
     print()
     print(notes)
@@ -397,26 +433,29 @@ def _write_seeded(cfg: DictConfig, name: str, title: str, table: SeededTable) ->
     return ReportResult(table=table.numbers, paths=paths)
 
 
-def _num_seeds(cfg: DictConfig) -> int:
+def _num_seeds(q: _Query) -> int:
     """k of the ``seeds`` request: the number itself, or the length of the list."""
-    seeds = cfg.seeds
-    return len(seeds) if OmegaConf.is_list(seeds) else int(seeds)
+    seeds = q.seeds
+    return len(seeds) if isinstance(seeds, list | tuple) else int(seeds)
 
 
-def _log_to_sweep(cfg: DictConfig, name: str, out: Path, paths: list[Path]) -> None:
+def _log_to_sweep(q: _Query, name: str, out: Path, paths: list[Path]) -> None:
     """Artifacts of the latest parent run of the preset's sweep (a new run if none)."""
     import mlflow
 
-    parents = _search(cfg, f"tags.preset = '{name}' and tags.stage = 'sweep'")
+    parents = _search(q, f"tags.preset = '{name}' and tags.stage = 'sweep'")
     client = mlflow.MlflowClient()
     if parents:
         run_id = parents[0].info.run_id
     else:
-        run_id = client.create_run(ensure_experiment(cfg), run_name=f"report {name}",
+        run_id = client.create_run(q.ctx.experiment_id(), run_name=f"report {name}",
                                    tags={"stage": "report", "preset": name}).info.run_id
         client.set_terminated(run_id)
     for path in paths:
-        client.log_artifact(run_id, str(path), f"tables/{cfg.data.name}")
+        client.log_artifact(run_id, str(path), f"tables/{q.data_name}")
     markdown = next(p for p in paths if p.suffix == ".md").read_text()
-    client.set_tag(run_id, "mlflow.note.content", f"{markdown}\nData: {cfg.data.name}.")
+    client.set_tag(run_id, "mlflow.note.content", f"{markdown}\nData: {q.data_name}.")
     log.info("tables logged to run %s", run_id)
+
+
+STAGE = Stage("report", ReportSettings, run, not_hashed=("report",))

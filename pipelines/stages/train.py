@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig
-
-from irene.data.forest import build_forest
-from irene.evaluate.metrics import errors_by_node_type
-from pipelines.config import build_predictor, run_params
-from pipelines.data import load_trees
-from pipelines.paths import log, run_dir, setup
-from pipelines.tracking import tracked_run
+from pipelines.paths import log
+from pipelines.stage import Context, Stage, predictor_run_name
 
 
-def run(cfg: DictConfig) -> Path:
+@dataclass
+class TrainSettings:
+    model_dir: str | None = None  # train: output (default: run folder); predict/whatif: trained model
+
+
+def run(ctx: Context, settings: TrainSettings) -> Path:
     """Returns the model folder (``model_dir``, default ``<run folder>/model``)."""
-    setup(cfg)
-    out = Path(cfg.model_dir) if cfg.model_dir else run_dir(cfg) / "model"
-    with tracked_run(cfg, "train", run_params(cfg)) as tracker:
-        predictor = build_predictor(cfg)
-        trees, _ = load_trees(cfg, tracker)
+    from irene.data.forest import build_forest
+    from irene.evaluate.metrics import errors_by_node_type
+
+    out = Path(settings.model_dir) if settings.model_dir else ctx.run_dir / "model"
+    with ctx.tracked_run(ctx.run_params()) as tracker:
+        predictor = ctx.build_predictor()
+        trees, _ = ctx.load_trees(tracker)
         forest = build_forest(trees)
         log.info("training on %d trees (%d nodes) of %s", forest.num_trees, forest.num_nodes,
                  sorted(set(forest.model_names)))
@@ -36,3 +38,6 @@ def run(cfg: DictConfig) -> Path:
         print(f"MLflow run: {tracker.run_id}  (stage=predict model_run={tracker.run_id})")
     print(f"model: {out}  (stage=predict model_dir={out})")
     return out
+
+
+STAGE = Stage("train", TrainSettings, run, run_name=predictor_run_name("train"))

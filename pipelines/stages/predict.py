@@ -26,49 +26,66 @@ model and prints its URI.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig, OmegaConf
-
-from irene.data.tree import Tree, read_trees, tree_key, write_trees
 from irene.errors import SettingsError
-from irene.explain import views as explain
-from irene.explain.views import fallback_table, totals_table
-from irene.predictors.static import fallback_summary, parse_shapes, predict_trees, trace_static
-from irene.tables import Table, write_table
-from pipelines.data import load_trees, record_input
-from pipelines.models import load_predictor, unseen_policy
-from pipelines.paths import log, run_dir, setup
-from pipelines.tracking import Tracker, tracked_run
+from pipelines.models import unseen_policy
+from pipelines.paths import log
+from pipelines.stage import Context, ModelInput, Stage, TrainedPredictor
+
+if TYPE_CHECKING:
+    from irene.data.tree import Tree
+    from pipelines.tracking import Tracker
+
+
+@dataclass
+class ExplainConfig:
+    max_depth: int = 6  # tree levels drawn in the HTML / PNG icicle
+    source: str = "auto"  # energy explained: auto (predicted, else measured) | predicted | measured
+    max_trees: int = 4  # trees explained (HTML, PNG, text): the first N predicted
+    views: bool = True  # write the explanation views at all
+
+
+@dataclass
+class PredictSettings(ModelInput, TrainedPredictor):
+    shapes: list[list[int]] | None = None  # [[batch_size, seq_len], ...] instead of one pair
+    trees: str | None = None  # predict/evaluate: input trees (default: the data set)
+    output: str | None = None  # predict: output file (default: run folder)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)  # explanation views
+    package: bool = False  # also log the predictor as an MLflow pyfunc model
 
 
 # --------------------------------------------------------------------------------- input
-def input_trees(cfg: DictConfig, tracker: Tracker) -> tuple[list[Tree], Path | None, bool]:
+def input_trees(ctx: Context, settings: PredictSettings, tracker: Tracker
+                ) -> tuple[list[Tree], Path | None, bool]:
     """The trees to predict, the file they came from (None when traced) and whether they
     were traced (static features only)."""
-    if cfg.get("model"):
-        shapes = parse_shapes(_plain(cfg.get("shapes")), cfg.batch_size, cfg.seq_len)
-        convention = str(cfg.get("trace_convention") or "irene")
-        log.info("tracing %s at %s (static features, %s convention)", cfg.model, shapes, convention)
-        return trace_static(str(cfg.model), shapes, convention=convention), None, True
-    if cfg.get("trees"):
-        source = Path(cfg.trees)
+    from irene.data.tree import read_trees
+    from irene.predictors.static import parse_shapes, trace_static
+    from pipelines.data import record_input
+
+    if settings.model:
+        shapes = parse_shapes(settings.shapes, settings.batch_size, settings.seq_len)
+        convention = str(settings.trace_convention or "irene")
+        log.info("tracing %s at %s (static features, %s convention)", settings.model, shapes,
+                 convention)
+        return trace_static(str(settings.model), shapes, convention=convention), None, True
+    if settings.trees:
+        source = Path(settings.trees)
         trees = read_trees(source)
         record_input(tracker, "trees", source, source="trees")
         return trees, source, False
-    trees, source = load_trees(cfg, tracker, require_energy=False)
+    trees, source = ctx.load_trees(tracker, require_energy=False)
     return trees, source, False
 
 
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-
-
 # ------------------------------------------------------------------------------- outputs
-def write_views(cfg: DictConfig, trees: list[Tree], directory: Path) -> list[Path]:
+def write_views(ecfg: ExplainConfig, trees: list[Tree], directory: Path) -> list[Path]:
     """Explanation views of the first ``explain.max_trees`` trees; prints the text views."""
-    ecfg = cfg.explain
+    from irene.explain import views as explain
+
     if not ecfg.views:
         return []
     paths = []
@@ -93,22 +110,29 @@ def package(model_dir: Path, unseen_op: str | None, trace_convention: str) -> st
 
 
 # ------------------------------------------------------------------------------- the stage
-def run(cfg: DictConfig) -> Path:
+def run(ctx: Context, settings: PredictSettings) -> Path:
     """Returns the predictions file (``output``, default ``<run folder>/predictions.jsonl``)."""
-    setup(cfg)
-    folder = run_dir(cfg)
-    out = Path(cfg.output) if cfg.output else folder / "predictions.jsonl"
-    params = {"model_dir": str(cfg.model_dir), "model_run": str(cfg.get("model_run")),
-              "model": str(cfg.get("model")), "unseen_op": unseen_policy(cfg) or ""}
+    from irene.data.tree import tree_key, write_trees
+    from irene.explain.views import fallback_table, totals_table
+    from irene.predictors.static import fallback_summary, predict_trees
+    from irene.tables import Table, write_table
+
+    folder = ctx.run_dir
+    out = Path(settings.output) if settings.output else folder / "predictions.jsonl"
+    policy = unseen_policy(settings.unseen_op)
+    params = {"model_dir": str(settings.model_dir), "model_run": str(settings.model_run),
+              "model": str(settings.model), "unseen_op": policy or ""}
     # packaging logs an MLflow model inside the run: the run must be this process's
-    with tracked_run(cfg, "predict", params, background=not cfg.get("package")) as tracker:
-        predictor, model_dir = load_predictor(cfg, folder / "downloaded", tracker)
-        policy, model_uri = unseen_policy(cfg), None
-        if cfg.get("package"):
-            if not cfg.tracking.enabled:
+    with ctx.tracked_run(params, background=not settings.package) as tracker:
+        predictor, model_dir = ctx.trained_predictor(
+            folder / "downloaded", tracker, model_dir=settings.model_dir,
+            model_run=settings.model_run, traced=bool(settings.model))
+        model_uri = None
+        if settings.package:
+            if not ctx.tracking_enabled:
                 raise SettingsError("package=true logs an MLflow model: it needs tracking.enabled=true")
-            model_uri = package(model_dir, policy, cfg.trace_convention)
-        trees, source, traced = input_trees(cfg, tracker)
+            model_uri = package(model_dir, policy, settings.trace_convention)
+        trees, source, traced = input_trees(ctx, settings, tracker)
         tracker.log_params({"trees": str(source or "traced"), "predictor": type(predictor).__name__})
         filled, forest, fallback = predict_trees(predictor, trees, policy, static_only=traced)
         write_trees(out, filled, protect=[source] if source else [])
@@ -128,7 +152,7 @@ def run(cfg: DictConfig) -> Path:
         fallback_path = folder / "fallback.csv"
         fallback_table(filled).to_csv(fallback_path, index=False)
         artifacts.append(fallback_path)
-        view_paths = write_views(cfg, filled, folder / "views")
+        view_paths = write_views(settings.explain, filled, folder / "views")
         for path in artifacts:
             tracker.log_artifact(path, "predictions")
         if view_paths:
@@ -137,3 +161,6 @@ def run(cfg: DictConfig) -> Path:
     if model_uri:  # last: what `make serve MODEL=...` takes
         print(f"pyfunc model: {model_uri}  (serve it: make serve MODEL={model_uri})")
     return out
+
+
+STAGE = Stage("predict", PredictSettings, run, not_hashed=("output",))

@@ -5,15 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-from omegaconf import DictConfig
-
-from irene.data.forest import ALL_FEATURES, build_forest
-from irene.data.io import atomic_write_text
-from irene.data.tree import NODE_TYPES, write_trees
-from pipelines.data import load_trees
-from pipelines.paths import log, run_dir, setup
-from pipelines.tracking import tracked_run
+from pipelines.paths import log
+from pipelines.stage import Context, Stage
 
 
 @dataclass
@@ -24,12 +17,21 @@ class FeaturizeResult:
     num_nodes: int
 
 
-def run(cfg: DictConfig) -> FeaturizeResult:
-    setup(cfg)
-    out = run_dir(cfg)
-    with tracked_run(cfg, "featurize", {"data": cfg.data.name,
-                                        "models": list(cfg.data.models or [])}) as tracker:
-        trees, source = load_trees(cfg, tracker)
+@dataclass
+class FeaturizeSettings:
+    """No settings of its own: the data set (``data``) is all it reads."""
+
+
+def run(ctx: Context, settings: FeaturizeSettings) -> FeaturizeResult:
+    import pandas as pd
+
+    from irene.data.forest import ALL_FEATURES, build_forest
+    from irene.data.io import atomic_write_text
+    from irene.data.tree import NODE_TYPES, write_trees
+
+    out = ctx.run_dir
+    with ctx.tracked_run({"data": ctx.data_name, "models": ctx.data_models}) as tracker:
+        trees, source = ctx.load_trees(tracker)
         trees_path = write_trees(out / "trees.jsonl", trees, protect=[source])
         forest = build_forest(trees)
         names = dict(enumerate(map(str, NODE_TYPES)))
@@ -48,3 +50,6 @@ def run(cfg: DictConfig) -> FeaturizeResult:
     print(f"trees: {trees_path}")
     print(f"features: {features_path}")
     return FeaturizeResult(trees_path, features_path, forest.num_trees, forest.num_nodes)
+
+
+STAGE = Stage("featurize", FeaturizeSettings, run)

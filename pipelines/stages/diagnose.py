@@ -15,22 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-from omegaconf import DictConfig
+from pipelines.paths import log
+from pipelines.stage import Context, Stage, predictor_run_name
 
-from irene.data.forest import build_forest
-from irene.data.io import atomic_write_text
-from irene.data.tree import NodeType, read_trees
-from irene.evaluate.crossval import leave_one_model_out
-from irene.evaluate.diagnostics import child_ratio_table, error_sources, report_markdown
-from irene.evaluate.metrics import align_predictions
-from irene.predictors.irene import IreneModel
-from irene.tables import Table, write_table
-from pipelines.config import build_predictor, predictor_class, run_params
-from pipelines.data import load_trees, record_input
-from pipelines.paths import log, run_dir, setup
-from pipelines.tracking import tracked_run
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass
@@ -40,28 +31,42 @@ class DiagnosticsReport:
     report_path: Path
 
 
-def run(cfg: DictConfig) -> DiagnosticsReport:
-    setup(cfg)
-    out = run_dir(cfg)
-    predictor = build_predictor(cfg, show_progress=False)
+@dataclass
+class DiagnoseSettings:
+    predictions: str | None = None  # evaluate, diagnose: predicted trees
+
+
+def run(ctx: Context, settings: DiagnoseSettings) -> DiagnosticsReport:
+    from irene.data.forest import build_forest
+    from irene.data.io import atomic_write_text
+    from irene.data.tree import NodeType, read_trees
+    from irene.evaluate.crossval import leave_one_model_out
+    from irene.evaluate.diagnostics import child_ratio_table, error_sources, report_markdown
+    from irene.evaluate.metrics import align_predictions
+    from irene.predictors.irene import IreneModel
+    from irene.tables import Table, write_table
+    from pipelines.data import record_input
+
+    out = ctx.run_dir
+    predictor = ctx.build_predictor(show_progress=False)
     # τ of the close_to_one weights: the predictor's, else IrEne's default
     tanh_scalar = predictor.get_params().get("tanh_scalar", IreneModel().tanh_scalar)
-    label = f"{predictor_class(cfg).name} ({cfg.features.name})"
-    params = {**run_params(cfg),
-              "predictions": str(cfg.predictions) if cfg.predictions else "leave-one-model-out"}
-    with tracked_run(cfg, "diagnose", params) as tracker:
-        trees, _ = load_trees(cfg, tracker)  # inside the run: its location and sha256 are logged
+    label = f"{ctx.predictor_name} ({ctx.features_name})"
+    predictions = settings.predictions
+    params = {**ctx.run_params(),
+              "predictions": str(predictions) if predictions else "leave-one-model-out"}
+    with ctx.tracked_run(params) as tracker:
+        trees, _ = ctx.load_trees(tracker)  # inside the run: its location and sha256 are logged
         forest = build_forest(trees)
         tracker.log_params({"num_trees": forest.num_trees})
         ratios = child_ratio_table(forest, tanh_scalar=tanh_scalar)
-        if cfg.predictions:
-            record_input(tracker, "predictions", Path(cfg.predictions), source="predictions")
-            forest, predicted = align_predictions(trees, read_trees(cfg.predictions),
-                                                   str(cfg.predictions))
+        if predictions:
+            record_input(tracker, "predictions", Path(predictions), source="predictions")
+            forest, predicted = align_predictions(trees, read_trees(predictions), str(predictions))
         else:
             log.info("leave-one-model-out predictions of %s for the error sources", label)
             predicted = leave_one_model_out(
-                forest, predictor, show_progress=bool(cfg.show_progress)).predicted_j
+                forest, predictor, show_progress=ctx.show_progress).predicted_j
         sources = error_sources(forest, predicted)
         paths = write_table(Table.from_frame(ratios), out, "child_ratios", floatfmt=".3f")
         paths += write_table(Table.from_frame(sources), out, "error_sources")
@@ -80,3 +85,6 @@ def run(cfg: DictConfig) -> DiagnosticsReport:
             tracker.log_artifact(path, "report")
     print(f"diagnostics report: {report}")
     return DiagnosticsReport(ratios=ratios, sources=sources, report_path=report)
+
+
+STAGE = Stage("diagnose", DiagnoseSettings, run, run_name=predictor_run_name("diagnose"))
