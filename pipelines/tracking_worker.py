@@ -90,8 +90,11 @@ _REPLIES = sys.stdout  # the stage reads the answers here; main() keeps it for t
 
 
 def _answer(message: dict) -> None:
-    _REPLIES.write(json.dumps(message) + "\n")
-    _REPLIES.flush()
+    try:
+        _REPLIES.write(json.dumps(message) + "\n")
+        _REPLIES.flush()
+    except BrokenPipeError:  # the stage is gone (terminated while closing): no one to answer,
+        pass  # and no traceback after its one line
 
 
 def main() -> None:

@@ -90,10 +90,15 @@ def check_input_file(path: str | Path, what: str, max_mb: float | None = None) -
                              f"expected a {what}")
     if info.st_size > limit * MB:
         raise InputFileError(
-            f"{path}: {info.st_size / MB:.1f} MB ({info.st_size} bytes), larger than the "
+            f"{path}: {_mb(info.st_size)} MB ({info.st_size} bytes), larger than the "
             f"{limit:g} MB limit on an input file; {SIZE_SETTING}=<MB> raises it "
             "(memory grows about 3 MB per MB read)")
     return int(info.st_size)
+
+
+def _mb(size: int) -> str:
+    """A size in MB: one decimal from 1 MB up (``2048.0``), three significant digits below."""
+    return f"{size / MB:.1f}" if size >= MB else f"{size / MB:.3g}"
 
 
 def file_problem(path: str | Path) -> str | None:
