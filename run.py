@@ -143,6 +143,17 @@ def _hand_over_sigterm() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def warn_foreign_settings(cfg: DictConfig) -> None:
+    """One warning line for command-line settings that the chosen stage does not read."""
+    from pipelines.stage import foreign_settings
+
+    foreign = foreign_settings(list(HydraConfig.get().overrides.task), str(cfg.stage))
+    if foreign:
+        print(f"warning: stage={cfg.stage} does not read " + "; ".join(
+            f"{setting} (a setting of {', '.join(readers)})" for setting, readers in foreign.items())
+            + ": ignored", file=sys.stderr, flush=True)
+
+
 _SINGLE_RUN_DONE = False  # set when a single run's stage returned
 
 
@@ -153,6 +164,7 @@ def main(cfg: DictConfig) -> None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     if multirun:
         watch_sweep_process()
+    warn_foreign_settings(cfg)
     execute(cfg, multirun=multirun)
     _SINGLE_RUN_DONE = not multirun
 

@@ -146,6 +146,25 @@ def run_stage(name: str, cfg: DictConfig) -> Any:
     return stage.run(Context(cfg, stage, settings), settings)
 
 
+def foreign_settings(overrides: list[str], name: str) -> dict[str, list[str]]:
+    """The command-line settings (``key=value``) that only other stages read, each with the
+    stages that do: given with ``stage=<name>`` they change nothing (``stage=crossvalidate
+    draws=3``)."""
+    stage = stages().get(name)
+    if stage is None:
+        return {}
+    readers: dict[str, list[str]] = {}
+    for other in stages().values():
+        for f in dataclasses.fields(other.settings):
+            readers.setdefault(f.name, []).append(other.name)
+    found = {}
+    for override in overrides:
+        key = override.lstrip("+~").partition("=")[0].split(".")[0]
+        if key in readers and name not in readers[key]:
+            found[override] = readers[key]
+    return found
+
+
 class Context:
     """What the pipeline gives every stage besides its own settings: the data set, the
     predictor, the run folder and the MLflow run. Stages read the config only through it."""

@@ -136,3 +136,13 @@ def test_an_unknown_stage_fails_in_one_line_listing_the_stages(tmp_path):
     assert out.returncode == 2
     line = out.stderr.strip()
     assert line.startswith("error: stage='trian'") and "train" in line and "\n" not in line
+
+
+def test_settings_of_another_stage_are_named_as_ignored():
+    from pipelines.stage import foreign_settings
+
+    found = foreign_settings(["draws=0", "model=gpt2", "seeds=3", "predictor.epochs=1",
+                              "measure.windows=4"], "crossvalidate")
+    assert found == {"draws=0": ["transfer"], "model=gpt2": ["measure", "predict", "whatif"],
+                     "measure.windows=4": ["measure"]}
+    assert foreign_settings(["model=gpt2", "shapes=[[1,2]]"], "predict") == {}
