@@ -14,8 +14,9 @@ import pytest
 
 from irene.data.forest import build_forest, origin, origin_rows, shared_cache
 from irene.evaluate.crossval import leave_one_model_out
+from irene.predictors import irene as irene_module
 from irene.predictors import treegrad
-from irene.predictors.irene import IreneModel
+from irene.predictors.irene import IreneModel, TreeFeatures
 from irene.predictors.irene_plus import (
     IrenePlusPredictor,
     _distinct_leaves,
@@ -98,6 +99,36 @@ def test_polynomial_transform_is_a_change_of_standardisation():
             np.testing.assert_allclose(polynomial_expand(u, degree) @ change[h].T, direct,
                                        rtol=1e-12, atol=1e-12)
             assert np.array_equal(polynomial_transform(shift[h], scale[h], degree), change[h])
+
+
+@pytest.mark.parametrize("degree", [1, 2, 3])
+def test_tree_blocks_are_the_rows_of_the_whole_expansion(degree):
+    rng = np.random.default_rng(degree)
+    z = rng.standard_normal((2600, 14))
+    z[rng.random(z.shape) < 0.03] = -0.0
+    whole = polynomial_expand(z, degree) if degree > 1 else z
+    features = TreeFeatures(z, degree)
+    assert features.shape == whole.shape
+    bounds = [0, 1, 150, 151, 300, 300 + TreeFeatures.BLOCK_ROWS + 1, 1500, 2600]
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        block = features[a:b]
+        assert block.flags.c_contiguous and block.tobytes() == whole[a:b].tobytes(), (a, b)
+
+
+def test_irene_training_never_expands_a_whole_forest(small_trees, monkeypatch):
+    forest = build_forest(small_trees)
+    expanded = []
+    original = irene_module.polynomial_expand
+
+    def recording(x, degree):
+        expanded.append(len(x))
+        return original(x, degree)
+
+    monkeypatch.setattr(irene_module, "polynomial_expand", recording)
+    model = IreneModel(epochs=1, show_progress=False).fit(forest)
+    assert expanded == []  # training: one tree's block at a time, in reused buffers
+    model.predict(forest)
+    assert expanded == [forest.num_nodes]  # prediction: the forest it predicts, once
 
 
 # ------------------------------------------------------------------------- forest origin

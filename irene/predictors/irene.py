@@ -43,6 +43,7 @@ from irene.predictors.base import Each, OneOf, Predictor, Range, clone
 from irene.predictors.leaves import (
     LinearLeafRegressor,
     Standardizer,
+    expansion_plan,
     fit_leaf_regressors,
     polynomial_expand,
     polynomial_powers,
@@ -126,11 +127,55 @@ def _torch_uniform(stream: np.random.RandomState, size: int, bound: float) -> np
     return (unit * np.float64(high - low) + np.float64(low)).astype(np.float32)
 
 
+class TreeFeatures:
+    """The weighting model's inputs of a forest's nodes: the polynomial expansion of the
+    (standardized) features ``z``, built for the rows asked for (``x[a:b]``: one tree's
+    rows, the same floats as those rows of the whole expansion).
+
+    Training reads one tree at a time, so the expansion of a whole training forest (680
+    columns of float64 per node with the default features: 2.2 GB for 400k nodes) is never
+    held: each tree's block is built when its step needs it, in buffers that are reused
+    (a fresh block per step would cost a fresh allocation, page faults included). A block
+    is valid until the next one is asked for; more rows than ``BLOCK_ROWS`` get a new array.
+    """
+
+    BLOCK_ROWS = 1024
+
+    def __init__(self, z: np.ndarray, degree: int):
+        self.z, self.degree = z, degree
+        width = len(polynomial_powers(z.shape[1], degree)) if degree > 1 else z.shape[1]
+        self.shape = (len(z), width)
+        self._buffers: tuple | None = None
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        z = self.z[rows]
+        if self.degree <= 1:
+            return z
+        if len(z) > self.BLOCK_ROWS:
+            return polynomial_expand(z, self.degree)
+        if self._buffers is None:
+            plan = expansion_plan(z.shape[1], self.degree)[1]
+            self._buffers = (plan, np.empty((self.BLOCK_ROWS, self.shape[1])),
+                             [(np.empty((self.BLOCK_ROWS, len(lower))),
+                               np.empty((self.BLOCK_ROWS, len(lower)))) for _, lower, _ in plan])
+        plan, out, scratch = self._buffers
+        n = len(z)
+        block = out[:n]
+        block[:, 0] = 1.0
+        # column c of degree k = (its degree k-1 column) × (one input column), as
+        # polynomial_expand computes it
+        for (columns, lower, factor), (left, right) in zip(plan, scratch, strict=True):
+            np.take(block, lower, axis=1, out=left[:n], mode="clip")
+            np.take(z, factor, axis=1, out=right[:n], mode="clip")
+            np.multiply(left[:n], right[:n], out=block[:, columns])
+        return block
+
+
 class NumpyStepper:
     """One Adam step per tree with the hand-written gradients, θ in float64 (starting from
     the float32 initial parameters)."""
 
-    def __init__(self, model: IreneModel, initial: LinearWeighting, x: np.ndarray,
+    def __init__(self, model: IreneModel, initial: LinearWeighting, x: TreeFeatures,
                  leaf_pred: np.ndarray, gold: np.ndarray):
         self.model, self.initial = model, initial
         self.x, self.leaf_pred, self.gold = x, leaf_pred, gold
@@ -251,16 +296,18 @@ class IreneModel(Predictor):
         the seed changes nothing) with ``strategy=none`` or ``exact_one`` weights."""
         return self._trainable()
 
-    def _fit_unseeded(self, forest: Forest) -> tuple[np.ndarray, np.ndarray]:
-        """Leaf regressors and feature transform; returns the transformed node features and
-        the leaf predictions the weighting model trains on."""
+    def _fit_unseeded(self, forest: Forest) -> tuple[TreeFeatures, np.ndarray]:
+        """Leaf regressors and feature transform; returns the transformed node features (row
+        blocks expanded when asked for) and the leaf predictions the weighting model trains on."""
         self.weighting_name_ = effective_weighting(self.weighting, self.training_strategy)
         self.features_ = feature_list(list(self.feature_sets))
         x = forest.matrix(self.features_)
         self.leaf_models_ = fit_leaf_regressors(forest, x)
         leaf_pred = self._predict_leaves(forest, x)[0]
         self.node_scaler_ = Standardizer.fit(x) if self.standardize_features else None
-        return self._transform(x), leaf_pred
+        if self.node_scaler_ is not None:
+            x = self.node_scaler_.transform(x)
+        return TreeFeatures(x, self.polynomial_degree), leaf_pred
 
     def _share_unseeded(self, other: IreneModel) -> None:
         self.weighting_name_ = other.weighting_name_
@@ -268,7 +315,7 @@ class IreneModel(Predictor):
         self.leaf_models_ = other.leaf_models_
         self.node_scaler_ = other.node_scaler_
 
-    def _fit_seeded(self, forest: Forest, xt: np.ndarray, leaf_pred: np.ndarray) -> None:
+    def _fit_seeded(self, forest: Forest, xt: TreeFeatures, leaf_pred: np.ndarray) -> None:
         """The weighting model: initial parameters drawn from ``seed``, then trained."""
         initial = LinearWeighting.initial(xt.shape[1], self.weighting_name_, self.tanh_scalar,
                                           self.seed)
@@ -285,7 +332,7 @@ class IreneModel(Predictor):
         weighting = effective_weighting(self.weighting, self.training_strategy)
         return self.training_strategy != "none" and weighting != "exact_one" and self.epochs > 0
 
-    def _train_weighting(self, forest: Forest, x: np.ndarray, leaf_pred: np.ndarray,
+    def _train_weighting(self, forest: Forest, x: TreeFeatures, leaf_pred: np.ndarray,
                          initial: LinearWeighting) -> tuple[LinearWeighting, list[float]]:
         """Adam over the trees, one tree per step, from ``initial``; returns the trained
         weighting and the mean loss of each epoch."""
@@ -298,7 +345,7 @@ class IreneModel(Predictor):
         if self.engine == "torch":
             from irene.predictors.irene_torch import AutogradStepper
 
-            stepper = AutogradStepper(self, initial, x, leaf_pred, gold)
+            stepper = AutogradStepper(self, initial, x[:], leaf_pred, gold)
         else:
             stepper = NumpyStepper(self, initial, x, leaf_pred, gold)
         history = []

@@ -56,7 +56,8 @@ def _powers(num_features: int, degree: int) -> tuple[tuple[int, ...], ...]:
 
 
 @lru_cache(maxsize=32)
-def _expansion_plan(num_features: int, degree: int) -> tuple[int, list[tuple[slice, np.ndarray, np.ndarray]]]:
+def expansion_plan(num_features: int, degree: int
+                   ) -> tuple[int, list[tuple[slice, np.ndarray, np.ndarray]]]:
     """How :func:`polynomial_expand` builds its columns: the number of terms and, per degree,
     the output columns with the lower-degree column and the input column each one multiplies."""
     terms = _powers(num_features, degree)
@@ -124,7 +125,7 @@ def polynomial_expand(x: np.ndarray, degree: int) -> np.ndarray:
     transpose (gathering whole rows is a copy; gathering columns of a wide array is not).
     """
     n, f = x.shape
-    width, plan = _expansion_plan(f, degree)
+    width, plan = expansion_plan(f, degree)
     out = np.empty((n, width), dtype=x.dtype)
     block = np.empty((width, min(n, EXPAND_ROWS)), dtype=x.dtype)
     for start in range(0, n, EXPAND_ROWS):
