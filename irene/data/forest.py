@@ -130,7 +130,7 @@ class Forest:
             instance_type=self.instance_type[node_mask],
             tree_index=tree_remap[self.tree_index[node_mask]],
             offsets=np.concatenate([[0], np.cumsum(sizes)]),
-            ids=[i for i, keep in zip(self.ids, node_mask, strict=True) if keep],
+            ids=np.asarray(self.ids, dtype=object)[node_mask].tolist(),
             model_names=[self.model_names[t] for t in keep_trees],
             batch_sizes=self.batch_sizes[keep_trees],
             seq_lens=self.seq_lens[keep_trees],
