@@ -62,7 +62,7 @@ def copy_tree(rev: str | None, into: Path) -> None:
 def write_config(folder: Path, tests: list[str], mutate: list[str], timeout_constant: float = 20,
                  timeout_multiplier: float = 30) -> None:
     lines = ["[mutmut]", "source_paths =", "    irene", "also_copy =", "    pipelines", "    conf",
-             "    run.py", "only_mutate ="]
+             "    datasets", "    run.py", "only_mutate ="]  # datasets: the H200 trees tests read
     lines += [f"    {pattern}" for pattern in mutate]
     lines += ["pytest_add_cli_args_test_selection ="] + [f"    {t}" for t in tests]
     lines += ["pytest_add_cli_args =", "    -p", "    no:cacheprovider", "    -q",
