@@ -155,17 +155,22 @@ class TreeFeatures:
             return polynomial_expand(z, self.degree)
         if self._buffers is None:
             plan = expansion_plan(z.shape[1], self.degree)[1]
-            self._buffers = (plan, np.empty((self.BLOCK_ROWS, self.shape[1])),
-                             [(np.empty((self.BLOCK_ROWS, len(lower))),
-                               np.empty((self.BLOCK_ROWS, len(lower)))) for _, lower, _ in plan])
-        plan, out, scratch = self._buffers
+            # degree 1 is z itself (1.0 × z) and the left factors of degree 2 are z's columns
+            # (plan[0][0].start offsets them), so both degrees read z alone
+            steps = [(columns, lower - plan[0][0].start if d == 2 else lower, factor,
+                      np.empty((self.BLOCK_ROWS, len(lower))),
+                      np.empty((self.BLOCK_ROWS, len(lower))))
+                     for d, (columns, lower, factor) in enumerate(plan[1:], start=2)]
+            self._buffers = (plan[0][0], np.empty((self.BLOCK_ROWS, self.shape[1])), steps)
+        first, out, steps = self._buffers
         n = len(z)
         block = out[:n]
         block[:, 0] = 1.0
+        block[:, first] = z
         # column c of degree k = (its degree k-1 column) × (one input column), as
         # polynomial_expand computes it
-        for (columns, lower, factor), (left, right) in zip(plan, scratch, strict=True):
-            np.take(block, lower, axis=1, out=left[:n], mode="clip")
+        for d, (columns, lower, factor, left, right) in enumerate(steps, start=2):
+            np.take(z if d == 2 else block, lower, axis=1, out=left[:n], mode="clip")
             np.take(z, factor, axis=1, out=right[:n], mode="clip")
             np.multiply(left[:n], right[:n], out=block[:, columns])
         return block
