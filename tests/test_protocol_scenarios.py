@@ -409,6 +409,8 @@ def test_fixed_protocol_redoes_a_window_that_came_out_too_short():
     assert len(result.windows) == 2
     assert all(w.busy_s >= 0.05 for w in result.windows)
     assert result.repeats > math.ceil(1.1 * 0.05 / 1e-3)  # lengthened
+    # to min_window_s with its 10 % headroom at the calls' new speed, not more
+    assert [w.busy_s for w in result.windows] == pytest.approx([1.1 * 0.05] * 2, rel=1e-6)
     assert result.ground_truth_energy == pytest.approx(100.0 * 0.25e-3, rel=1e-3)
 
 
@@ -769,9 +771,10 @@ def test_utilisation_probes_reach_both_protocols_and_pooling_averages_them():
     assert pooled.energy_std_j == pytest.approx(math.sqrt(2.0))
 
 
-def test_sampling_interval_reaches_the_sampler():
+@pytest.mark.parametrize("protocol", ["fixed", "aligned"])
+def test_sampling_interval_reaches_the_sampler(protocol):
     """A 0.5 ms sampling interval during 10 real ms of calls: several samples, not only the
-    one taken when each window stops."""
+    one taken when each window stops (both protocols)."""
     import time as real_time
 
     rig = Rig(1e-3, 100.0)
@@ -786,7 +789,8 @@ def test_sampling_interval_reaches_the_sampler():
         real_time.sleep(0.001)
         rig.call()
 
-    settings = quick(protocol="fixed", min_window_s=0.01, windows=1, sample_interval_s=0.0005, warmup=0)
+    settings = quick(protocol=protocol, min_window_s=0.01, windows=1, sample_interval_s=0.0005, warmup=0,
+                     tick_s=0.01)
     measure_callable(call, meter, settings, probes=[probe], clock=rig.clock)
     assert samples["n"] >= 3
 
@@ -1042,3 +1046,263 @@ def test_probing_every_counter_of_a_meter_set():
         meters.probe(rig.clock)
     assert str(caught.value) == ("the gpu energy counter did not update within 3.0 s (its period could "
                                  "not be probed; set measure.tick_s to skip probing)")
+
+
+# ------------------------------------------- gaps found by a whole-file mutation run (trust.md)
+def test_probe_tick_s_honours_its_updates_and_its_timeout():
+    """A counter updated every 2.5 s: three updates within a 10 s timeout give its period; a
+    0.05 s timeout is the one named in the error."""
+    rig = Rig(1e-3, 100.0)
+    rig.read_s = 1e-3
+    meter = rig.meter("slow", 2.5)
+    assert probe_tick_s(meter, rig.clock, updates=3, timeout_s=10.0) == pytest.approx(2.5, abs=2e-3)
+    with pytest.raises(MeterUnavailableError, match=r"did not update within 0\.05 s"):
+        probe_tick_s(meter, rig.clock, timeout_s=0.05)
+
+
+def test_a_counter_too_slow_to_probe_is_measured_with_a_given_tick():
+    """A counter updated every 3.5 s cannot be probed within 3 s (the error says to set
+    measure.tick_s); given tick_s, one node and a whole trace are measured exactly on it."""
+    rig = Rig(1e-3, 200.0)
+    rig.read_s = 1e-3  # 50 ms chunks: few steps per 3.5 s window
+    meter = rig.meter("slow", 3.5)
+    with pytest.raises(MeterUnavailableError, match="set measure.tick_s"):
+        measure_callable(rig.call, meter, quick(windows=1), clock=rig.clock)
+    settings = quick(tick_s=3.5, windows=1, window_ticks=1, drift_action="flag")
+    result = measure_callable(rig.call, meter, settings, clock=rig.clock)
+    assert result.ground_truth_energy == pytest.approx(200.0 * 1e-3, rel=1e-6)
+    assert [w.duration_s for w in result.windows] == pytest.approx([3.5], abs=1e-6)
+    trace_rig = Rig(1e-3, 200.0)
+    trace_rig.read_s = 1e-3
+    traced = measure_nodes(_trace(trace_rig), trace_rig.meter("slow", 3.5), settings, clock=trace_rig.clock)
+    assert traced.report["tick_s"] == 3.5 and traced.report["ticks_s"] == {"slow": 3.5}
+    for scope, call_s in {"root": 3e-3, **LEAF_S}.items():
+        assert traced.fields[scope]["ground_truth_energy"] == pytest.approx(200.0 * call_s, rel=1e-6)
+
+
+def test_a_trace_on_summed_counters_records_the_gpu_feature_and_the_probes():
+    """CPU (1 ms ticks, 30 %) + GPU (50 ms, 70 %) summed, the GPU counter also a feature and a
+    utilisation probe: every node, the pooled root included, records both energies and the
+    probe's reading, and the report names the counters; measure_trace passes the same
+    arguments on."""
+    from irene.measure.protocol import measure_trace
+
+    def run(measure: Callable):
+        rig = Rig(1e-3, 200.0)
+        cpu = rig.meter("cpu", 0.001, share=0.3, seed=4)
+        gpu = rig.meter("gpu", 0.05, share=0.7, seed=5)
+        settings = quick(min_window_s=0.1, windows=2, drift_action="flag")
+        return measure(_trace(rig), SumMeter([cpu, gpu]), settings, gpu_meter=gpu,
+                       probes=[lambda: {"gpu": 55.0}], clock=rig.clock)
+
+    result = run(measure_nodes)
+    report, fields = result.report, result.fields
+    assert report["ground_truth_meter"] == "cpu+gpu" and report["gpu_energy_mean_meter"] == "gpu"
+    call_s = {"root": 3e-3, **LEAF_S}
+    for scope, seconds in call_s.items():
+        # the CPU part is read up to one 1 ms tick stale at each end of a 0.1 s window
+        assert fields[scope]["ground_truth_energy"] == pytest.approx(200.0 * seconds, rel=4e-3)
+        assert fields[scope]["gpu_energy_mean"] == pytest.approx(0.7 * 200.0 * seconds, rel=1e-6)
+        assert fields[scope]["gpu"] == 55.0
+    traced = run(measure_trace)
+    for scope, seconds in call_s.items():
+        assert traced[scope]["gpu_energy_mean"] == pytest.approx(fields[scope]["gpu_energy_mean"], rel=1e-12)
+        assert traced[scope]["times_mean"] == pytest.approx(seconds, rel=1e-9)
+        assert traced[scope]["gpu"] == 55.0
+
+
+def test_nodes_after_a_reused_one_are_still_measured():
+    """leaf_1 has leaf_0's signature: it reuses leaf_0's measurement, and leaf_2 and leaf_3,
+    which come after it, are measured (not dropped at the first repeat)."""
+    rig = Rig(1e-3, 200.0)
+    meter = rig.meter("gpu", 0.01)
+    trace = _trace(rig)
+    trace.root.children[1].signature = trace.root.children[0].signature
+    settings = quick(min_window_s=0.02, windows=2, drift_action="flag")
+    result = measure_nodes(trace, meter, settings, clock=rig.clock)
+    fields = result.fields
+    assert fields["root.leaf_1"]["measurement_reused_from"] == "fake/1x1/root.leaf_0"
+    for scope in ("root.leaf_2", "root.leaf_3"):
+        assert "measurement_reused_from" not in fields[scope]
+        assert fields[scope]["ground_truth_energy"] == pytest.approx(200.0 * LEAF_S[scope], rel=1e-3)
+    assert result.report["nodes_measured"] == 4 and result.report["measurements"] == 5
+
+
+def test_a_drift_equal_to_the_threshold_is_not_remeasured():
+    first, _ = _drift_run(0.5, 3, "flag")
+    drift = first.report["drift_first_pass"]
+    again, _ = _drift_run(0.5, 3, "remeasure", threshold=abs(drift))
+    report = again.report
+    assert report["drift_first_pass"] == drift
+    assert report["passes"] == 1 and report["measurements"] == 6 and report["drift_flagged"] is False
+
+
+def _flickering_run(scopes: set[str], **overrides: object):
+    """The trace at 200 W; the nodes in ``scopes`` double the power every other 30 ms."""
+    state = {"flicker": False}
+    rig = Rig(1e-3, lambda t: 200.0 * (2.0 if state["flicker"] and int(t / 0.03) % 2 else 1.0))
+    meter = rig.meter("gpu", 0.01)
+    trace = _trace(rig)
+    for node in trace.nodes():
+        if node.scope in scopes:
+            def flickering(steady: Callable = node.func) -> None:
+                state["flicker"] = True
+                steady()
+                state["flicker"] = False
+
+            node.func = flickering
+    settings = quick(min_window_s=0.02, windows=3, drift_action="flag", **overrides)
+    return measure_nodes(trace, meter, settings, clock=rig.clock)
+
+
+def test_a_root_remeasured_for_its_spread_is_named():
+    """The root flickers: each of its two measurements takes two attempts (max_remeasure 1),
+    so the report names it as re-measured for its spread."""
+    report = _flickering_run({"root"}, max_remeasure=1, spread_threshold=0.02).report
+    assert report["remeasured_for_spread"] == ["fake/1x1/root"]
+    assert report["measurements"] == 6 and report["nodes_measured"] == 5
+
+
+def test_a_spread_equal_to_the_threshold_is_not_high_spread():
+    flicker = _flickering_run({"root.leaf_2"}, spread_threshold=0.02)
+    assert flicker.report["high_spread"] == ["fake/1x1/root.leaf_2"]
+    leaf = flicker.fields["root.leaf_2"]
+    spread = leaf["energy_std_j"] / leaf["ground_truth_energy"]
+    at_threshold = _flickering_run({"root.leaf_2"}, spread_threshold=spread)
+    same = at_threshold.fields["root.leaf_2"]
+    assert [same[k] for k in ("energy_std_j", "ground_truth_energy")] == \
+        [leaf[k] for k in ("energy_std_j", "ground_truth_energy")]
+    assert at_threshold.report["high_spread"] == []  # at the threshold is within it, as for re-measuring
+
+
+def test_a_trace_settles_on_its_own_clock():
+    """settle_min_s 0.1 s on the virtual clock: three windows of 40 ms (ten chunks of one 3 ms
+    root call, and the wait for the next 10 ms update), at 200 W, before the first node."""
+    rig = Rig(1e-3, 200.0)
+    meter = rig.meter("gpu", 0.01)
+    settings = quick(min_window_s=0.02, windows=1, drift_action="flag", settle_min_s=0.1, settle_max_s=5.0)
+    settle_report = measure_nodes(_trace(rig), meter, settings, clock=rig.clock).report["settle"]
+    assert settle_report["settled"] and 0.1 <= settle_report["seconds"] <= 0.1 + 0.04
+    assert settle_report["windows"] == 3
+    assert settle_report["power_w"] == pytest.approx(200.0, rel=1e-3)
+
+
+def test_fixed_protocol_settles_on_timed_windows_with_a_meter():
+    """The fixed protocol probes no tick: settling runs windows of busy time and reads the
+    counter at their ends; the power is the device's."""
+    rig = Rig(1e-3, 250.0)
+    meter = rig.meter("exact", 0.0)
+    settings = quick(protocol="fixed", min_window_s=0.02, windows=1, drift_action="flag", settle_min_s=0.1,
+                     settle_max_s=5.0)
+    result = measure_nodes(_trace(rig), meter, settings, clock=rig.clock)
+    settle_report = result.report["settle"]
+    assert result.report["tick_s"] is None
+    assert settle_report["settled"] and settle_report["power_w"] == pytest.approx(250.0, rel=1e-9)
+    assert settle_report["time_per_call_s"] == pytest.approx(3e-3, rel=1e-9)  # the root's calls
+
+
+def test_settling_stops_three_windows_after_the_calls_level_off():
+    """Calls slow from 1 to 2 ms over 1 s (30 % per 0.3 s window), then stay: settled with the
+    third window after the ramp, as for power."""
+    rig = Rig(1e-3, 200.0)
+    meter = rig.meter("gpu", 0.1)
+    base = rig.call
+
+    def call() -> None:
+        rig.call_s = 1e-3 * (1.0 + min(1.0, rig.time_s - 1000.0))
+        base()
+
+    rig.call = call
+    report = _settle(rig, meter, quick(settle_min_s=0.5, settle_max_s=30.0, settle_tolerance=0.02))
+    since_ramp = rig.clock() - 1001.0
+    assert report.settled and report.time_per_call_s == pytest.approx(2e-3, rel=1e-6)
+    assert 2 * 0.3 < since_ramp <= 3 * 0.3 + 0.01
+
+
+def test_an_unsettled_report_gives_the_last_windows_time_per_call():
+    """Calls slowing 50 % per second never settle: the time per call reported is the last
+    0.2 s window's (the one before it is 0.3 s older, about 10 % faster)."""
+    rig = Rig(1e-3, 200.0)
+    meter = rig.meter("gpu", 0.1)
+    base = rig.call
+    durations: list[tuple[float, float]] = []
+
+    def call() -> None:
+        rig.call_s = 1e-3 * (1.0 + 0.5 * (rig.time_s - 1000.0))
+        base()
+        durations.append((rig.time_s, rig.call_s))
+
+    rig.call = call
+    report = _settle(rig, meter, quick(settle_min_s=0.5, settle_max_s=2.0))
+    end = rig.clock()
+    last = statistics.fmean(d for t, d in durations if end - 0.2 < t <= end)
+    assert not report.settled and report.time_per_call_s == pytest.approx(last, rel=0.005)
+
+
+def test_settling_reads_take_a_small_share_of_short_calls():
+    """10 us calls: settling runs them in chunks of about 2 ms, so the counter reads (20 us)
+    take at most MAX_READ_SHARE of its time, as in every node's windows."""
+    from irene.measure.protocol import MAX_READ_SHARE
+
+    rig = Rig(10e-6, 200.0)
+    meter = rig.meter("gpu", 0.01)
+    meters = MeterSet(meter)
+    meters.probe(rig.clock)
+    reads, start = meter.reads, rig.clock()
+    report = settle(rig.call, meters, quick(settle_min_s=0.05, settle_max_s=5.0, min_window_s=0.02),
+                    clock=rig.clock)
+    assert report.settled and report.time_per_call_s == pytest.approx(10e-6, rel=1e-6)
+    assert (meter.reads - reads) * READ_S / (rig.clock() - start) <= MAX_READ_SHARE
+
+
+def test_fixed_windows_capped_at_max_repeats_are_kept():
+    """max_repeats 20 of 1 ms calls: the windows last 20 ms, under min_window_s, and are kept
+    (the cap wins; no endless redoing)."""
+    rig = Rig(1e-3, 300.0)
+    rig.read_s = 0.0
+    meter = rig.meter("exact", 0.0)
+    base = rig.call
+
+    def call() -> None:
+        if len(rig.call_j) > 10_000:
+            raise RuntimeError("the fixed protocol kept redoing its windows")
+        base()
+
+    settings = quick(protocol="fixed", min_window_s=0.05, windows=3, max_repeats=20)
+    result = measure_callable(call, meter, settings, clock=rig.clock)
+    assert [w.calls for w in result.windows] == [20, 20, 20]
+    assert result.ground_truth_energy == pytest.approx(300.0 * 1e-3, rel=1e-9)
+
+
+def test_fixed_windows_of_calls_longer_than_the_window_hold_one_call():
+    rig = Rig(0.1, 300.0)
+    rig.read_s = 0.0
+    meter = rig.meter("exact", 0.0)
+    result = measure_callable(rig.call, meter, quick(protocol="fixed", min_window_s=0.05, windows=2),
+                              clock=rig.clock)
+    assert result.repeats == 1 and [w.calls for w in result.windows] == [1, 1]
+    assert result.ground_truth_energy == pytest.approx(30.0, rel=1e-9)
+
+
+def test_fixed_protocol_records_the_gpu_feature():
+    """A CPU ground truth (25 %) and a GPU feature counter (75 %), both continuous."""
+    rig = Rig(1e-3, 200.0)
+    rig.read_s = 0.0
+    cpu = rig.meter("cpu", 0.0, share=0.25)
+    gpu = rig.meter("gpu", 0.0, share=0.75)
+    result = measure_callable(rig.call, cpu, quick(protocol="fixed", min_window_s=0.02, windows=2),
+                              gpu_meter=gpu, clock=rig.clock)
+    assert result.ground_truth_energy == pytest.approx(0.25 * 0.2, rel=1e-9)
+    assert result.gpu_energy_mean == pytest.approx(0.75 * 0.2, rel=1e-9)
+    assert result.fields()["gpu_energy_mean"] == result.gpu_energy_mean
+
+
+def test_an_aligned_measurement_counts_its_whole_time():
+    """measuring_s: warm-up, timing, alignment and windows (the given tick's 20 timed reads
+    before it are not the node's)."""
+    rig = Rig(1e-3, 100.0)
+    meter = rig.meter("gpu", 0.1, seed=3)
+    start = rig.clock()
+    result = measure_callable(rig.call, meter, quick(tick_s=0.1), clock=rig.clock)
+    assert result.measuring_s == pytest.approx(rig.clock() - start - 20 * READ_S, abs=1e-9)
+    assert result.measuring_s > 3 * 0.2
