@@ -61,6 +61,7 @@ def _refusal(folder: Path, models: list[str] | None = None) -> str:
 
 
 # ------------------------------------------------------------------ no false refusal
+@pytest.mark.slow  # whole devices (seconds each)
 def test_both_published_devices_and_the_h200_trees_pass_every_check(device_dir, tmp_path):
     device_2 = device_dir.parent / "device_2"
     assert (device_2 / "model_level_features.csv").is_file(), (
@@ -73,6 +74,7 @@ def test_both_published_devices_and_the_h200_trees_pass_every_check(device_dir, 
     assert len(read_trees(H200_TREES, require_energy=True)) == 8
 
 
+@pytest.mark.slow  # whole devices (seconds each)
 def test_the_published_conventions_the_checks_allow(device_dir):
     """What the checks must not call a corruption: the ml2 twin rows, a cell without a model
     row (device 1), the GPU energy within 10 % of the ground truth (the H200's counter)."""
@@ -95,6 +97,7 @@ def test_every_ml2_row_appended_again_is_refused(small):
         f"rows: lines {n + 2}, {n + 3}, {n + 4} and {n - 3} more")
 
 
+@pytest.mark.slow  # whole devices (seconds each)
 def test_a_third_copy_of_an_ml2_twin_and_a_copy_of_a_row_of_another_model(device_dir, tmp_path):
     folder = _cut(device_dir, tmp_path / "dev")
     lines = _lines(folder, "ml2")
