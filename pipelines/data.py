@@ -127,7 +127,7 @@ def _device_cache(cfg: DictConfig, tracker: Tracker) -> Path:
     """The import cache of the configured device (imported now if it is not there yet)."""
     data = cfg.data
     location = locate_device(data.path, data.name, datasets_dir=datasets_dir(),
-                             download=data.download)
+                             download=data.download, max_mb=data.max_file_mb)
     log.info("data of %s: %s (found through %s)", data.name, location.folder, location.source)
     tracker.set_tags({"data.location": str(location.folder.absolute()), "data.source": location.source,
               **{f"data.sha256.{name}": digest for name, digest in location.sha256.items()}})

@@ -287,3 +287,23 @@ def test_the_setting_is_checked_and_reaches_the_reader(tmp_path, small):
     (tmp_path / "t").write_text("x" * 4096)
     with pytest.raises(InputError, match=r"larger than the 0.001 MB limit"):
         load_trees(cfg, NullTracker())
+
+
+def test_locating_a_device_refuses_an_oversize_csv_before_hashing_it(small, tmp_path,
+                                                                    monkeypatch):
+    from irene.data import locate
+
+    csv = small / csv_name("ml2")
+    csv.unlink()
+    with csv.open("wb") as handle:
+        handle.truncate(2 * 2**30)
+
+    def no_hash(path):
+        raise AssertionError(f"{path} was hashed")
+
+    monkeypatch.setattr(locate, "sha256_of", no_hash)
+    with pytest.raises(InputError, match=rf"^{csv}: 2048.0 MB \(2147483648 bytes\), larger than "
+                                         r"the 256 MB limit on an input file; "):
+        locate_device(small, datasets_dir=tmp_path / "ds", download=False)
+    with pytest.raises(InputError, match=r"larger than the 1000 MB limit"):
+        locate_device(small, datasets_dir=tmp_path / "ds", download=False, max_mb=1000)

@@ -142,7 +142,7 @@ def _env_folder(device: str, env_dir: str) -> tuple[Path | None, str]:
 
 
 def locate_device(path: str | Path | None, device: str = "device_1", *, datasets_dir: Path,
-                  download: bool = True) -> DataLocation:
+                  download: bool = True, max_mb: float | None = None) -> DataLocation:
     """Find a device's four CSVs. The one rule, first match wins:
 
     1. ``path`` (``data.path``): that folder, which must hold all four files; never another.
@@ -155,6 +155,8 @@ def locate_device(path: str | Path | None, device: str = "device_1", *, datasets
 
     Raises:
         DataNotFoundError: naming the folder and the missing file, or every place it looked.
+        InputError: a file of the folder found is larger than ``max_mb`` (checked before the
+            sha256 of its bytes is taken).
     """
     if path:
         folder = Path(path).expanduser()
@@ -164,7 +166,7 @@ def locate_device(path: str | Path | None, device: str = "device_1", *, datasets
         if missing:
             raise DataNotFoundError(f"data.path={folder}: {missing[0]} {_why(folder, missing[0])} "
                                     f"(a device folder holds {', '.join(_all_files())})")
-        return _located(folder, "data.path")
+        return _located(folder, "data.path", max_mb)
     tried: list[str] = []
     env_dir = os.environ.get(ENV_VAR)
     if env_dir:
@@ -174,12 +176,12 @@ def locate_device(path: str | Path | None, device: str = "device_1", *, datasets
             if missing:
                 raise DataNotFoundError(f"{label}={folder}: {missing[0]} {_why(folder, missing[0])} "
                                         f"(a device folder holds {', '.join(_all_files())})")
-            return _located(folder, f"${ENV_VAR}")
+            return _located(folder, f"${ENV_VAR}", max_mb)
         log.info("%s", label)
         tried.append(label)
     target = datasets_dir / device
     if not _missing_files(target):
-        return _located(target, "datasets")
+        return _located(target, "datasets", max_mb)
     tried.append(f"project datasets folder: {target}")
     if download:
         try:
@@ -204,6 +206,12 @@ def _all_files() -> list[str]:
     return [csv_name(level) for level in CSV_FILES]
 
 
-def _located(folder: Path, source: str) -> DataLocation:
+def _located(folder: Path, source: str, max_mb: float | None = None) -> DataLocation:
+    """The location, with each file's sha256; a file over ``max_mb`` (None: the default
+    limit, :mod:`irene.data.integrity`) is refused before any of its bytes is read."""
+    from irene.data.integrity import check_input_file
+
+    for name in _all_files():
+        check_input_file(folder / name, "CSV file", max_mb)
     return DataLocation(folder=folder, source=source,
                         sha256={name: sha256_of(folder / name) for name in _all_files()})
