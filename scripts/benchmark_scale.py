@@ -12,7 +12,7 @@ checked out with ``git worktree`` under /tmp, alternating with this checkout siz
 the table compares them side by side. Run from the project root:
 
     IRENE_DATA_DIR=/path/to/irene python scripts/benchmark_scale.py --before 549dfff
-    python scripts/benchmark_scale.py --profile 96 --predictors irene   # cProfile of one size
+    python scripts/benchmark_scale.py --profile 96 --predictors irene   # cProfile: 2 folds at 96
 
 (``$IRENE_DATA_DIR`` holds ``device_1/`` and ``device_2/``.)
 """
@@ -36,29 +36,48 @@ PREDICTORS = {"irene": "IrEne", "irene_plus": "IrEne+"}
 
 CHILD = r"""
 import json, sys, time
-forest_path, predictor_name, profile = sys.argv[1], sys.argv[2], sys.argv[3]
+forest_path, predictor_name, profile = sys.argv[1], sys.argv[2], int(sys.argv[3])
 from irene.data.forest import load_forest
 from irene.evaluate.crossval import leave_one_model_out
 from irene.predictors import IreneModel, IrenePlusPredictor
 predictor = (IreneModel(show_progress=False) if predictor_name == "irene"
              else IrenePlusPredictor())
 forest = load_forest(forest_path)
-if profile:
+if profile:  # the first `folds` folds of the cross-validation, as it runs them, profiled
     import cProfile, pstats
+    import numpy as np
+    from irene.predictors.base import clone
+    folds = int(sys.argv[4]) or 2
+    names = np.asarray(forest.model_names, dtype=object)
     profiler = cProfile.Profile()
+    start = time.perf_counter()
     profiler.enable()
-start = time.perf_counter()
-result = leave_one_model_out(forest, predictor, show_progress=False)
-wall = time.perf_counter() - start
-if profile:
+    for left_out in list(dict.fromkeys(forest.model_names))[:folds]:
+        clone(predictor).fit(forest.subset(names != left_out)).predict(forest.subset(names == left_out))
     profiler.disable()
-    stats = pstats.Stats(profiler, stream=sys.stderr)
-    stats.sort_stats("tottime").print_stats(int(profile))
+    print(f"{folds} folds of {len(set(names))} models: {time.perf_counter() - start:.1f} s",
+          file=sys.stderr)
+    pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(int(profile))
+    sys.exit(0)
+folds = int(sys.argv[4])
+models = len(set(forest.model_names))
+start = time.perf_counter()
+if folds and folds < models:  # the first `folds` folds as leave_one_model_out runs them
+    import numpy as np
+    from irene.predictors.base import clone
+    names = np.asarray(forest.model_names, dtype=object)
+    for left_out in list(dict.fromkeys(forest.model_names))[:folds]:
+        clone(predictor).fit(forest.subset(names != left_out)).predict(forest.subset(names == left_out))
+    overall = None
+else:
+    folds = models
+    overall = leave_one_model_out(forest, predictor, show_progress=False).overall()
+wall = (time.perf_counter() - start) * models / folds
 # VmHWM, not ru_maxrss: Linux keeps the forking parent's maximum across exec
 status = open("/proc/self/status").read().split("VmHWM:")[1]
 print(json.dumps({"wall_s": wall, "peak_rss_mib": int(status.split()[0]) / 1024,
-                  "nodes": forest.num_nodes, "trees": forest.num_trees,
-                  "overall": {k: round(v, 4) for k, v in result.overall().items()}}))
+                  "nodes": forest.num_nodes, "trees": forest.num_trees, "folds_run": folds,
+                  "overall": overall and {k: round(v, 4) for k, v in overall.items()}}))
 """
 
 
@@ -120,20 +139,22 @@ def write_data_sets(devices: list[str], files: dict[int, Path]) -> None:
         save_forest(build_forest(synthetic_trees(sources, n)), path)
 
 
-def run_child(checkout: Path, data: Path, predictor: str, threads: int, profile: int = 0
-              ) -> dict:
+def run_child(checkout: Path, data: Path, predictor: str, threads: int, profile: int = 0,
+              folds: int = 0) -> dict | None:
     env = {**os.environ, "PYTHONPATH": str(checkout), "PYTHONDONTWRITEBYTECODE": "1"}
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[name] = str(threads)
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", CHILD, str(data), predictor, str(profile)],
+    done = subprocess.run([sys.executable, "-c", CHILD, str(data), predictor, str(profile),
+                           str(folds)],
                           cwd=checkout, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"child failed ({checkout}, {data.name}, {predictor}):\n{done.stderr[-3000:]}")
-    record = json.loads(done.stdout.strip().splitlines()[-1])
-    record["process_s"] = time.perf_counter() - start
     if profile:
         print(done.stderr, file=sys.stderr)
+        return None
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    record["process_s"] = time.perf_counter() - start
     return record
 
 
@@ -193,6 +214,12 @@ def main() -> None:
     parser.add_argument("--data-dir", help="keep the synthetic data sets here (default: a temp folder)")
     parser.add_argument("--profile", type=int, default=0,
                         help="cProfile one size (this many models) of this checkout instead")
+    parser.add_argument("--profile-folds", type=int, default=2, help="folds to profile")
+    parser.add_argument("--folds", type=int, default=0,
+                        help="time only the first FOLDS folds of sizes >= --folds-from and scale "
+                             "the time by models/FOLDS (every fold trains on all models but one; "
+                             "the work shared across folds is then counted more than once)")
+    parser.add_argument("--folds-from", type=int, default=24)
     parser.add_argument("--json", help="also write every run's record to this file")
     args = parser.parse_args()
 
@@ -214,7 +241,9 @@ def main() -> None:
         write_data_sets(args.devices.split(","), files)
         if args.profile:
             for predictor in predictors:
-                run_child(ROOT, files[args.profile], predictor, args.threads, profile=40)
+                print(f"## {PREDICTORS[predictor]}, {args.profile} models", file=sys.stderr)
+                run_child(ROOT, files[args.profile], predictor, args.threads, profile=25,
+                          folds=args.profile_folds or 2)
             return
         print(f"threads {args.threads}; {args.repeats} run(s) per cell; variants: "
               + ", ".join(f"{name}={path}" for name, path in variants), flush=True)
@@ -225,9 +254,11 @@ def main() -> None:
                     for name, path in variants:  # alternate the variants size by size
                         if (name, predictor, n) in skip:
                             continue
-                        record = run_child(path, files[n], predictor, args.threads)
+                        folds = args.folds if n >= args.folds_from else 0
+                        record = run_child(path, files[n], predictor, args.threads, folds=folds)
                         results.setdefault((name, predictor, n), []).append(record)
-                        print(f"{name} {predictor} {n} models: {record['wall_s']:.1f} s, "
+                        print(f"{name} {predictor} {n} models ({record['folds_run']} folds run): "
+                              f"{record['wall_s']:.1f} s, "
                               f"{record['peak_rss_mib']:.0f} MiB, overall {record['overall']}",
                               flush=True)
         if args.json:
@@ -257,7 +288,8 @@ def print_table(results: dict, predictors: list[str], sizes: dict, variants: lis
         for predictor in predictors:
             for variant in variants:
                 runs = results.get((variant, predictor, n))
-                cells.append(fmt_time(median([r["wall_s"] for r in runs]) if runs else None))
+                mark = "≈ " if runs and runs[0]["folds_run"] < n else ""
+                cells.append(mark + fmt_time(median([r["wall_s"] for r in runs])) if runs else "–")
                 cells.append(fmt_mem(max(r["peak_rss_mib"] for r in runs) if runs else None))
         print("| " + " | ".join(cells) + " |")
     cells = ["exponent"]
