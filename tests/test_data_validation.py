@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+# torch and transformers (the import's parameter counts) once, at collection: a mutation run
+# forks every mutant's tests from the collected process (scripts/mutation.py)
+import irene.data.architectures  # noqa: F401
 from irene.data import locate
 from irene.data.locate import (
     DataLocation,
@@ -499,6 +502,24 @@ def test_file_level_problems(cell):
         pd.read_csv(path)
     first = str(parser_error.value).strip().splitlines()[0]
     assert _import_error(cell) == f"{path}: not a readable CSV file ({first})"
+
+
+def test_the_import_gives_every_tree_the_device_its_files_say(cell, tmp_path, device_dir,
+                                                               monkeypatch):
+    digests = {csv_name(level): sha256_of(cell / csv_name(level)) for level in CSV_FILES}
+    (tree,) = import_device(cell, models=None)  # no published device's files, no name
+    assert tree["device"]["id"] == "unknown"
+    assert tree["device"]["source"] == {"kind": "unknown", "sha256": digests}
+    assert list(tree)[-1] == "device" and tree["frontend_tree"]["id"] == f"{MODEL}/8x32/root"
+    (tree,) = import_device(cell, models=None, device="lab_gpu")
+    assert tree["device"]["id"] == "lab_gpu" and tree["device"]["source"]["kind"] == "declared"
+    _fake_sources(tmp_path, device_dir, monkeypatch, device_x=digests)
+    (tree,) = import_device(cell, models=None, device="device_1")
+    assert tree["device"] == {
+        "id": "device_x", "gpu": dict.fromkeys(("name", "memory_mib", "driver", "cuda",
+                                                "power_limit_w")),
+        "meter": None, "convention": "irene", "source": {"kind": "published", "sha256": digests}}
+    validate_tree(tree, "cell", require_energy=True)
 
 
 def test_shapes_written_as_floats_become_integers(cell):
