@@ -4,7 +4,11 @@ cached under ``outputs/cache/`` (keyed by the CSVs' sha256 and the model list).
 Where the data come from follows one rule (:func:`irene.data.published.locate_device`, and
 ``docs/trust.md``); every stage that reads them tags its MLflow run with the location, how it
 was found and the sha256 of each file read (``data.location``, ``data.source``,
-``data.sha256.<file>``), so a table can be traced to its bytes.
+``data.sha256.<file>``), so a table can be traced to its bytes, and with the data's identity
+(``data.device``: the devices, ``data.identity``: one sha256 of what was read;
+:mod:`irene.data.provenance`). The device comes from the content: CSVs whose sha256 are a
+published device's are that device whatever ``data.name`` says; other data are the device
+``data.name`` names, unless that is a published device's name (then ``unknown``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from omegaconf import DictConfig
 from irene.data.forest import Forest, build_forest, save_forest
 from irene.data.forest import load_forest as load_forest_arrays
 from irene.data.io import atomic_write_text
+from irene.data.provenance import DataIdentity, combined_sha256, csv_block, device_ids, stamp
 from irene.data.published import (
     CSV_FILES,
     PAPER_MODELS,
@@ -32,11 +37,11 @@ from irene.measure.leakage import check_no_leaked_target
 from pipelines.paths import datasets_dir, log, outputs_dir
 from pipelines.tracking import Tracker
 
-CACHE_VERSION = 1  # bump when the import's output changes
+CACHE_VERSION = 2  # bump when the import's output changes
 
 
-def _import_cache_path(digests: dict[str, str], models: list[str] | None) -> Path:
-    digest = hashlib.sha256(f"v{CACHE_VERSION}|{models}".encode())
+def _import_cache_path(digests: dict[str, str], models: list[str] | None, device: str) -> Path:
+    digest = hashlib.sha256(f"v{CACHE_VERSION}|{models}|{device}".encode())
     for level in CSV_FILES:
         digest.update(digests[csv_name(level)].encode())
     return outputs_dir() / "cache" / f"trees-{digest.hexdigest()[:16]}.jsonl"
@@ -119,8 +124,47 @@ def _read_trees_file(cfg: DictConfig, tracker: Tracker, require_energy: bool) ->
     log.info("reading trees from %s", path)
     trees = read_trees(path, require_energy=require_energy, max_mb=cfg.data.max_file_mb)
     check_no_leaked_target(trees, cfg.features.sets, path)  # a feature that is the target: refused
-    record_input(tracker, "data", path, source="data.trees")
+    digest = record_input(tracker, "data", path, source="data.trees")
+    trees = read_identified(trees, path, digest, cfg.data.name, tracker)
     return trees if models is None else select_models(trees, models, path)
+
+
+def read_identified(trees: list[Tree], path: Path, digest: str, declared: str | None,
+                    tracker: Tracker | None = None, prefix: str = "data") -> list[Tree]:
+    """``trees`` read from ``path`` (sha256 ``digest``), each with its ``device`` block
+    (:func:`irene.data.provenance.stamp`), the run tagged with their identity."""
+    trees = stamp(trees, path=path, digest=digest, declared=declared)
+    identity = DataIdentity(device_ids(trees), digest)
+    _warn_label(declared, identity, path)
+    if tracker is not None:
+        tracker.set_tags(identity.tags(prefix))
+    return trees
+
+
+def _warn_label(declared: str | None, identity: DataIdentity, where: Path) -> None:
+    """A warning where a published device's files are read under another name."""
+    if declared and identity.published and identity.label != declared:
+        log.warning("data.name=%s, but %s is %s by its content: the run is tagged data.device=%s",
+                    declared, where, identity.label, identity.label)
+
+
+def data_identity(cfg: DictConfig) -> DataIdentity:
+    """The identity of the configured data without importing it: a trees file's devices and
+    sha256, a CSV folder's device (by the files' sha256), else ``data.name`` itself (the
+    device whose runs are meant; they are selected by their own, content-derived tags)."""
+    data = cfg.data
+    if data.trees:
+        path = Path(data.trees)
+        trees = read_trees(path, validate=False, max_mb=data.max_file_mb)
+        digest = sha256_of(path)
+        return DataIdentity(device_ids(stamp(trees, path=path, digest=digest,
+                                             declared=data.name)), digest)
+    if data.path:
+        location = locate_device(data.path, data.name, datasets_dir=datasets_dir(),
+                                 download=False, max_mb=data.max_file_mb)
+        return DataIdentity((csv_block(location.sha256, data.name)["id"],),
+                            combined_sha256(location.sha256))
+    return DataIdentity((str(data.name),), "")
 
 
 def _device_cache(cfg: DictConfig, tracker: Tracker) -> Path:
@@ -129,16 +173,21 @@ def _device_cache(cfg: DictConfig, tracker: Tracker) -> Path:
     location = locate_device(data.path, data.name, datasets_dir=datasets_dir(),
                              download=data.download, max_mb=data.max_file_mb)
     log.info("data of %s: %s (found through %s)", data.name, location.folder, location.source)
+    identity = DataIdentity((csv_block(location.sha256, data.name)["id"],),
+                            combined_sha256(location.sha256))
+    _warn_label(data.name, identity, location.folder)
     tracker.set_tags({"data.location": str(location.folder.absolute()), "data.source": location.source,
-              **{f"data.sha256.{name}": digest for name, digest in location.sha256.items()}})
+              **{f"data.sha256.{name}": digest for name, digest in location.sha256.items()},
+              **identity.tags()})
     models = wanted_models(cfg)
     models = list(PAPER_MODELS) if models is None else models
-    cache = _import_cache_path(location.sha256, models)
+    cache = _import_cache_path(location.sha256, models, identity.label)
     if cache.exists():
         log.info("reading trees of %s from cache %s", location.folder, cache)
     else:
         log.info("importing the published CSVs of %s (models: %s)", location.folder, models)
-        write_trees(cache, import_device(location.folder, models, max_mb=data.max_file_mb))
+        write_trees(cache, import_device(location.folder, models, max_mb=data.max_file_mb,
+                                         device=data.name))
     return cache
 
 

@@ -240,6 +240,12 @@ class Context:
 
         return load_forest(self._cfg, tracker)
 
+    def data_identity(self):
+        """The configured data's devices and sha256 (:func:`pipelines.data.data_identity`)."""
+        from pipelines.data import data_identity
+
+        return data_identity(self._cfg)
+
     def for_device(self, name: str) -> Context:
         """The same context with ``data`` set to the published device ``name``."""
         cfg = self._cfg.copy()

@@ -42,6 +42,8 @@ def _broken(mutate):
          "type", "a leaf must be an 'ml' node"),
         (lambda t: t["frontend_tree"].__setitem__("flops", "many"), "flops", "finite number"),
         (lambda t: t.__setitem__("batch_size", 2.5), "batch_size", "positive integer"),
+        (lambda t: t.__setitem__("device", {"id": ""}), "device", "'id' must be a non-empty"),
+        (lambda t: t.__setitem__("device", "device_1"), "device", "must be a JSON object"),
     ],
 )
 def test_bad_input_names_file_line_and_field(tmp_path, mutate, field, message):
@@ -52,6 +54,17 @@ def test_bad_input_names_file_line_and_field(tmp_path, mutate, field, message):
     assert text.startswith(f"{path}:2:")
     assert f"field {field!r}" in text and message in text
     assert "\n" not in text
+
+
+def test_a_line_with_a_device_block_is_valid_and_one_without_is_too(tmp_path):
+    from irene.data.provenance import device_block
+
+    block = device_block("h200", kind="measured", meter="nvml", convention="physical",
+                         gpu={"name": "NVIDIA H200", "memory_mib": 143771})
+    tree = {**make_tree(model="a"), "device": block}
+    path = write_lines(tmp_path / "d.jsonl", [tree, make_tree(model="b")])
+    first, second = read_trees(path, require_energy=True)
+    assert first["device"] == block and "device" not in second
 
 
 def test_truncated_json(tmp_path):

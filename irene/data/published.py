@@ -32,6 +32,7 @@ from irene.data.locate import (
     resolve_device_dir,
     sha256_of,
 )
+from irene.data.provenance import csv_block
 from irene.data.tree import FEATURE_FIELDS, FIELD_BOUNDS, MAX_SHAPE, NodeType, Tree, value_problem
 from irene.errors import InputError
 
@@ -255,7 +256,7 @@ def _finish(node: dict, level: int) -> None:
 
 
 def import_device(folder: str | Path, models: tuple[str, ...] | list[str] | None = PAPER_MODELS,
-                  *, max_mb: float | None = None) -> list[Tree]:
+                  *, max_mb: float | None = None, device: str | None = None) -> list[Tree]:
     """Build one tree per (model, batch_size, seq_len) of a device folder.
 
     Args:
@@ -263,6 +264,8 @@ def import_device(folder: str | Path, models: tuple[str, ...] | list[str] | None
         models: the models to keep, in this order (default: the six of the paper);
             ``None`` keeps every model of the files, in order of appearance.
         max_mb: the largest CSV read, in MB (None: ``integrity.DEFAULT_MAX_FILE_MB``).
+        device: the user's name for files that are no published device's
+            (:func:`irene.data.provenance.csv_block` gives every tree its ``device``).
 
     Returns:
         Trees ordered by model (as given), then batch size, then sequence length. Cells
@@ -308,4 +311,6 @@ def import_device(folder: str | Path, models: tuple[str, ...] | list[str] | None
                                   f"{seq_len}) (the first is line {model_lines[0]})")
         trees.append(_build_tree(model, int(batch_size), int(seq_len), cell))
     check_import(frames)  # duplicates, orphan model rows, structure, physics: every model
-    return trees
+    block = csv_block({csv_name(level): sha256_of(folder / csv_name(level)) for level in CSV_FILES},
+                      device)
+    return [{**tree, "device": block} for tree in trees]

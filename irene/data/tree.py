@@ -7,8 +7,10 @@ One JSON object per line, one line per (model_name, batch_size, seq_len)::
 A node carries ``id``, ``scope``, ``parent_name``, ``level``, ``instance_type``, ``type``
 (``model`` | ``module`` | ``ml``), the features (:data:`FEATURE_FIELDS`),
 ``ground_truth_energy`` in joules when measured, ``predicted_energy`` once predicted, and its
-children in ``child_nodes_obj`` (their scopes in ``child_nodes``). Trees stay plain dicts so
-that files written here are readable by the public IrEne evaluator and vice versa.
+children in ``child_nodes_obj`` (their scopes in ``child_nodes``). A line may also carry
+``device`` (:mod:`irene.data.provenance`: where, on what and by which convention it was
+measured). Trees stay plain dicts so that files written here are readable by the public IrEne
+evaluator and vice versa.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from irene.data.io import atomic_write_text
+from irene.data.provenance import device_problem
 from irene.errors import InputError, MissingInputError  # noqa: F401 - re-exported
 
 
@@ -156,6 +159,10 @@ def validate_tree(
         problem = value_problem(field, tree[field])
         if problem:
             fail(field, problem)
+    if "device" in tree:  # where it was measured (irene.data.provenance); absent: public format
+        problem = device_problem(tree["device"])
+        if problem:
+            fail("device", problem)
     root = tree["frontend_tree"]
     if not isinstance(root, dict):
         fail("frontend_tree", "must be a JSON object")

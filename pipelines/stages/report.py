@@ -25,6 +25,7 @@ Without ``seeds`` only single-seed runs count and the tables are what they alway
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -60,15 +61,22 @@ class ReportSettings:
 
 @dataclass
 class _Query:
-    """What the report reads runs by: the data set and experiment (``ctx``), the preset's
-    ``seeds`` request."""
+    """What the report reads runs by: the data set's identity and the experiment (``ctx``),
+    the preset's ``seeds`` request."""
 
     ctx: Context
     seeds: Any
 
+    @functools.cached_property
+    def identity(self):
+        """The data the tables are of (:func:`pipelines.data.data_identity`): runs are selected
+        by their own data tags, never by the ``data`` label they were started with."""
+        return self.ctx.data_identity()
+
     @property
     def data_name(self) -> str:
-        return self.ctx.data_name
+        """The device(s) the tables are labelled with and written under."""
+        return self.identity.label
 
     @property
     def models(self) -> list[str]:
@@ -344,11 +352,32 @@ def _preset_runs(q: _Query, name: str) -> list:
     """The preset's FINISHED cross-validations on this data set, newest first: those of the
     ``seeds`` request when given, else the single-seed ones only."""
     base = (f"tags.preset = '{name}' and tags.stage = 'crossvalidate' "
-            f"and attributes.status = 'FINISHED' and params.data = '{q.data_name}'")
+            f"and attributes.status = 'FINISHED'")
     request = seeds_request(q.seeds)
     if request is not None:
-        return _search(q, f"{base} and params.seeds = '{request}'")
-    return [r for r in _search(q, base) if "seeds" not in r.data.params]
+        return _identity_runs(q, f"{base} and params.seeds = '{request}'")
+    return [r for r in _identity_runs(q, base) if "seeds" not in r.data.params]
+
+
+def _identity_runs(q: _Query, base: str) -> list:
+    """The runs of ``base`` on the report's data, newest first: tagged with its devices (and,
+    for data that is no published device, its sha256); for a published device also the runs
+    that read its published CSVs, by their ``data.sha256.<file>`` tags (runs logged before the
+    ``data.device`` tag existed)."""
+    from irene.data.locate import load_sources
+
+    identity = q.identity
+    found = _search(q, f"{base} and tags.`data.device` = '{identity.label}'")
+    if not identity.published:
+        return [r for r in found if not identity.sha256
+                or r.data.tags.get("data.identity") == identity.sha256]
+    if len(identity.devices) == 1:
+        files = load_sources()["devices"][identity.devices[0]]
+        by_files = " and ".join(f"tags.`data.sha256.{file}` = '{digest}'"
+                                for file, digest in sorted(files.items()))
+        seen = {r.info.run_id for r in found}
+        found += [r for r in _search(q, f"{base} and {by_files}") if r.info.run_id not in seen]
+    return sorted(found, key=lambda r: r.info.start_time, reverse=True)
 
 
 def build_table(q: _Query, name: str, layout: dict) -> pd.DataFrame | SeededTable:

@@ -1,0 +1,232 @@
+"""Devices as facts in the data (issue 19): a run's data identity comes from the content, the
+report selects runs by it, evaluate refuses another device's measurements, and every tree
+line carries its ``device`` block."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from irene.data.locate import load_sources
+from irene.data.provenance import (
+    DataIdentity,
+    combined_sha256,
+    csv_block,
+    declared_id,
+    device_block,
+    device_ids,
+    device_problem,
+    match_published,
+    stamp,
+)
+from irene.data.published import CSV_FILES, csv_name
+from irene.errors import InputError, MissingInputError
+from pipelines.config import register_configs
+
+register_configs()
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE_2 = Path("/work/shared/data/irene/device_2")
+TWO_MODELS = "data.models=[distilgpt2,gpt2]"
+
+
+def compose_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def _device_2_dir(device_dir: Path) -> Path:
+    """Device 2's published folder: next to device 1's, or $IRENE_DATA_DIR/device_2."""
+    for candidate in (device_dir.parent / "device_2", DEVICE_2):
+        if all((candidate / csv_name(level)).is_file() for level in CSV_FILES):
+            return candidate
+    pytest.skip("device 2's published CSVs not found")
+
+
+# ------------------------------------------------------------------------------ the blocks
+def test_published_checksums_name_the_device_and_nothing_else():
+    for device, files in load_sources()["devices"].items():
+        assert match_published(files) == device
+        block = csv_block(files, declared="device_1")
+        assert block["id"] == device and block["convention"] == "irene"
+        assert block["source"] == {"kind": "published", "sha256": dict(sorted(files.items()))}
+        assert block["gpu"] == dict.fromkeys(("name", "memory_mib", "driver", "cuda",
+                                              "power_limit_w"))
+        assert block["meter"] is None  # the CSVs name no meter: never invented
+    files = dict(load_sources()["devices"]["device_1"])
+    files[csv_name("ml2")] = "0" * 64
+    assert match_published(files) is None
+    assert match_published({k: v for k, v in load_sources()["devices"]["device_1"].items()
+                            if k != csv_name("ml2")}) is None  # three of four files: not it
+
+
+@pytest.mark.parametrize(("declared", "expected"), [
+    ("device_1", "unknown"), ("device_2", "unknown"), (None, "unknown"), ("", "unknown"),
+    ("unknown", "unknown"), ("my_a100", "my_a100")])
+def test_other_files_get_the_users_name_unless_it_is_a_published_one(declared, expected):
+    assert declared_id(declared) == expected
+    block = csv_block({"model_level_features.csv": "1" * 64}, declared)
+    assert block["id"] == expected and block["convention"] is None
+    assert block["source"]["kind"] == ("unknown" if expected == "unknown" else "declared")
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda b: b.pop("id"), "'id' must be a non-empty string, got None"),
+    (lambda b: b.update(id=" "), "'id' must be a non-empty string"),
+    (lambda b: b.update(color="red"), "unknown key 'color'"),
+    (lambda b: b["gpu"].update(memory_mib=-1), "'gpu.memory_mib' must be a positive number"),
+    (lambda b: b["gpu"].update(power_limit_w=True), "'gpu.power_limit_w' must be a positive"),
+    (lambda b: b["gpu"].update(name=3), "'gpu.name' must be a non-empty string or null"),
+    (lambda b: b["gpu"].update(vendor="x"), "unknown key 'gpu.vendor'"),
+    (lambda b: b.update(gpu=[]), "'gpu' must be a JSON object or null"),
+    (lambda b: b.update(meter=""), "'meter' must be a non-empty string or null"),
+    (lambda b: b.update(convention="mine"), "'convention' must be one of"),
+    (lambda b: b.update(source="x"), "'source' must be a JSON object or null"),
+    (lambda b: b["source"].update(kind="guess"), "'source.kind' must be one of"),
+    (lambda b: b["source"].update(sha256={"a": "b"}), "'source.sha256' must map"),
+])
+def test_a_bad_device_block_names_its_field(edit, message):
+    block = device_block("d", kind="declared", sha256={"f": "a" * 64}, convention="physical",
+                         meter="nvml", gpu={"name": "G", "memory_mib": 1024})
+    assert device_problem(block) is None
+    edit(block)
+    assert message in device_problem(block)
+    assert device_problem("device_1") == "must be a JSON object, got str"
+
+
+def test_stamp_keeps_a_lines_own_block_and_labels_the_others(tmp_path):
+    own = device_block("device_1", kind="published", convention="irene")
+    trees = [{"model_name": "a", "device": own}, {"model_name": "b"},
+             {"model_name": "c", "measurement": {"device": "cuda:0", "meter": "nvml"}}]
+    path = tmp_path / "t.jsonl"
+    stamp(trees, path=path, digest="f" * 64, declared="device_1")
+    assert trees[0]["device"] is own
+    assert trees[1]["device"]["id"] == "unknown"
+    assert trees[1]["device"]["source"] == {"kind": "unknown", "sha256": {"t.jsonl": "f" * 64}}
+    assert trees[2]["device"]["meter"] == "nvml" and trees[2]["device"]["source"]["kind"] == "measured"
+    assert device_ids(trees) == ("device_1", "unknown")
+    assert DataIdentity(("device_1", "device_2"), "x").label == "device_1+device_2"
+
+
+# ------------------------------------------------------------------------- the label trap
+@pytest.fixture(scope="module")
+def trap(device_dir, tmp_path_factory):
+    """Device 2's published files copied (unchanged) into tmp, cross-validated as
+    ``experiment=per_model data.path=<copy>`` with data.name left at its default, device_1."""
+    from pipelines.stage import run_stage
+
+    tmp = tmp_path_factory.mktemp("trap")
+    folder = tmp / "somewhere"
+    shutil.copytree(_device_2_dir(device_dir), folder)
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    store = (f"tracking.uri={uri}", "tracking.experiment=pytest-devices")
+    base = (*store, TWO_MODELS, "predictor.epochs=2")
+    cfg = compose_cfg("experiment=per_model", f"data.path={folder}", *base,
+                      f"run_dir={tmp / 'cv'}")
+    assert cfg.data.name == "device_1"  # the label the run starts with
+    result = run_stage("crossvalidate", cfg)
+    return {"tmp": tmp, "folder": folder, "base": base, "store": store, "uri": uri, "cv": result}
+
+
+def _runs(uri: str, filter_string: str) -> list:
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name("pytest-devices")
+    return mlflow.search_runs([experiment.experiment_id], filter_string, output_format="list")
+
+
+def test_the_run_is_tagged_with_the_device_of_its_bytes(trap):
+    (run,) = _runs(trap["uri"], "tags.stage = 'crossvalidate'")
+    files = load_sources()["devices"]["device_2"]
+    assert run.data.tags["data.device"] == "device_2"
+    assert run.data.tags["data.identity"] == combined_sha256(files)
+    assert all(run.data.tags[f"data.sha256.{name}"] == digest for name, digest in files.items())
+    assert run.data.params["data"] == "device_1"  # the label, kept; the tag says what it read
+
+
+def test_report_of_device_1_does_not_take_device_2s_runs(trap, tmp_path):
+    from irene.errors import MissingInputError as Missing
+    from pipelines.paths import outputs_dir
+    from pipelines.stage import run_stage
+
+    before = (outputs_dir() / "tables" / "device_1" / "per_model.md")
+    existed = before.read_bytes() if before.is_file() else None
+    cfg = compose_cfg("stage=report", "experiment=per_model", *trap["base"],
+                      f"run_dir={tmp_path / 'r1'}")
+    with pytest.raises(Missing, match="no FINISHED crossvalidate run of preset 'per_model' on device_1"):
+        run_stage("report", cfg)
+    after = before.read_bytes() if before.is_file() else None
+    assert after == existed  # nothing written under device_1
+
+
+@pytest.mark.parametrize("selector", ["data=device_2", "data.path"])
+def test_report_writes_the_runs_numbers_under_their_device(trap, tmp_path, selector):
+    from pipelines.paths import outputs_dir
+    from pipelines.stage import run_stage
+
+    which = f"data.path={trap['folder']}" if selector == "data.path" else selector
+    cfg = compose_cfg("stage=report", "experiment=per_model", which, *trap["base"],
+                      f"run_dir={tmp_path / 'r2'}")
+    result = run_stage("report", cfg)
+    table = result.table
+    assert "reference ml" not in table.columns  # device 1's reference columns: not here
+    cv = trap["cv"].table
+    assert table.loc["overall", "model"] == pytest.approx(cv.loc["overall", "model"])
+    stable = outputs_dir() / "tables" / "device_2" / "per_model.md"
+    assert stable in result.paths
+    assert stable.read_text() == (tmp_path / "r2" / "per_model.md").read_text()
+
+
+def test_files_of_no_published_device_are_unknown_or_the_users_name(trap, tmp_path):
+    from pipelines.stage import run_stage
+
+    folder = tmp_path / "edited"
+    shutil.copytree(trap["folder"], folder)
+    path = folder / csv_name("ml2")
+    path.write_bytes(path.read_bytes() + b"\n")  # one byte more: no longer device 2's files
+    for name, expected in (("device_2", "unknown"), ("my_gpu", "my_gpu")):
+        cfg = compose_cfg("stage=featurize", f"data.path={folder}", f"data.name={name}",
+                          "data.models=[distilgpt2]", *trap["store"], f"run_dir={tmp_path / name}")
+        run_stage("featurize", cfg)
+        (run,) = [r for r in _runs(trap["uri"], "tags.stage = 'featurize'")
+                  if r.data.params.get("data") == name]
+        assert run.data.tags["data.device"] == expected
+        assert len(run.data.tags["data.identity"]) == 64
+
+
+def test_a_trees_file_without_devices_is_the_users_name_or_unknown(trap, tmp_path):
+    from irene.data.tree import write_trees
+    from pipelines.data import data_identity
+
+    trees = [{k: v for k, v in t.items() if k != "device"} for t in _cache_trees(trap)[:2]]
+    path = write_trees(tmp_path / "plain.jsonl", trees)
+    assert data_identity(compose_cfg(f"data.trees={path}")).devices == ("unknown",)
+    assert data_identity(compose_cfg(f"data.trees={path}", "data.name=lab")).devices == ("lab",)
+    labelled = write_trees(tmp_path / "labelled.jsonl", _cache_trees(trap)[:2])
+    assert data_identity(compose_cfg(f"data.trees={labelled}")).devices == ("device_2",)
+
+
+def _cache_trees(trap) -> list:
+    from irene.data.tree import read_trees
+    from pipelines.paths import outputs_dir
+
+    caches = [p for p in (outputs_dir() / "cache").glob("trees-*.jsonl")
+              if '"id": "device_2"' in p.read_text()[:200_000]]
+    assert caches, "the trap's import cache"
+    return read_trees(caches[0], validate=False)
+
+
+def test_input_errors_stay_one_line(tmp_path):
+    bad = tmp_path / "device.json"
+    bad.write_text("[1]")
+    with pytest.raises(InputError, match="not a device sidecar"):
+        stamp([{"model_name": "a"}], path=tmp_path / "t.jsonl", digest="a" * 64)
+    assert issubclass(MissingInputError, Exception)
+    bad.write_text(json.dumps({"trees_sha256": {"t.jsonl": "a" * 64}, "device": {"id": 1}}))
+    with pytest.raises(InputError, match="field 'device': 'id' must be"):
+        stamp([{"model_name": "a"}], path=tmp_path / "t.jsonl", digest="a" * 64)
