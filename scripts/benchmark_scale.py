@@ -2,14 +2,17 @@
 
 Synthetic data sets are made from both devices' trees: every source model (device 1's and
 device 2's, interleaved) is copied under new model names until the data set holds N models,
-each copy's measured energies multiplied by a random factor exp(N(0, 0.05²)) per node (the
-features stay those of the source). Each size is cross-validated in a fresh Python process
-(load the flattened forest, ``leave_one_model_out``) with the thread count set; the parent
-records the cross-validation's wall time, the child's peak resident memory (VmHWM) and the overall
-errors, fits the exponent b of ``time ∝ models^b`` (least squares of log time on log models)
-and prints a markdown table. ``--before REV`` runs the same children at another commit,
-checked out with ``git worktree`` under /tmp, alternating with this checkout size by size, so
-the table compares them side by side. Run from the project root:
+each copy's measured energies multiplied by a random factor exp(N(0, 0.05²)) per measured
+value (``--perturb value``: nodes that share a measurement, identical layers measured once,
+keep sharing one) or per node (``--perturb node``); the features stay those of the source.
+Each size is cross-validated in a fresh Python process (load the flattened forest,
+``leave_one_model_out``) with the thread count set; the parent records the
+cross-validation's wall time, the child's peak resident memory (VmHWM) and the overall
+errors, fits the exponent b of ``time ∝ models^b`` (least squares of log time on log
+models) and prints a markdown table. ``--before REV`` runs the same children at another
+commit, checked out with ``git worktree`` under /tmp, alternating with this checkout size by
+size, so the table compares them side by side. ``--folds K`` times only the first K folds of
+the larger sizes (scaled by models/K). Run from the project root:
 
     IRENE_DATA_DIR=/path/to/irene python scripts/benchmark_scale.py --before 549dfff
     python scripts/benchmark_scale.py --profile 96 --predictors irene   # cProfile: 2 folds at 96
@@ -99,9 +102,13 @@ def source_trees(devices: list[str]) -> list[list[dict]]:
     return out
 
 
-def synthetic_trees(sources: list[list[dict]], models: int, seed: int = 0) -> list[dict]:
+def synthetic_trees(sources: list[list[dict]], models: int, seed: int = 0,
+                    perturb: str = "value") -> list[dict]:
     """``models`` models: the source models, interleaved across devices and repeated, each
-    copy renamed (model name and node ids) and its energies perturbed per node."""
+    copy renamed (model name and node ids) and its energies perturbed: per measured value
+    (``perturb="value"``: the nodes of a copy that share a measurement, identical layers
+    measured once, still share one, as in the published data) or per node (``"node"``:
+    every leaf row distinct)."""
     by_device = []
     for device, trees in enumerate(sources, start=1):
         names = list(dict.fromkeys(t["model_name"] for t in trees))
@@ -113,6 +120,7 @@ def synthetic_trees(sources: list[list[dict]], models: int, seed: int = 0) -> li
     for i in range(models):
         device, name, trees = order[i % len(order)]
         new_name = f"d{device}-{name}-{i // len(order)}"
+        factors: dict[float, float] = {}  # one factor per measured value of this copy
         for tree in trees:
             tree = copy.deepcopy(tree)
             tree["model_name"] = new_name
@@ -120,14 +128,17 @@ def synthetic_trees(sources: list[list[dict]], models: int, seed: int = 0) -> li
             while stack:
                 node = stack.pop()
                 node["id"] = f"{new_name}/{node['id']}"
-                if node.get("ground_truth_energy") is not None:
-                    node["ground_truth_energy"] *= math.exp(rng.gauss(0.0, 0.05))
+                energy = node.get("ground_truth_energy")
+                if energy is not None:
+                    if perturb == "node" or energy not in factors:
+                        factors[energy] = math.exp(rng.gauss(0.0, 0.05))
+                    node["ground_truth_energy"] = energy * factors[energy]
                 stack.extend(node["child_nodes_obj"])
             out.append(tree)
     return out
 
 
-def write_data_sets(devices: list[str], files: dict[int, Path]) -> None:
+def write_data_sets(devices: list[str], files: dict[int, Path], perturb: str) -> None:
     """The synthetic data set of every size, flattened (``save_forest``), unless already there."""
     todo = {n: path for n, path in files.items() if not path.exists()}
     if not todo:
@@ -136,7 +147,7 @@ def write_data_sets(devices: list[str], files: dict[int, Path]) -> None:
 
     sources = source_trees(devices)
     for n, path in todo.items():
-        save_forest(build_forest(synthetic_trees(sources, n)), path)
+        save_forest(build_forest(synthetic_trees(sources, n, perturb=perturb)), path)
 
 
 def run_child(checkout: Path, data: Path, predictor: str, threads: int, profile: int = 0,
@@ -205,6 +216,8 @@ def main() -> None:
     parser.add_argument("--plus-sizes", default="6,12,24,48", help="model counts for IrEne+")
     parser.add_argument("--predictors", default="irene,irene_plus")
     parser.add_argument("--devices", default="device_1,device_2")
+    parser.add_argument("--perturb", choices=["value", "node"], default="value",
+                        help="energies of a copy perturbed per measured value or per node")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1, help="runs per cell (median)")
     parser.add_argument("--before", help="a commit to run side by side (git worktree in /tmp)")
@@ -236,9 +249,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="irene-scale-") as tmp:
         data_dir = Path(args.data_dir or tmp)
         data_dir.mkdir(parents=True, exist_ok=True)
-        files = {n: data_dir / f"synthetic-{n}.forest.npz"
+        files = {n: data_dir / f"synthetic-{n}-{args.perturb}.forest.npz"
                  for n in sorted({n for p in predictors for n in sizes[p]})}
-        write_data_sets(args.devices.split(","), files)
+        write_data_sets(args.devices.split(","), files, args.perturb)
         if args.profile:
             for predictor in predictors:
                 print(f"## {PREDICTORS[predictor]}, {args.profile} models", file=sys.stderr)

@@ -115,7 +115,7 @@ def test_tree_blocks_are_the_rows_of_the_whole_expansion(degree):
         assert block.flags.c_contiguous and block.tobytes() == whole[a:b].tobytes(), (a, b)
 
 
-def test_irene_training_never_expands_a_whole_forest(small_trees, monkeypatch):
+def test_irene_training_expands_a_large_forest_one_tree_at_a_time(small_trees, monkeypatch):
     forest = build_forest(small_trees)
     expanded = []
     original = irene_module.polynomial_expand
@@ -126,8 +126,13 @@ def test_irene_training_never_expands_a_whole_forest(small_trees, monkeypatch):
 
     monkeypatch.setattr(irene_module, "polynomial_expand", recording)
     model = IreneModel(epochs=1, show_progress=False).fit(forest)
+    assert expanded == [forest.num_nodes]  # small: expanded once, sliced per tree
+    expanded.clear()
+    monkeypatch.setattr(TreeFeatures, "WHOLE_BYTES", 1_000_000)  # less than this forest's
+    again = IreneModel(epochs=1, show_progress=False).fit(forest)
     assert expanded == []  # training: one tree's block at a time, in reused buffers
-    model.predict(forest)
+    assert again.weighting_.weight.tobytes() == model.weighting_.weight.tobytes()
+    again.predict(forest)
     assert expanded == [forest.num_nodes]  # prediction: the forest it predicts, once
 
 

@@ -132,22 +132,28 @@ class TreeFeatures:
     (standardized) features ``z``, built for the rows asked for (``x[a:b]``: one tree's
     rows, the same floats as those rows of the whole expansion).
 
-    Training reads one tree at a time, so the expansion of a whole training forest (680
-    columns of float64 per node with the default features: 2.2 GB for 400k nodes) is never
-    held: each tree's block is built when its step needs it, in buffers that are reused
-    (a fresh block per step would cost a fresh allocation, page faults included). A block
-    is valid until the next one is asked for; more rows than ``BLOCK_ROWS`` get a new array.
+    Training reads one tree at a time. An expansion of up to ``WHOLE_BYTES`` is built once
+    and sliced (a device's six models: 25k nodes, 130 MB); a larger one (680 columns of
+    float64 per node with the default features: 2.2 GB for 400k nodes) is never held: each
+    tree's block is built when its step needs it, in buffers that are reused (a fresh block
+    per step would cost a fresh allocation, page faults included). A block is valid until
+    the next one is asked for; more rows than ``BLOCK_ROWS`` get a new array.
     """
 
     BLOCK_ROWS = 1024
+    WHOLE_BYTES = 256 * 2**20
 
     def __init__(self, z: np.ndarray, degree: int):
         self.z, self.degree = z, degree
         width = len(polynomial_powers(z.shape[1], degree)) if degree > 1 else z.shape[1]
         self.shape = (len(z), width)
         self._buffers: tuple | None = None
+        self._whole = (polynomial_expand(z, degree)
+                       if degree > 1 and len(z) * width * 8 <= self.WHOLE_BYTES else None)
 
     def __getitem__(self, rows: slice) -> np.ndarray:
+        if self._whole is not None:
+            return self._whole[rows]
         z = self.z[rows]
         if self.degree <= 1:
             return z
