@@ -230,3 +230,61 @@ def test_input_errors_stay_one_line(tmp_path):
     bad.write_text(json.dumps({"trees_sha256": {"t.jsonl": "a" * 64}, "device": {"id": 1}}))
     with pytest.raises(InputError, match="field 'device': 'id' must be"):
         stamp([{"model_name": "a"}], path=tmp_path / "t.jsonl", digest="a" * 64)
+
+
+# ------------------------------------------------------------------ evaluate: one device only
+@pytest.fixture(scope="module")
+def device_2_predictions(trap):
+    """A predictor trained on the trap's device-2 runs, predicting device 2's trees."""
+    from pipelines.stage import run_stage
+
+    tmp, store = trap["tmp"], trap["store"]
+    data = (f"data.path={trap['folder']}", TWO_MODELS)
+    run_stage("train", compose_cfg("stage=train", *data, *store, "predictor.epochs=2",
+                                   "show_progress=false",
+                                   f"run_dir={tmp / 'train'}"))
+    return run_stage("predict", compose_cfg("stage=predict", *data, *store,
+                                            f"model_dir={tmp / 'train' / 'model'}", "explain.views=false",
+                                            f"run_dir={tmp / 'predict'}"))
+
+
+def test_predictions_carry_the_device_of_their_input_trees(device_2_predictions):
+    from irene.data.tree import read_trees
+
+    trees = read_trees(device_2_predictions)
+    assert device_ids(trees) == ("device_2",)
+    assert all(t["device"]["source"]["kind"] == "published" for t in trees)
+
+
+def test_evaluate_refuses_another_devices_measurements(trap, device_2_predictions, tmp_path):
+    from pipelines.stage import run_stage
+
+    cfg = compose_cfg("stage=evaluate", f"predictions={device_2_predictions}", TWO_MODELS,
+                      *trap["store"], f"run_dir={tmp_path / 'e1'}")  # data: device 1
+    with pytest.raises(InputError) as refused:
+        run_stage("evaluate", cfg)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith(f"predictions={device_2_predictions}: predicted for device_2's "
+                              "trees, but the measurements, the data set (")
+    assert "are device_1's: scoring one device against another's measurements is refused" in message
+    assert not (tmp_path / "e1" / "errors_by_node_type.csv").exists()
+    # against device 2's own measurements it scores
+    cfg = compose_cfg("stage=evaluate", f"predictions={device_2_predictions}", TWO_MODELS,
+                      f"data.path={trap['folder']}", *trap["store"], f"run_dir={tmp_path / 'e2'}")
+    summary = run_stage("evaluate", cfg)
+    assert set(summary) == {"ml", "module", "model"} and all(v >= 0 for v in summary.values())
+
+
+def test_the_device_check_refuses_only_two_known_different_devices():
+    from pipelines.stages.evaluate import check_same_device
+
+    def trees(*ids):
+        return [{"device": device_block(i, kind="declared")} if i else {} for i in ids]
+
+    check_same_device(trees("device_1"), trees("device_1"), "p.jsonl", "trees=g.jsonl")
+    check_same_device(trees("device_1"), trees(None), "p.jsonl", "trees=g.jsonl")  # unknown
+    check_same_device(trees("unknown"), trees("device_2"), "p.jsonl", "trees=g.jsonl")
+    with pytest.raises(InputError, match=r"^predictions=p.jsonl: predicted for h200's trees, "
+                       r"but the measurements, trees=g.jsonl, are device_1\+device_2's"):
+        check_same_device(trees("device_1", "device_2"), trees("h200"), "p.jsonl", "trees=g.jsonl")

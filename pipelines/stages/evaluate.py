@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from irene.errors import SettingsError
+from irene.errors import InputError, SettingsError
 from pipelines.stage import Context, Stage
 
 
@@ -16,10 +16,11 @@ class EvaluateSettings:
 
 
 def run(ctx: Context, settings: EvaluateSettings) -> dict:
+    from irene.data.provenance import device_ids
     from irene.data.tree import read_trees
     from irene.evaluate.metrics import align_predictions, error_tables
     from irene.tables import Table, to_markdown, write_table
-    from pipelines.data import record_input
+    from pipelines.data import read_identified, record_input
 
     if not settings.predictions:
         raise SettingsError("stage=evaluate needs predictions=<predicted trees jsonl>")
@@ -27,11 +28,17 @@ def run(ctx: Context, settings: EvaluateSettings) -> dict:
     with ctx.tracked_run({"predictions": str(settings.predictions)}) as tracker:
         if settings.trees:
             gold_trees = read_trees(settings.trees, require_energy=True)
-            record_input(tracker, "trees", Path(settings.trees), source="trees")
+            digest = record_input(tracker, "trees", Path(settings.trees), source="trees")
+            gold_trees = read_identified(gold_trees, Path(settings.trees), digest, ctx.data_name,
+                                         tracker, prefix="trees")
+            measured = f"trees={settings.trees}"
         else:
-            gold_trees = ctx.load_trees(tracker)[0]
+            gold_trees, source = ctx.load_trees(tracker)
+            measured = f"the data set ({source})"
         predicted_trees = read_trees(settings.predictions)
         record_input(tracker, "predictions", Path(settings.predictions), source="predictions")
+        check_same_device(gold_trees, predicted_trees, settings.predictions, measured)
+        tracker.set_tags({"predictions.device": "+".join(device_ids(predicted_trees))})
         forest, predicted = align_predictions(gold_trees, predicted_trees, settings.predictions)
         tables = error_tables(forest, predicted)
         for name, table in tables.items():
@@ -44,6 +51,22 @@ def run(ctx: Context, settings: EvaluateSettings) -> dict:
     print(to_markdown(Table.from_frame(tables["by_model"])))
     print(f"reports: {out}")
     return summary
+
+
+def check_same_device(gold: list, predicted: list, predictions: str, measured: str) -> None:
+    """Refuse, in one line, predictions made for one device's trees scored against another
+    device's measurements (node ids are model/shape/scope only, so they would align). A side
+    whose device is unknown is not refused: nothing says it differs."""
+    from irene.data.provenance import UNKNOWN, device_ids
+
+    gold_ids = set(device_ids(gold)) - {UNKNOWN}
+    predicted_ids = set(device_ids(predicted)) - {UNKNOWN}
+    if gold_ids and predicted_ids and gold_ids != predicted_ids:
+        raise InputError(
+            f"predictions={predictions}: predicted for {'+'.join(sorted(predicted_ids))}'s trees, "
+            f"but the measurements, {measured}, are {'+'.join(sorted(gold_ids))}'s: scoring one "
+            f"device against another's measurements is refused; give trees=<the measured trees "
+            f"of {'+'.join(sorted(predicted_ids))}> (or its data=/data.path=)")
 
 
 STAGE = Stage("evaluate", EvaluateSettings, run)

@@ -64,7 +64,7 @@ def input_trees(ctx: Context, settings: PredictSettings, tracker: Tracker
     were traced (static features only)."""
     from irene.data.tree import read_trees
     from irene.predictors.static import parse_shapes, trace_static
-    from pipelines.data import record_input
+    from pipelines.data import read_identified, record_input
 
     if settings.model:
         shapes = parse_shapes(settings.shapes, settings.batch_size, settings.seq_len)
@@ -75,8 +75,9 @@ def input_trees(ctx: Context, settings: PredictSettings, tracker: Tracker
     if settings.trees:
         source = Path(settings.trees)
         trees = read_trees(source)
-        record_input(tracker, "trees", source, source="trees")
-        return trees, source, False
+        digest = record_input(tracker, "trees", source, source="trees")
+        # each line keeps (or gets) its device: the predictions say which device they are for
+        return read_identified(trees, source, digest, ctx.data_name, tracker, "trees"), source, False
     trees, source = ctx.load_trees(tracker, require_energy=False)
     return trees, source, False
 
