@@ -288,3 +288,43 @@ def test_the_device_check_refuses_only_two_known_different_devices():
     with pytest.raises(InputError, match=r"^predictions=p.jsonl: predicted for h200's trees, "
                        r"but the measurements, trees=g.jsonl, are device_1\+device_2's"):
         check_same_device(trees("device_1", "device_2"), trees("h200"), "p.jsonl", "trees=g.jsonl")
+
+
+# ----------------------------------------------------------------------- the H200 trees
+H200 = ROOT / "datasets" / "h200" / "trees.jsonl"
+
+
+def test_the_h200_trees_get_their_device_on_read_and_the_file_is_unchanged(tmp_path):
+    from irene.data.locate import sha256_of
+    from pipelines.stage import run_stage
+
+    before = sha256_of(H200)
+    cfg = compose_cfg("stage=featurize", f"data.trees={H200}", "tracking.enabled=false",
+                      "features=model_specs", f"run_dir={tmp_path / 'f'}")
+    result = run_stage("featurize", cfg)
+    lines = [json.loads(line) for line in result.trees_path.read_text().splitlines()]
+    assert len(lines) == 8
+    block = lines[0]["device"]
+    assert all(line["device"] == block for line in lines)
+    assert block["id"] == "h200" and block["convention"] == "physical" and block["meter"] == "nvml"
+    assert block["gpu"] == {"name": "NVIDIA H200", "memory_mib": 143771, "driver": "580.159.04",
+                            "cuda": "13.0", "power_limit_w": None}  # the README gives no limit
+    assert block["source"]["kind"] == "measured" and "1bf1e62" in block["source"]["run"]
+    assert device_problem(block) is None
+    assert sha256_of(H200) == before  # derived on read, never written back
+
+
+def test_the_sidecar_describes_those_bytes_only(tmp_path):
+    from pipelines.data import data_identity
+
+    assert data_identity(compose_cfg(f"data.trees={H200}")).devices == ("h200",)
+    folder = tmp_path / "h200"
+    folder.mkdir()
+    shutil.copy(H200.with_name("device.json"), folder)
+    edited = folder / "trees.jsonl"
+    edited.write_bytes(H200.read_bytes() + b"\n")  # other bytes: not what was measured
+    assert data_identity(compose_cfg(f"data.trees={edited}")).devices == ("unknown",)
+    alone = tmp_path / "trees.jsonl"
+    shutil.copy(H200, alone)  # the same bytes without their sidecar: nothing says the device
+    assert data_identity(compose_cfg(f"data.trees={alone}", "data.name=my_h200")).devices == (
+        "my_h200",)

@@ -138,8 +138,10 @@ def device_problem(block: Any) -> str | None:
 
 def sidecar_block(path: Path, digest: str) -> dict | None:
     """The device a ``device.json`` next to the trees file ``path`` gives to its bytes (sha256
-    ``digest``); None without a sidecar or when it describes other bytes. The sidecar holds
-    ``{"trees_sha256": {"<file name>": "<sha256>"}, "device": <block>}``."""
+    ``digest``); None without a sidecar or when it describes other bytes (an edited file is
+    no longer what was measured). The sidecar holds
+    ``{"trees_sha256": {"<file name>": "<sha256>"}, "device": <block>}``; the shipped H200
+    trees have one (``datasets/h200/device.json``), so the measured file stays as it was."""
     sidecar = Path(path).with_name(SIDECAR)
     if not sidecar.is_file():
         return None
@@ -163,9 +165,11 @@ def sidecar_block(path: Path, digest: str) -> dict | None:
 def measurement_block(measurement: Mapping[str, Any], declared: str | None) -> dict:
     """The device of a line measured by ``stage=measure`` from its ``measurement`` block: the
     meter it names; the hardware stays unknown unless the block says it."""
-    meter = measurement.get("meter")
-    return device_block(declared_id(declared), kind="measured",
-                        meter=meter if isinstance(meter, str) and meter else None)
+    meter = measurement.get("ground_truth_meter")
+    if not isinstance(meter, str) or meter in ("", "none"):
+        meter = measurement.get("meter")
+    known = isinstance(meter, str) and meter not in ("", "none")
+    return device_block(declared_id(declared), kind="measured", meter=meter if known else None)
 
 
 def stamp(trees: Iterable[dict], *, path: Path | None = None, digest: str | None = None,
