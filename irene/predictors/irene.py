@@ -133,15 +133,17 @@ class TreeFeatures:
     rows, the same floats as those rows of the whole expansion).
 
     Training reads one tree at a time. An expansion of up to ``WHOLE_BYTES`` is built once
-    and sliced (a device's six models: 25k nodes, 130 MB); a larger one (680 columns of
-    float64 per node with the default features: 2.2 GB for 400k nodes) is never held: each
-    tree's block is built when its step needs it, in buffers that are reused (a fresh block
-    per step would cost a fresh allocation, page faults included). A block is valid until
-    the next one is asked for; more rows than ``BLOCK_ROWS`` get a new array.
+    and sliced (a device's six models: 25k nodes, 130 MB; 48 synthetic models: 1.1 GB); a
+    larger one (680 columns of float64 per node with the default features: 2.2 GB for 400k
+    nodes) is never held: each tree's block is built when its step needs it, in buffers that
+    are reused (a fresh block per step would cost a fresh allocation, page faults included).
+    Built once is faster while the whole fits in memory comfortably (a fold reads it eight
+    times); tree by tree, memory stays that of one tree. A block is valid until the next one
+    is asked for; more rows than ``BLOCK_ROWS`` get a new array.
     """
 
     BLOCK_ROWS = 1024
-    WHOLE_BYTES = 256 * 2**20
+    WHOLE_BYTES = 1280 * 2**20
 
     def __init__(self, z: np.ndarray, degree: int):
         self.z, self.degree = z, degree
