@@ -102,17 +102,19 @@ def test_polynomial_transform_is_a_change_of_standardisation():
 
 
 @pytest.mark.parametrize("degree", [1, 2, 3])
-def test_tree_blocks_are_the_rows_of_the_whole_expansion(degree):
+def test_tree_blocks_are_the_rows_of_the_whole_expansion(degree, monkeypatch):
     rng = np.random.default_rng(degree)
     z = rng.standard_normal((2600, 14))
     z[rng.random(z.shape) < 0.03] = -0.0
     whole = polynomial_expand(z, degree) if degree > 1 else z
-    features = TreeFeatures(z, degree)
-    assert features.shape == whole.shape
     bounds = [0, 1, 150, 151, 300, 300 + TreeFeatures.BLOCK_ROWS + 1, 1500, 2600]
-    for a, b in zip(bounds, bounds[1:], strict=False):
-        block = features[a:b]
-        assert block.flags.c_contiguous and block.tobytes() == whole[a:b].tobytes(), (a, b)
+    for held_rows in (2600, 0, 1000):  # all expanded once, none, the first 1000 rows
+        monkeypatch.setattr(TreeFeatures, "WHOLE_BYTES", held_rows * whole.shape[1] * 8)
+        features = TreeFeatures(z, degree)
+        assert features.shape == whole.shape
+        for a, b in zip(bounds, bounds[1:], strict=False):
+            block = features[a:b]
+            assert block.flags.c_contiguous and block.tobytes() == whole[a:b].tobytes(), (a, b)
 
 
 def test_irene_training_expands_a_large_forest_one_tree_at_a_time(small_trees, monkeypatch):
@@ -130,8 +132,10 @@ def test_irene_training_expands_a_large_forest_one_tree_at_a_time(small_trees, m
     expanded.clear()
     monkeypatch.setattr(TreeFeatures, "WHOLE_BYTES", 1_000_000)  # less than this forest's
     again = IreneModel(epochs=1, show_progress=False).fit(forest)
-    assert expanded == []  # training: one tree's block at a time, in reused buffers
+    # the rows that fit expanded once, the others one tree's block at a time (reused buffers)
+    assert expanded == [1_000_000 // (680 * 8)] and expanded[0] < forest.num_nodes
     assert again.weighting_.weight.tobytes() == model.weighting_.weight.tobytes()
+    expanded.clear()
     again.predict(forest)
     assert expanded == [forest.num_nodes]  # prediction: the forest it predicts, once
 

@@ -132,14 +132,14 @@ class TreeFeatures:
     (standardized) features ``z``, built for the rows asked for (``x[a:b]``: one tree's
     rows, the same floats as those rows of the whole expansion).
 
-    Training reads one tree at a time. An expansion of up to ``WHOLE_BYTES`` is built once
-    and sliced (a device's six models: 25k nodes, 130 MB; 48 synthetic models: 1.1 GB); a
-    larger one (680 columns of float64 per node with the default features: 2.2 GB for 400k
-    nodes) is never held: each tree's block is built when its step needs it, in buffers that
-    are reused (a fresh block per step would cost a fresh allocation, page faults included).
-    Built once is faster while the whole fits in memory comfortably (a fold reads it eight
-    times); tree by tree, memory stays that of one tree. A block is valid until the next one
-    is asked for; more rows than ``BLOCK_ROWS`` get a new array.
+    Training reads one tree at a time. The first rows, up to ``WHOLE_BYTES`` of expansion,
+    are expanded once and sliced (all of a device's six models: 25k nodes, 130 MB; all of 48
+    synthetic models: 1.1 GB; 57 % of 96: 2.2 GB in all, 680 columns of float64 per node with
+    the default features); a tree beyond them gets its block when its step needs it, built
+    in buffers that are reused (a fresh block per step would cost a fresh allocation, page
+    faults included). Built once is faster (a fold reads it eight times); tree by tree, the
+    memory stays bounded. A block is valid until the next one is asked for; more rows than
+    ``BLOCK_ROWS`` get a new array.
     """
 
     BLOCK_ROWS = 1024
@@ -150,11 +150,12 @@ class TreeFeatures:
         width = len(polynomial_powers(z.shape[1], degree)) if degree > 1 else z.shape[1]
         self.shape = (len(z), width)
         self._buffers: tuple | None = None
-        self._whole = (polynomial_expand(z, degree)
-                       if degree > 1 and len(z) * width * 8 <= self.WHOLE_BYTES else None)
+        held = min(len(z), self.WHOLE_BYTES // (width * 8)) if degree > 1 else 0
+        self._whole = polynomial_expand(z[:held], degree) if held else np.empty((0, width))
 
     def __getitem__(self, rows: slice) -> np.ndarray:
-        if self._whole is not None:
+        start, stop, _ = rows.indices(len(self.z))
+        if stop <= len(self._whole):
             return self._whole[rows]
         z = self.z[rows]
         if self.degree <= 1:
