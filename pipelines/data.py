@@ -155,7 +155,7 @@ def data_identity(cfg: DictConfig) -> DataIdentity:
     data = cfg.data
     if data.trees:
         path = Path(data.trees)
-        trees = read_trees(path, validate=False, max_mb=data.max_file_mb)
+        trees = read_trees(path, max_mb=data.max_file_mb)  # validated: ids name folders
         digest = sha256_of(path)
         return DataIdentity(device_ids(stamp(trees, path=path, digest=digest,
                                              declared=data.name)), digest)

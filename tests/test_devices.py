@@ -78,6 +78,8 @@ def test_other_files_get_the_users_name_unless_it_is_a_published_one(declared, e
     (lambda b: b.pop("id"), "'id' must be a non-empty string, got None"),
     (lambda b: b.update(id=" "), "'id' must be a non-empty string"),
     (lambda b: b.update(color="red"), "unknown key 'color'"),
+    (lambda b: b.update(id="../../etc"), "'id' must be a folder name"),
+    (lambda b: b.update(id=".."), "'id' must be a folder name"),
     (lambda b: b["gpu"].update(memory_mib=-1), "'gpu.memory_mib' must be a positive number"),
     (lambda b: b["gpu"].update(power_limit_w=True), "'gpu.power_limit_w' must be a positive"),
     (lambda b: b["gpu"].update(name=3), "'gpu.name' must be a non-empty string or null"),

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ SOURCE_KINDS = ("published", "measured", "declared", UNKNOWN)
 DEVICE_FIELDS = ("id", "gpu", "meter", "convention", "source")
 SIDECAR = "device.json"  # next to a trees file: the device of that file's bytes (by sha256)
 _NUMERIC_GPU = ("memory_mib", "power_limit_w")
+_ID = re.compile(r"[A-Za-z0-9_.+-]+")  # a device names a folder: outputs/tables/<id>/
 
 
 def published_devices() -> tuple[str, ...]:
@@ -102,6 +104,9 @@ def device_problem(block: Any) -> str | None:
         return f"unknown key {unknown[0]!r} (a device has {', '.join(DEVICE_FIELDS)})"
     if not isinstance(block.get("id"), str) or not block["id"].strip():
         return f"'id' must be a non-empty string, got {block.get('id')!r}"
+    if not _ID.fullmatch(block["id"]) or block["id"] in (".", ".."):  # tables/<id>/
+        return (f"'id' must be a folder name (letters, digits, '_', '.', '+', '-'), "
+                f"got {block['id']!r}")
     gpu = block.get("gpu")
     if gpu is not None:
         if not isinstance(gpu, dict):

@@ -34,7 +34,7 @@ def run(ctx: Context, settings: EvaluateSettings) -> dict:
             measured = f"trees={settings.trees}"
         else:
             gold_trees, source = ctx.load_trees(tracker)
-            measured = f"the data set ({source})"
+            measured = f"the data set (data.name={ctx.data_name}, {source})"
         predicted_trees = read_trees(settings.predictions)
         record_input(tracker, "predictions", Path(settings.predictions), source="predictions")
         check_same_device(gold_trees, predicted_trees, settings.predictions, measured)
