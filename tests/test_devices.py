@@ -330,3 +330,51 @@ def test_the_sidecar_describes_those_bytes_only(tmp_path):
     shutil.copy(H200, alone)  # the same bytes without their sidecar: nothing says the device
     assert data_identity(compose_cfg(f"data.trees={alone}", "data.name=my_h200")).devices == (
         "my_h200",)
+
+
+# ----------------------------------------------------------------------- stage=measure
+def _measure_cfg(tmp_path, *extra: str):
+    measure = {"device": "cpu", "min_window_s": 0.002, "windows": 1, "warmup": 0,
+               "sample_interval_s": 0.001, "settle_min_s": 0, "track": "false",
+               "output": str(tmp_path / "trees.jsonl")}
+    return compose_cfg("stage=measure", "model=tiny/bert", "batch_size=2", "seq_len=8",
+                       "show_progress=false", *[f"measure.{k}={v}" for k, v in measure.items()],
+                       *extra)
+
+
+@pytest.mark.parametrize(("meter", "name", "expected_meter", "expected_id"), [
+    ("none", "device_1", None, "unknown"),  # a published name is not the measured machine's
+    ("simulated", "lab_cpu", "simulated", "lab_cpu"),
+])
+def test_measure_writes_the_device_of_each_line(tmp_path, meter, name, expected_meter,
+                                                expected_id):
+    from irene.data.tree import read_trees
+    from pipelines.stage import run_stage
+
+    out = run_stage("measure", _measure_cfg(tmp_path, f"measure/meter={meter}", f"data.name={name}"))
+    (tree,) = read_trees(out)  # validated, device block included
+    block = tree["device"]
+    assert block["id"] == expected_id and block["meter"] == expected_meter
+    assert block["convention"] == "physical"
+    assert block["gpu"] == dict.fromkeys(("name", "memory_mib", "driver", "cuda",
+                                          "power_limit_w"))  # a CPU: no GPU facts
+    assert block["source"] == {"kind": "measured", "run": "stage=measure tiny/bert 2x8 on cpu"}
+
+
+def test_measured_block_keeps_what_the_environment_reports_and_nothing_else():
+    from irene.data.provenance import measured_block
+
+    env = {"device": "cuda:0", "gpu_name": "NVIDIA H200", "driver_version": "580.159.04",
+           "cuda_driver_version": "13000", "cuda_runtime": "13.0", "meter": "nvml"}
+    block = measured_block(env, declared="h200", convention="physical", run="abc",
+                           memory_mib=143771.0)
+    assert block == {"id": "h200", "gpu": {"name": "NVIDIA H200", "memory_mib": 143771.0,
+                                           "driver": "580.159.04", "cuda": "13000",
+                                           "power_limit_w": None},
+                     "meter": "nvml", "convention": "physical",
+                     "source": {"kind": "measured", "run": "abc"}}
+    unknown = measured_block({**env, "gpu_name": "unknown", "driver_version": "unknown"},
+                             declared=None, convention="irene", run=None)
+    assert unknown["gpu"]["name"] is None and unknown["gpu"]["driver"] is None
+    assert unknown["gpu"]["cuda"] is None  # no GPU named: the CUDA version says nothing
+    assert device_problem(block) is None and device_problem(unknown) is None

@@ -177,6 +177,28 @@ def measurement_block(measurement: Mapping[str, Any], declared: str | None) -> d
     return device_block(declared_id(declared), kind="measured", meter=meter if known else None)
 
 
+def measured_block(environment: Mapping[str, str], *, declared: str | None, convention: str,
+                   run: str | None, memory_mib: float | None = None,
+                   power_limit_w: float | None = None) -> dict:
+    """The block ``stage=measure`` writes: the hardware facts its environment reports
+    (:func:`irene.measure.runner.environment`: GPU name, driver, CUDA; a fact reported as
+    ``unknown`` stays null), the meter, the convention and the run."""
+
+    def fact(*keys: str) -> str | None:
+        for key in keys:
+            value = environment.get(key)
+            if isinstance(value, str) and value not in ("", "unknown", "None"):
+                return value
+        return None
+
+    gpu = {"name": fact("gpu_name"), "memory_mib": memory_mib, "driver": fact("driver_version"),
+           "cuda": fact("cuda_driver_version", "cuda_runtime") if fact("gpu_name") else None,
+           "power_limit_w": power_limit_w}
+    meter = fact("meter")
+    return device_block(declared_id(declared), kind="measured", run=run, convention=convention,
+                        meter=None if meter == "none" else meter, gpu=gpu)
+
+
 def stamp(trees: Iterable[dict], *, path: Path | None = None, digest: str | None = None,
           declared: str | None = None) -> list[dict]:
     """The trees, each with a ``device`` block: its own, else the sidecar's for these bytes,

@@ -84,6 +84,7 @@ def measure_configuration(
     seed: int = 0,
     convention: str = "physical",
     show_progress: bool = False,
+    device_block: dict | None = None,
 ) -> dict:
     """Trace, measure and return one ``trees.jsonl`` record.
 
@@ -104,6 +105,7 @@ def measure_configuration(
         seed: seed of the random input ids.
         convention: static-feature convention of the trace (``physical`` or ``irene``).
         show_progress: a progress bar over the nodes, with an ETA, on stderr.
+        device_block: the record's ``device`` (:mod:`irene.data.provenance`), when given.
 
     Returns:
         The record; ``ground_truth_energy`` is present only where a meter measured it. A
@@ -118,7 +120,7 @@ def measure_configuration(
     trace = trace_model(model, batch_size, seq_len, model_name, capture_inputs=measure, seed=seed,
                         convention=convention)
     if not measure:
-        return trace_to_record(trace)
+        return _with_device(trace_to_record(trace), device_block)
     if settings.tick_s is None and meter.measures_energy and meter.period_s is not None:
         settings = dataclasses.replace(settings, tick_s=meter.period_s)  # known exactly: not probed
     on_progress, bar = _progress_bar(f"{model_name} {batch_size}x{seq_len}", show_progress)
@@ -134,6 +136,12 @@ def measure_configuration(
     record["measurement"] = {"device": device, **result.report,
                              "ground_truth_features": ground_truth_features(meter),
                              "total_seconds": time.perf_counter() - start_s}
+    return _with_device(record, device_block)
+
+
+def _with_device(record: dict, device_block: dict | None) -> dict:
+    if device_block is not None:
+        record["device"] = device_block
     return record
 
 

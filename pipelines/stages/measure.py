@@ -165,6 +165,7 @@ def _tracking(ctx: Context, track: bool, params: dict[str, Any]) -> contextlib.A
 def run(ctx: Context, request: MeasureSettings) -> Path:
     """Measure ``model`` at ``batch_size`` x ``seq_len`` into ``measure.output``; returns the
     path of the trees file."""
+    from irene.data.provenance import measured_block
     from irene.measure.meters import NullMeter
     from irene.measure.runner import environment, measure_into, resolve_device, wanted_completeness
     from irene.measure.store import ENERGY, TRACE, existing_completeness
@@ -204,6 +205,10 @@ def run(ctx: Context, request: MeasureSettings) -> Path:
     companion = build_companion(settings, meter, device) if settings.measure else None
     try:
         with _tracking(ctx, settings.track, params) as tracker:
+            block = measured_block(params, declared=ctx.data_name, convention=settings.convention,
+                                   run=tracker.run_id or f"stage=measure {model} "
+                                   f"{batch_size}x{seq_len} on {device}",
+                                   memory_mib=_gpu_memory_mib(device))
             record = measure_into(
                 output,
                 model,
@@ -218,6 +223,7 @@ def run(ctx: Context, request: MeasureSettings) -> Path:
                 seed=settings.seed,
                 convention=settings.convention,
                 show_progress=ctx.show_progress,
+                device_block=block,
             )
             if record is not None and settings.measure:
                 summary = summarize(record)
@@ -233,6 +239,15 @@ def run(ctx: Context, request: MeasureSettings) -> Path:
             companion.close()
     print(f"trees: {output}")
     return output
+
+
+def _gpu_memory_mib(device: str) -> float | None:
+    """The measured GPU's memory in MiB (None on a CPU)."""
+    import torch
+
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(torch.device(device)).total_memory / 2**20
 
 
 STAGE = Stage("measure", MeasureSettings, run, read_settings=read_settings)
