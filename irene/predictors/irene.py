@@ -133,8 +133,8 @@ class TreeFeatures:
     rows, the same floats as those rows of the whole expansion).
 
     Training reads one tree at a time. The first rows, up to ``WHOLE_BYTES`` of expansion,
-    are expanded once and sliced (all of a device's six models: 25k nodes, 130 MB; all of 48
-    synthetic models: 1.1 GB; 57 % of 96: 2.2 GB in all, 680 columns of float64 per node with
+    are expanded once and sliced (all of a device's six models: 25k nodes, 130 MB; 91 % of 48
+    synthetic models: 1.1 GB; 46 % of 96: 2.2 GB in all, 680 columns of float64 per node with
     the default features); a tree beyond them gets its block when its step needs it, built
     in buffers that are reused (a fresh block per step would cost a fresh allocation, page
     faults included). Built once is faster (a fold reads it eight times); tree by tree, the
@@ -143,7 +143,7 @@ class TreeFeatures:
     """
 
     BLOCK_ROWS = 1024
-    WHOLE_BYTES = 1280 * 2**20
+    WHOLE_BYTES = 2**30
 
     def __init__(self, z: np.ndarray, degree: int):
         self.z, self.degree = z, degree
