@@ -369,10 +369,12 @@ def test_measured_block_keeps_what_the_environment_reports_and_nothing_else():
     block = measured_block(env, declared="h200", convention="physical", run="abc",
                            memory_mib=143771.0)
     assert block == {"id": "h200", "gpu": {"name": "NVIDIA H200", "memory_mib": 143771.0,
-                                           "driver": "580.159.04", "cuda": "13000",
+                                           "driver": "580.159.04", "cuda": "13.0",
                                            "power_limit_w": None},
                      "meter": "nvml", "convention": "physical",
                      "source": {"kind": "measured", "run": "abc"}}
+    assert measured_block({**env, "cuda_runtime": "None"}, declared=None, convention="irene",
+                          run=None)["gpu"]["cuda"] == "13000"  # the driver's, when torch has none
     unknown = measured_block({**env, "gpu_name": "unknown", "driver_version": "unknown"},
                              declared=None, convention="irene", run=None)
     assert unknown["gpu"]["name"] is None and unknown["gpu"]["driver"] is None

@@ -192,7 +192,7 @@ def measured_block(environment: Mapping[str, str], *, declared: str | None, conv
         return None
 
     gpu = {"name": fact("gpu_name"), "memory_mib": memory_mib, "driver": fact("driver_version"),
-           "cuda": fact("cuda_driver_version", "cuda_runtime") if fact("gpu_name") else None,
+           "cuda": fact("cuda_runtime", "cuda_driver_version") if fact("gpu_name") else None,
            "power_limit_w": power_limit_w}
     meter = fact("meter")
     return device_block(declared_id(declared), kind="measured", run=run, convention=convention,

@@ -241,13 +241,13 @@ def run(ctx: Context, request: MeasureSettings) -> Path:
     return output
 
 
-def _gpu_memory_mib(device: str) -> float | None:
-    """The measured GPU's memory in MiB (None on a CPU)."""
+def _gpu_memory_mib(device: str) -> int | None:
+    """The measured GPU's memory in whole MiB as torch sees it (None on a CPU)."""
     import torch
 
     if torch.device(device).type != "cuda" or not torch.cuda.is_available():
         return None
-    return torch.cuda.get_device_properties(torch.device(device)).total_memory / 2**20
+    return torch.cuda.get_device_properties(torch.device(device)).total_memory // 2**20
 
 
 STAGE = Stage("measure", MeasureSettings, run, read_settings=read_settings)
