@@ -278,8 +278,18 @@ def test_evaluate_refuses_another_devices_measurements(trap, device_2_prediction
     assert set(summary) == {"ml", "module", "model"} and all(v >= 0 for v in summary.values())
 
 
+def test_diagnose_refuses_another_devices_measurements_too(trap, device_2_predictions, tmp_path):
+    from pipelines.stage import run_stage
+
+    cfg = compose_cfg("stage=diagnose", f"predictions={device_2_predictions}", TWO_MODELS,
+                      *trap["store"], f"run_dir={tmp_path / 'd'}")  # data: device 1
+    with pytest.raises(InputError, match=r"predicted for device_2's trees, but the measurements, "
+                       r"the data set \(data.name=device_1\), are device_1's"):
+        run_stage("diagnose", cfg)
+
+
 def test_the_device_check_refuses_only_two_known_different_devices():
-    from pipelines.stages.evaluate import check_same_device
+    from irene.data.provenance import check_same_device
 
     def trees(*ids):
         return [{"device": device_block(i, kind="declared")} if i else {} for i in ids]

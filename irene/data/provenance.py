@@ -229,6 +229,28 @@ def device_ids(trees: Iterable[dict]) -> tuple[str, ...]:
     return tuple(sorted(ids))
 
 
+def check_same_device(gold: Iterable[dict], predicted: Iterable[dict], predictions: str,
+                      measured: str) -> None:
+    """Refuse, in one line, predictions made for one device's trees scored against another
+    device's measurements (node ids are model/shape/scope only, so they would align). A side
+    whose device is unknown is not refused: nothing says it differs.
+
+    Raises:
+        InputError: naming the predictions file, both devices and what to give instead.
+    """
+    from irene.errors import InputError
+
+    gold_ids = set(device_ids(gold)) - {UNKNOWN}
+    predicted_ids = set(device_ids(predicted)) - {UNKNOWN}
+    if gold_ids and predicted_ids and gold_ids != predicted_ids:
+        wanted = "+".join(sorted(predicted_ids))
+        raise InputError(
+            f"predictions={predictions}: predicted for {wanted}'s trees, but the measurements, "
+            f"{measured}, are {'+'.join(sorted(gold_ids))}'s: scoring one device against "
+            f"another's measurements is refused; give trees=<the measured trees of {wanted}> "
+            "(or its data=/data.path=)")
+
+
 @dataclass(frozen=True)
 class DataIdentity:
     """What a run read: its devices and the sha256 of its bytes (one digest: a file's own, or

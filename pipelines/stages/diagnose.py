@@ -39,6 +39,7 @@ class DiagnoseSettings:
 def run(ctx: Context, settings: DiagnoseSettings) -> DiagnosticsReport:
     from irene.data.forest import build_forest
     from irene.data.io import atomic_write_text
+    from irene.data.provenance import check_same_device
     from irene.data.tree import NodeType, read_trees
     from irene.evaluate.crossval import leave_one_model_out
     from irene.evaluate.diagnostics import child_ratio_table, error_sources, report_markdown
@@ -62,7 +63,10 @@ def run(ctx: Context, settings: DiagnoseSettings) -> DiagnosticsReport:
         ratios = child_ratio_table(forest, tanh_scalar=tanh_scalar)
         if predictions:
             record_input(tracker, "predictions", Path(predictions), source="predictions")
-            forest, predicted = align_predictions(trees, read_trees(predictions), str(predictions))
+            predicted_trees = read_trees(predictions)
+            check_same_device(trees, predicted_trees, str(predictions),
+                              f"the data set (data.name={ctx.data_name})")
+            forest, predicted = align_predictions(trees, predicted_trees, str(predictions))
         else:
             log.info("leave-one-model-out predictions of %s for the error sources", label)
             predicted = leave_one_model_out(

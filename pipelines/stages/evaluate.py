@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from irene.errors import InputError, SettingsError
+from irene.errors import SettingsError
 from pipelines.stage import Context, Stage
 
 
@@ -16,7 +16,7 @@ class EvaluateSettings:
 
 
 def run(ctx: Context, settings: EvaluateSettings) -> dict:
-    from irene.data.provenance import device_ids
+    from irene.data.provenance import check_same_device, device_ids
     from irene.data.tree import read_trees
     from irene.evaluate.metrics import align_predictions, error_tables
     from irene.tables import Table, to_markdown, write_table
@@ -51,22 +51,6 @@ def run(ctx: Context, settings: EvaluateSettings) -> dict:
     print(to_markdown(Table.from_frame(tables["by_model"])))
     print(f"reports: {out}")
     return summary
-
-
-def check_same_device(gold: list, predicted: list, predictions: str, measured: str) -> None:
-    """Refuse, in one line, predictions made for one device's trees scored against another
-    device's measurements (node ids are model/shape/scope only, so they would align). A side
-    whose device is unknown is not refused: nothing says it differs."""
-    from irene.data.provenance import UNKNOWN, device_ids
-
-    gold_ids = set(device_ids(gold)) - {UNKNOWN}
-    predicted_ids = set(device_ids(predicted)) - {UNKNOWN}
-    if gold_ids and predicted_ids and gold_ids != predicted_ids:
-        raise InputError(
-            f"predictions={predictions}: predicted for {'+'.join(sorted(predicted_ids))}'s trees, "
-            f"but the measurements, {measured}, are {'+'.join(sorted(gold_ids))}'s: scoring one "
-            f"device against another's measurements is refused; give trees=<the measured trees "
-            f"of {'+'.join(sorted(predicted_ids))}> (or its data=/data.path=)")
 
 
 STAGE = Stage("evaluate", EvaluateSettings, run)

@@ -59,14 +59,15 @@ def _names(value) -> list[str]:
 def device_trees(ctx: Context, tracker: Tracker, name: str, role: str) -> list[Tree]:
     """The trees of a device (its published CSVs, located as for ``data=``) or of a trees file."""
     from irene.data.tree import read_trees
-    from pipelines.data import record_input
+    from pipelines.data import read_identified, record_input
 
     path = Path(name)
     if path.suffix == ".jsonl" or path.is_file():
         if not path.is_file():
             raise SettingsError(f"{role}={name}: no such trees file")
-        record_input(tracker, role, path, source=role)
-        return read_trees(path, require_energy=True)
+        digest = record_input(tracker, role, path, source=role)  # and <role>.device
+        return read_identified(read_trees(path, require_energy=True), path, digest, None,
+                               tracker, role)
     return ctx.for_device(name).load_trees(tracker)[0]
 
 
