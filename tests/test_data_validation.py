@@ -47,6 +47,7 @@ from irene.data.tree import (
     value_problem,
     write_trees,
 )
+from irene.errors import InputError
 from tests.conftest import make_tree
 
 MODEL = "distilgpt2"
@@ -412,6 +413,13 @@ CSV_CASES = [
         "h.0.attn:",
         "field 'level_name': expected '<module scope>:<class name>', got 'h.0.attn:'",
     ),
+    (  # the class is after the last colon: the scope keeps the others
+        "module",
+        0,
+        "level_name",
+        "h.0:GPT2Block:x",
+        f"field 'level_name': scope 'h.0:GPT2Block' is not a module of {MODEL} in this transformers version",
+    ),
     (
         "module",
         0,
@@ -444,7 +452,9 @@ def test_an_unknown_model_name_names_its_first_row(cell):
         f"{path}:2: field 'model_name': 'gpt3' is not an architecture this version "
         "knows (irene/data/architectures.py); known: "
     )
-    assert MODEL in text
+    from irene.data.architectures import MODEL_REGISTRY
+
+    assert text.endswith("known: " + ", ".join(sorted(MODEL_REGISTRY))) and MODEL in text
 
 
 def test_an_ml2_row_under_an_ml1_leaf_is_refused(cell):
@@ -476,14 +486,61 @@ def test_a_second_row_for_one_scope_and_for_the_model(cell):
 
 
 def test_a_cell_without_a_model_row_is_skipped_with_a_warning(cell, caplog):
-    for level in ("module", "ml1", "ml2"):  # a second cell, (8, 64), without its model row
+    for level in ("module", "ml1", "ml2"):  # a second cell, (8, 16), without its model row
         path = cell / csv_name(level)
         lines = path.read_text().splitlines(keepends=True)
-        path.write_text("".join(lines + [line.replace("8.0,32.0,", "8.0,64.0,", 1)
+        path.write_text("".join(lines + [line.replace("8.0,32.0,", "8.0,16.0,", 1)
                                          for line in lines[1:]]))
-    with caplog.at_level(logging.WARNING, logger="irene.data.published"):
+    with caplog.at_level(logging.WARNING, logger="irene.data.published"):  # (8, 16) comes first
         assert [tree_key(t) for t in import_device(cell, models=None)] == [(MODEL, 8, 32)]
-    assert f"{cell}: {MODEL} at batch 8, seq 64 has no model row; skipped" in caplog.messages
+    assert f"{cell}: {MODEL} at batch 8, seq 16 has no model row; skipped" in caplog.messages
+
+
+def test_a_third_op_of_one_scope_gets_the_next_number(cell):
+    path = cell / csv_name("ml2")
+    lines = path.read_text().splitlines(keepends=True)
+    third = lines[1].split(",")
+    assert third[13] == "h.0.attn:MatMul" and lines[2] == lines[1]
+    third[10] = repr(float(third[10]) * 1.01)  # not a copy: a third MatMul of its own
+    path.write_text("".join(lines[:3] + [",".join(third)] + lines[3:]))
+    (tree,) = import_device(cell, models=None)
+    attn = _node(tree, "root.h.0.attn")
+    assert [c["scope"] for c in attn["child_nodes_obj"] if c["instance_type"] == "MatMul"] == [
+        f"root.h.0.attn.matmul_{k}" for k in range(3)]
+    assert _node(tree, "root.h.0.attn.matmul_2")["times_mean"] == float(third[10])
+
+
+def test_a_missing_or_folder_csv_is_named_by_the_import(cell):
+    path = cell / csv_name("ml1")
+    path.unlink()
+    with pytest.raises(MissingInputError) as caught:
+        import_device(cell, models=None)
+    assert str(caught.value) == f"CSV file not found: {path}"
+    path.mkdir()
+    with pytest.raises(InputError) as caught:
+        import_device(cell, models=None)
+    assert str(caught.value) == f"{path}: a folder, not a CSV file"
+
+
+def test_level_names_that_look_like_numbers_stay_text(cell):
+    path = cell / csv_name("ml2")
+    rows = _rows(cell, "ml2")
+    for row in rows[1:]:  # the whole column: pandas would read it as numbers
+        row[rows[0].index("level_name")] = "12"
+    with path.open("w", newline="") as handle:
+        csv.writer(handle, lineterminator="\n").writerows(rows)
+    assert _import_error(cell) == (
+        f"{path}:2: field 'level_name': expected '<module scope>:<class name>', got '12'")
+
+
+def test_a_parser_error_without_text_is_named_by_its_kind(cell, monkeypatch):
+    import pandas as pd
+
+    def fail(*args, **kwargs):
+        raise pd.errors.ParserError("")
+
+    monkeypatch.setattr(pd, "read_csv", fail)
+    assert _import_error(cell) == f"{cell / csv_name('model')}: not a readable CSV file (ParserError)"
 
 
 def test_file_level_problems(cell):
@@ -645,9 +702,10 @@ def test_irene_data_dir_naming_the_device_but_missing_a_file(device_dir, tmp_pat
     ],
 )
 def test_irene_data_dir_of_another_device_is_skipped_and_said(
-    device_dir, tmp_path, monkeypatch, name, reason
+    device_dir, tmp_path, monkeypatch, caplog, name, reason
 ):
     asked = _no_network(monkeypatch)
+    caplog.set_level(logging.INFO, logger="irene.data.locate")
     env = tmp_path / name
     if name != "copy":
         env.mkdir()
@@ -668,6 +726,7 @@ def test_irene_data_dir_of_another_device_is_skipped_and_said(
     )
     assert asked == [f"{sources['base_url']}/device_2/model_level_features.csv"]
     assert not (datasets / "device_2").exists()  # nothing kept of a failed download
+    assert caplog.messages[0] == f"$IRENE_DATA_DIR={env} skipped: it {reason}"
 
 
 def test_the_rule_datasets_then_no_download_when_told(device_dir, tmp_path, monkeypatch):
@@ -728,7 +787,8 @@ def test_download_of_an_unknown_device_and_of_one_without_checksums(
     with caplog.at_level(logging.WARNING, logger="irene.data.locate"):
         assert download_device("device_9", tmp_path / "d9") == tmp_path / "d9"
     assert (tmp_path / "d9" / csv_name("ml2")).read_bytes() == b"x,y\n"
-    assert "no published checksum for model_level_features.csv; its content is not verified" in caplog.text
+    assert ("no published checksum for model_level_features.csv; its content is not verified"
+            in caplog.messages)
     assert not list((tmp_path / "d9").glob(".*.part"))
 
 
@@ -750,6 +810,49 @@ def test_download_logs_each_url(device_dir, tmp_path, monkeypatch, caplog):
     base = load_sources()["base_url"]
     for level in CSV_FILES:
         assert f"downloading {base}/device_1/{csv_name(level)}" in caplog.messages
+
+
+def test_the_default_device_and_the_size_limit_in_every_branch(device_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("IRENE_DATA_DIR", raising=False)
+    _no_network(monkeypatch)
+    datasets = tmp_path / "ds"
+    shutil.copytree(device_dir, datasets / "device_1")
+    located = locate_device(None, datasets_dir=datasets)  # device_1 by default
+    assert (located.folder, located.source) == (datasets / "device_1", "datasets")
+    path = datasets / "device_1" / csv_name("model")
+    size = path.stat().st_size
+    limit = (size - 1) / 2**20  # one byte under the first file
+    message = f" MB ({size} bytes), larger than the {limit:g} MB limit on an input file; "
+    with pytest.raises(InputError) as caught:
+        locate_device(None, datasets_dir=datasets, max_mb=limit)
+    assert str(caught.value).startswith(f"{path}: ") and message in str(caught.value)
+    monkeypatch.setenv("IRENE_DATA_DIR", str(datasets))  # the folder holding device_1/
+    assert locate_device(None, datasets_dir=tmp_path / "none").source == "$IRENE_DATA_DIR"
+    with pytest.raises(InputError) as caught:
+        locate_device(None, datasets_dir=tmp_path / "none", max_mb=limit)
+    assert str(caught.value).startswith(f"{path}: ") and message in str(caught.value)
+
+
+def test_irene_data_dir_missing_only_its_last_file(device_dir, tmp_path, monkeypatch):
+    folder = tmp_path / "device_1"
+    shutil.copytree(device_dir, folder)
+    (folder / csv_name("ml2")).unlink()
+    monkeypatch.setenv("IRENE_DATA_DIR", str(folder))
+    with pytest.raises(DataNotFoundError) as caught:
+        locate_device(None, datasets_dir=tmp_path / "ds")
+    assert str(caught.value).startswith(
+        f"$IRENE_DATA_DIR={folder}: ml2_level_features.csv is missing (a device folder holds ")
+
+
+def test_resolve_device_dir_downloads_by_default_and_keeps_the_path(device_dir, tmp_path,
+                                                                    monkeypatch):
+    monkeypatch.delenv("IRENE_DATA_DIR", raising=False)
+    monkeypatch.setattr(locate.urllib.request, "urlopen",
+                        lambda url, timeout: io.BytesIO((device_dir / url.rsplit("/", 1)[1]).read_bytes()))
+    datasets = tmp_path / "ds"
+    assert resolve_device_dir(None, "device_1", datasets_dir=datasets) == datasets / "device_1"
+    assert published_device(datasets / "device_1") == "device_1"
+    assert resolve_device_dir(device_dir, "device_2", datasets_dir=datasets) == device_dir
 
 
 def test_data_path_that_is_not_a_folder_and_the_default_device(device_dir, tmp_path, monkeypatch):
@@ -787,6 +890,9 @@ def test_every_node_has_the_tree_format_fields_and_the_root_its_parameter_count(
               "gpu_energy_mean", "ground_truth_energy", "child_nodes_obj", "child_nodes"}
     for node in iter_nodes(root):
         assert set(node) == fields
+    counts = parameter_counts(MODEL)
+    for scope in ("h.0.attn", "h.0.attn.c_attn", "ln_f"):  # a module, an ml1 leaf, a norm
+        assert _node(tree, f"root.{scope}")["num_parameters"] == counts[scope] > 0
 
 
 def test_a_numeric_model_name_stays_a_name(cell):
