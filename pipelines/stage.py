@@ -195,12 +195,6 @@ class Context:
     def show_progress(self) -> bool:
         return bool(self._cfg.get("show_progress", True))
 
-    @property
-    def tracking_uri(self) -> str:
-        from pipelines.tracking import tracking_uri
-
-        return tracking_uri(self._cfg)
-
     @functools.cached_property
     def run_dir(self) -> Path:
         """The folder this run writes into (``run_dir=``, else Hydra's run folder)."""

@@ -270,19 +270,20 @@ def _structure_error(odd: tuple, ref_cell: tuple, structures: dict, first_line: 
     name, batch, seq = odd
     shape = f"{name} ({int(batch)}, {int(seq)})"
     ref_shape = f"({int(ref_cell[1])}, {int(ref_cell[2])})"
+    def first_row(rows: dict, cell: tuple) -> tuple[str, Any]:
+        """The row of ``rows`` (of ``cell``) that comes first in its file: name, location."""
+        level, level_name = min(rows, key=lambda key: first_line.loc[(*cell, *key)]["src_line"])
+        return level_name, first_line.loc[(*cell, level, level_name)]
+
     extra = structures[odd] - structures[ref_cell]
     lacking = structures[ref_cell] - structures[odd]
     if extra:
-        (level, level_name), _ = sorted(extra.items(), key=lambda kv: first_line.loc[
-            (*odd, *kv[0])]["src_line"])[0]
-        at = first_line.loc[(*odd, level, level_name)]
+        level_name, at = first_row(extra, odd)
         raise IntegrityError(
             f"{at['src_file']}:{at['src_line']}: {shape} has {sum(extra.values())} row(s) more "
             f"than the {agreeing} shapes of its model that agree (first: {level_name!r}, compare "
             f"{ref_shape}); one model's trees have one structure at every shape")
-    (level, level_name), _ = sorted(lacking.items(), key=lambda kv: first_line.loc[
-        (*ref_cell, *kv[0])]["src_line"])[0]
-    at = first_line.loc[(*ref_cell, level, level_name)]
+    level_name, at = first_row(lacking, ref_cell)
     raise IntegrityError(
         f"{at['src_file']}: {shape} lacks {sum(lacking.values())} row(s) that the {agreeing} "
         f"shapes of its model that agree have (first: {level_name!r}, line {at['src_line']} at "
