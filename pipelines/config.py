@@ -35,6 +35,8 @@ class DataConfig:
     path: str | None = None  # folder of the four CSVs (wins over $IRENE_DATA_DIR, datasets/<name>)
     trees: str | None = None  # a trees jsonl to use instead of the CSVs
     models: list[str] | None = None  # these models (null: the CSVs' paper six, a trees file's all)
+    # several data sets as one (device names, trees files or CSV folders; name/path/trees unused)
+    devices: list[str] | None = None
     download: bool = True  # fetch the CSVs from the public repository when not found
     # the largest CSV or trees file read, in MB (2**20 bytes); checked before reading
     max_file_mb: float = DEFAULT_MAX_FILE_MB
@@ -202,6 +204,16 @@ def _settings_checks() -> dict[str, Any]:
         duplicates = sorted({m for m in value if value.count(m) > 1})
         return f"names {duplicates} more than once" if duplicates else None
 
+    def device_list(value: Any) -> str | None:
+        if value is None:
+            return None
+        if isinstance(value, str) or not isinstance(value, list) or not value:
+            return "must be a non-empty list of device names, trees files or folders, or null"
+        if any(not isinstance(d, str) or not d for d in value):
+            return "every entry must be a non-empty string"
+        duplicates = sorted({d for d in value if value.count(d) > 1})
+        return f"names {duplicates} more than once" if duplicates else None
+
     def shapes(value: Any) -> str | None:
         if value is None:
             return None
@@ -223,6 +235,7 @@ def _settings_checks() -> dict[str, Any]:
         "stage": OneOf(stage_names()),
         "data.name": device_name,
         "data.models": model_list,
+        "data.devices": device_list,
         "data.max_file_mb": Range(float, 0, None, low_open=True),
         "features.sets": Each(OneOf(ALL_FEATURE_SETS)),
         "strategy.name": OneOf(STRATEGIES),
@@ -235,6 +248,7 @@ def _settings_checks() -> dict[str, Any]:
         "batch_sizes": optional(Each(shape["batch_size"])),
         "seq_lens": optional(Each(shape["seq_len"])),
         "threads": Range(int, 0, 4096),
+        "cv_group": OneOf(("model", "device")),
         "cv_jobs": lambda v: None if v == -1 or (isinstance(v, int) and 1 <= v <= 4096) else
         "must be -1 (all cores) or a number of processes from 1 to 4096",
         "trace_convention": OneOf(("irene", "physical")),
@@ -292,7 +306,7 @@ def run_params(cfg: DictConfig) -> dict[str, Any]:
     from irene.predictors.irene import effective_weighting
 
     params: dict[str, Any] = {
-        "data": cfg.data.name,
+        "data": "+".join(cfg.data.devices) if cfg.data.get("devices") else cfg.data.name,
         "features": cfg.features.name,
         "strategy": cfg.strategy.name,
         "weighting": ("n/a" if cfg.strategy.name == "none"

@@ -9,6 +9,15 @@ was found and the sha256 of each file read (``data.location``, ``data.source``,
 :mod:`irene.data.provenance`). The device comes from the content: CSVs whose sha256 are a
 published device's are that device whatever ``data.name`` says; other data are the device
 ``data.name`` names, unless that is a published device's name (then ``unknown``).
+
+Several data sets as one: ``data.devices=[device_1,device_2]`` (each entry a device name, a
+trees file or a folder of the four CSVs, each read by the rules above). Their trees are
+written to one trees file under ``outputs/cache/`` (each line with its device block: a tree's
+key is its device, model and shape), which is then read like a device's import cache. The run
+is tagged ``data.device`` (every device, ``device_1+device_2``) and ``data.identity`` (one
+sha256 over the parts' own), each part's files under ``data.<device>.*``. Trees of two
+static-feature conventions are refused in one line (:func:`irene.data.provenance.check_one_convention`),
+in one trees file as across the entries.
 """
 
 from __future__ import annotations
@@ -17,12 +26,19 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from irene.data.forest import Forest, build_forest, save_forest
 from irene.data.forest import load_forest as load_forest_arrays
 from irene.data.io import atomic_write_text
-from irene.data.provenance import DataIdentity, combined_sha256, csv_block, device_ids, stamp
+from irene.data.provenance import (
+    DataIdentity,
+    check_one_convention,
+    combined_sha256,
+    csv_block,
+    device_ids,
+    stamp,
+)
 from irene.data.published import (
     CSV_FILES,
     PAPER_MODELS,
@@ -33,6 +49,7 @@ from irene.data.published import (
     sha256_of,
 )
 from irene.data.tree import Tree, read_trees, write_trees
+from irene.errors import InputError, SettingsError
 from irene.measure.leakage import check_no_leaked_target
 from pipelines.paths import datasets_dir, log, outputs_dir
 from pipelines.tracking import Tracker
@@ -80,9 +97,12 @@ def load_trees(cfg: DictConfig, tracker: Tracker, *, require_energy: bool = True
     ``outputs/cache/``. ``data.models`` selects models from either source; when it is not set
     a trees file gives every model it has and the CSVs give the paper's six.
     """
-    if cfg.data.trees:
+    if data_devices(cfg):
+        cache = _combined_cache(cfg, tracker)
+    elif cfg.data.trees:
         return _read_trees_file(cfg, tracker, require_energy), Path(cfg.data.trees)
-    cache = _device_cache(cfg, tracker)
+    else:
+        cache = _device_cache(cfg, tracker)
     return read_cache(cache, require_energy=require_energy, max_mb=cfg.data.max_file_mb), cache
 
 
@@ -105,10 +125,10 @@ def load_forest(cfg: DictConfig, tracker: Tracker) -> DataSet:
     """:func:`load_trees` as a :class:`~irene.data.forest.Forest` (measured energies
     required). The forest of a device's import cache is itself cached (``.forest.npz``, keyed
     by the sha256 of the validated trees), so a repeated run reads arrays, not 14 MB of JSON."""
-    if cfg.data.trees:
+    if cfg.data.trees and not data_devices(cfg):
         trees = _read_trees_file(cfg, tracker, require_energy=True)
         return DataSet(build_forest(trees), Path(cfg.data.trees), trees)
-    cache = _device_cache(cfg, tracker)
+    cache = _combined_cache(cfg, tracker) if data_devices(cfg) else _device_cache(cfg, tracker)
     digest = sha256_of(cache)
     arrays = cache.with_name(f"{cache.stem}.{digest[:16]}.forest.npz")
     if arrays.is_file() and _is_validated(cache, digest, require_energy=True):
@@ -126,6 +146,7 @@ def _read_trees_file(cfg: DictConfig, tracker: Tracker, require_energy: bool) ->
     check_no_leaked_target(trees, cfg.features.sets, path)  # a feature that is the target: refused
     digest = record_input(tracker, "data", path, source="data.trees")
     trees = read_identified(trees, path, digest, cfg.data.name, tracker)
+    check_one_convention({str(path): trees}, f"data.trees={path}")  # one file of two conventions
     return trees if models is None else select_models(trees, models, path)
 
 
@@ -153,6 +174,9 @@ def data_identity(cfg: DictConfig) -> DataIdentity:
     sha256, a CSV folder's device (by the files' sha256), else ``data.name`` itself (the
     device whose runs are meant; they are selected by their own, content-derived tags)."""
     data = cfg.data
+    if data_devices(cfg):
+        parts = [data_identity(part) for part in _part_cfgs(cfg)]
+        return _combined_identity(parts)
     if data.trees:
         path = Path(data.trees)
         trees = read_trees(path, max_mb=data.max_file_mb)  # validated: ids name folders
@@ -224,3 +248,93 @@ def _read_cache(cache: Path, digest: str, *, require_energy: bool, max_mb: float
     trees = read_trees(cache, require_energy=require_energy, max_mb=max_mb)
     atomic_write_text(_validated_marker(cache), _stamp(digest, require_energy))
     return trees
+
+
+# ------------------------------------------------------------------ several devices as one
+def data_devices(cfg: DictConfig) -> list[str]:
+    """``data.devices`` as a list (empty when not set: one device, ``data.name``)."""
+    devices = OmegaConf.select(cfg, "data.devices", default=None)
+    return [] if devices is None else [str(d) for d in devices]
+
+
+def _is_trees_file(entry: str) -> bool:
+    path = Path(entry)
+    return path.suffix == ".jsonl" or path.is_file()
+
+
+def _part_cfgs(cfg: DictConfig) -> list[DictConfig]:
+    """One config per entry of ``data.devices``: a trees file as ``data.trees``, a folder as
+    ``data.path`` (its name the declared device), else a device name as ``data.name``."""
+    devices = data_devices(cfg)
+    repeated = sorted({d for d in devices if devices.count(d) > 1})
+    if repeated:
+        raise SettingsError(f"data.devices={devices}: names {repeated} more than once")
+    parts = []
+    for entry in devices:
+        part = cfg.copy()
+        with open_dict(part):
+            part.data.devices = None
+            part.data.name, part.data.path, part.data.trees = entry, None, None
+            if _is_trees_file(entry):
+                part.data.name, part.data.trees = "unknown", entry  # its lines say their device
+            elif Path(entry).is_dir():
+                part.data.name, part.data.path = Path(entry).resolve().name, entry
+        parts.append(part)
+    return parts
+
+
+def _combined_identity(parts: list[DataIdentity]) -> DataIdentity:
+    """The identity of several parts: every device, one sha256 over the parts' own (empty
+    when a part's is not known without importing it)."""
+    devices = tuple(sorted({d for part in parts for d in part.devices}))
+    if any(not part.sha256 for part in parts):
+        return DataIdentity(devices, "")
+    return DataIdentity(devices, combined_sha256({p.label: p.sha256 for p in parts}))
+
+
+class _Tags:
+    """A tracker that keeps the tags a part's loader sets (the stage's run gets them renamed)."""
+
+    def __init__(self) -> None:
+        self.tags: dict[str, str] = {}
+
+    def set_tags(self, tags) -> None:
+        self.tags.update({k: str(v) for k, v in tags.items()})
+
+
+def _combined_cache(cfg: DictConfig, tracker: Tracker) -> Path:
+    """The trees of every entry of ``data.devices`` in one trees file under
+    ``outputs/cache/`` (written once for these parts' bytes), the run tagged with them."""
+    parts, identities, tags = {}, [], {}
+    for part in _part_cfgs(cfg):
+        collected = _Tags()
+        if part.data.trees:
+            trees = _read_trees_file(part, collected, require_energy=False)
+            where = str(Path(part.data.trees))
+        else:
+            cache = _device_cache(part, collected)
+            trees = read_cache(cache, require_energy=False, max_mb=part.data.max_file_mb)
+            where = collected.tags["data.location"]
+        identity = DataIdentity(tuple(collected.tags["data.device"].split("+")),
+                                collected.tags["data.identity"])
+        for other, seen in zip(parts, identities, strict=True):
+            shared = sorted(set(identity.devices) & set(seen.devices))
+            if shared:
+                raise InputError(f"data.devices: {other} and {where} both hold device "
+                                 f"{shared[0]}'s trees; name each device once")
+        parts[where], identities = trees, [*identities, identity]
+        tags.update({f"data.{identity.label}.{key.removeprefix('data.')}": value
+                     for key, value in collected.tags.items()
+                     if key not in ("data.device", "data.identity")})
+    check_one_convention(parts, f"data.devices={data_devices(cfg)}")
+    identity = _combined_identity(identities)
+    tracker.set_tags({**tags, **identity.tags()})
+    models = wanted_models(cfg)
+    key = hashlib.sha256(f"v{CACHE_VERSION}|devices|{models}|{identity.sha256}".encode())
+    cache = outputs_dir() / "cache" / f"trees-{identity.label}-{key.hexdigest()[:16]}.jsonl"
+    if cache.exists():
+        log.info("reading the trees of %s from cache %s", identity.label, cache)
+    else:
+        log.info("writing the trees of %s into one file: %s", identity.label, cache)
+        write_trees(cache, [tree for trees in parts.values() for tree in trees])
+    return cache

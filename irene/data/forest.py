@@ -16,6 +16,8 @@ import numpy as np
 from irene.data.tree import FEATURE_FIELDS, NODE_TYPES, NodeType, Tree, iter_nodes, iter_nodes_with_parent
 from irene.errors import InputError, SettingsError
 
+UNKNOWN_DEVICE = "unknown"  # irene.data.provenance.UNKNOWN: a tree without a device block
+
 NODE_TYPE_CODES = {str(t): code for code, t in enumerate(NODE_TYPES)}  # "model": 0, ...
 # Every feature a predictor may use: the tree's shape (input_size, batch_size, seq_len) and
 # the node's own fields. "always" features of the paper come first.
@@ -65,6 +67,10 @@ class Forest:
         tree_index: N index of the node's tree.
         offsets: T+1 row offsets of each tree.
         ids: N node ids; model_names, batch_sizes, seq_lens: per tree.
+        devices: the device id of each tree (its ``device`` block; ``unknown`` without one),
+            None where not known (a forest built by hand or cached before devices were kept).
+            ``model_names`` stay the models' names on every device: :meth:`fold_names` gives
+            the device-qualified names where the forest holds several devices.
     """
 
     features: np.ndarray
@@ -80,6 +86,7 @@ class Forest:
     model_names: list[str]
     batch_sizes: np.ndarray
     seq_lens: np.ndarray
+    devices: list[str] | None = None
 
     @property
     def num_nodes(self) -> int:
@@ -95,6 +102,18 @@ class Forest:
 
     def node_model_names(self) -> np.ndarray:
         return np.asarray(self.model_names, dtype=object)[self.tree_index]
+
+    def device_names(self) -> list[str]:
+        """The distinct devices of the trees, in their order (one ``unknown`` where not known)."""
+        return list(dict.fromkeys(self.devices)) if self.devices else [UNKNOWN_DEVICE]
+
+    def fold_names(self) -> list[str]:
+        """Per tree, what identifies its model in the data set: the model's name when the
+        forest holds one device, ``<device>:<model>`` when it holds several (the same model
+        measured on two devices is two models to leave out)."""
+        if len(self.device_names()) < 2:
+            return list(self.model_names)
+        return [f"{d}:{m}" for d, m in zip(self.devices, self.model_names, strict=True)]
 
     def matrix(self, names: Sequence[str], rows: np.ndarray | slice = slice(None)) -> np.ndarray:
         """Feature columns ``names`` for ``rows``; a missing value is a clear error."""
@@ -134,6 +153,7 @@ class Forest:
             model_names=[self.model_names[t] for t in keep_trees],
             batch_sizes=self.batch_sizes[keep_trees],
             seq_lens=self.seq_lens[keep_trees],
+            devices=None if self.devices is None else [self.devices[t] for t in keep_trees],
         )
         root, root_trees = origin(self)
         out.__dict__["_origin"] = (root, root_trees[keep_trees])
@@ -206,11 +226,18 @@ def build_forest(trees: Sequence[Tree]) -> Forest:
         model_names=[tree["model_name"] for tree in trees],
         batch_sizes=np.asarray([int(tree["batch_size"]) for tree in trees]),
         seq_lens=np.asarray([int(tree["seq_len"]) for tree in trees]),
+        devices=[_device_id(tree) for tree in trees],
     )
 
 
+def _device_id(tree: Tree) -> str:
+    block = tree.get("device")
+    device = block.get("id") if isinstance(block, dict) else None
+    return device if isinstance(device, str) and device else UNKNOWN_DEVICE
+
+
 _TEXT_ARRAYS = ("op_type", "instance_type")  # object arrays of str
-_TEXT_LISTS = ("ids", "model_names")  # lists of str
+_TEXT_LISTS = ("ids", "model_names", "devices")  # lists of str (devices: or None, not saved)
 
 
 def save_forest(forest: Forest, path: str | Path) -> Path:
@@ -220,6 +247,8 @@ def save_forest(forest: Forest, path: str | Path) -> Path:
     arrays = {}
     for name in Forest.__dataclass_fields__:
         value = getattr(forest, name)
+        if value is None:  # devices not known: left out, None again when loaded
+            continue
         arrays[name] = (np.asarray(value, dtype=str) if name in _TEXT_ARRAYS + _TEXT_LISTS
                         else value)
     buffer = io.BytesIO()
@@ -232,6 +261,8 @@ def load_forest(path: str | Path) -> Forest:
     with np.load(path, allow_pickle=False) as data:
         fields = {}
         for name in Forest.__dataclass_fields__:
+            if name not in data.files and name == "devices":  # not known (or an older file)
+                continue
             value = data[name]
             if name in _TEXT_ARRAYS:
                 value = value.astype(object)

@@ -300,8 +300,8 @@ def check_trees(trees: Sequence[dict], lines: Sequence[int], path: str | Path, *
         trees: the validated trees of the file.
         lines: the line of each tree in the file.
         path: the file, for the messages.
-        structure: compare the trees of a model (measured data sets: all shapes of a model
-            are the same network).
+        structure: compare the trees of a model on one device (measured data sets: all
+            shapes of a model are the same network; each device's trees are compared apart).
     """
     from irene.data.tree import iter_nodes
 
@@ -327,11 +327,11 @@ def check_trees(trees: Sequence[dict], lines: Sequence[int], path: str | Path, *
 
 
 def _trees_share_structure(trees: Sequence[dict], lines: Sequence[int], path: str | Path) -> None:
-    from irene.data.tree import iter_nodes
+    from irene.data.tree import device_key, iter_nodes
 
-    by_model: dict[str, list[int]] = {}
+    by_model: dict[tuple, list[int]] = {}  # a model on each device (its trees' key: device_key)
     for i, tree in enumerate(trees):
-        by_model.setdefault(tree["model_name"], []).append(i)
+        by_model.setdefault(device_key(tree)[:2], []).append(i)
     for positions in by_model.values():
         if len(positions) < 2:
             continue

@@ -278,3 +278,51 @@ def combined_sha256(digests: Mapping[str, str]) -> str:
     """One digest for several files: sha256 of their sorted ``name digest`` lines."""
     text = "".join(f"{name} {digests[name]}\n" for name in sorted(digests))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def conventions(parts: Mapping[str, Iterable[dict]]) -> dict[str, list[str]]:
+    """Static-feature convention -> the devices that have it, each as ``id (where)``, over
+    ``parts`` (where the trees were read: a file or a device's folder -> those trees); lines
+    whose convention is not known (``null``) are not counted."""
+    found: dict[str, list[str]] = {}
+    for where, trees in parts.items():
+        for tree in trees:
+            block = tree.get("device") if isinstance(tree.get("device"), dict) else {}
+            convention = block.get("convention")
+            if convention is None:
+                continue
+            entry = f"{block.get('id') or UNKNOWN} ({where})"
+            entries = found.setdefault(str(convention), [])
+            if entry not in entries:
+                entries.append(entry)
+    return dict(sorted(found.items()))
+
+
+def check_one_convention(parts: Mapping[str, Iterable[dict]], what: str) -> None:
+    """Refuse, in one line, trees of two static-feature conventions combined into one data set
+    (:func:`conventions`): ``flops`` and ``mem_bytes`` are computed by different formulas in
+    ``irene`` and ``physical``, and the project converts between them only by tracing a
+    model again (:func:`irene.transfer.retrace`), never by a formula. A line whose convention
+    is unknown is not refused: nothing says it differs.
+
+    Args:
+        parts: where the trees were read (a file, a device's folder) -> those trees.
+        what: the setting that combined them (``data.devices=[...]``, ``data.trees=<file>``).
+
+    Raises:
+        InputError: naming every device with its file or folder and both conventions.
+    """
+    from irene.errors import InputError
+
+    found = conventions({where: list(trees) for where, trees in parts.items()})
+    if len(found) < 2:
+        return
+    sides = "; ".join(f"{convention}: {', '.join(entries)}"
+                      for convention, entries in found.items())
+    first, second = list(found)[:2]
+    raise InputError(
+        f"{what}: trees of two static-feature conventions in one data set ({sides}); their "
+        "flops and mem_bytes follow different formulas, so one predictor cannot be fitted on "
+        f"both. Re-trace one side in the other's convention (irene.transfer.retrace(trees, "
+        f"convention={first!r} or {second!r}): the models traced again, measured energies kept) "
+        "or use them apart (stage=transfer source=... target=... learns a correction between them)")

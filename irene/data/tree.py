@@ -1,6 +1,6 @@
 """The public IrEne tree format: read with validation, write atomically, walk.
 
-One JSON object per line, one line per (model_name, batch_size, seq_len)::
+One JSON object per line, one line per (device, model_name, batch_size, seq_len)::
 
     {"model_name": str, "batch_size": int, "seq_len": int, "frontend_tree": <node>}
 
@@ -9,8 +9,10 @@ A node carries ``id``, ``scope``, ``parent_name``, ``level``, ``instance_type``,
 ``ground_truth_energy`` in joules when measured, ``predicted_energy`` once predicted, and its
 children in ``child_nodes_obj`` (their scopes in ``child_nodes``). A line may also carry
 ``device`` (:mod:`irene.data.provenance`: where, on what and by which convention it was
-measured). Trees stay plain dicts so that files written here are readable by the public IrEne
-evaluator and vice versa.
+measured). A file may hold several devices' trees: a tree's key is its device's ``id`` with its
+model and shape (:func:`device_key`), so two devices' trees of one shape are two trees, and
+node ids (model/shape/scope) need only be unique within a device. Trees stay plain dicts so
+that files written here are readable by the public IrEne evaluator and vice versa.
 """
 
 from __future__ import annotations
@@ -227,7 +229,8 @@ def read_trees(path: str | Path, *, require_energy: bool = False, validate: bool
     Raises:
         MissingInputError: the file does not exist (a ``FileNotFoundError``).
         TreeFormatError: the first problem found, as ``file:line: ... field 'x': ...``; two
-            trees of the same (model_name, batch_size, seq_len) are one.
+            trees of the same device, model_name, batch_size and seq_len are one (lines
+            without a ``device`` block are one device: the file's).
         InputError: a folder, a link loop or a file over the limit; trees that cannot be
             right together (``integrity.IntegrityError``).
     """
@@ -236,7 +239,7 @@ def read_trees(path: str | Path, *, require_energy: bool = False, validate: bool
     path = Path(path)
     integrity.check_input_file(path, "trees file", max_mb)
     trees: list[Tree] = []
-    seen_ids: set[str] = set()
+    seen_ids: dict[str | None, set[str]] = {}  # node ids, per device
     first_line: dict[tuple, int] = {}
     with path.open("rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
@@ -261,17 +264,19 @@ def read_trees(path: str | Path, *, require_energy: bool = False, validate: bool
             if not validate:
                 trees.append(tree)
                 continue
-            key = _shape_key(tree)
-            if key is not None and key in first_line:
+            device, key = _line_device(tree), _shape_key(tree)
+            if key is not None and (device, *key) in first_line:
                 raise TreeFormatError(f"{where}: field 'model_name': a second tree for {key} "
-                                      f"(the first is on line {first_line[key]})")
-            validate_tree(tree, where, require_energy=require_energy, seen_ids=seen_ids)
-            first_line[tree_key(tree)] = line_number
+                                      f"{_of_device(device, seen_ids)}(the first is on line "
+                                      f"{first_line[(device, *key)]})")
+            validate_tree(tree, where, require_energy=require_energy,
+                          seen_ids=seen_ids.setdefault(device, set()))
+            first_line[device_key(tree)] = line_number
             trees.append(tree)
     if not trees:
         raise TreeFormatError(f"{path}: no trees in file")
     if validate:
-        integrity.check_trees(trees, [first_line[tree_key(t)] for t in trees], path,
+        integrity.check_trees(trees, [first_line[device_key(t)] for t in trees], path,
                               structure=require_energy)
     return trees
 
@@ -286,6 +291,20 @@ def _shape_key(tree: Any) -> tuple | None:
     return key[0], int(key[1]), int(key[2])
 
 
+def _line_device(tree: Any) -> str | None:
+    """The ``device.id`` of a decoded line, None when it has none (unvalidated: a bad block is
+    reported by validation)."""
+    block = tree.get("device") if isinstance(tree, dict) else None
+    device = block.get("id") if isinstance(block, dict) else None
+    return device if isinstance(device, str) else None
+
+
+def _of_device(device: str | None, seen: dict) -> str:
+    """``of device device_2 `` in a message about a file of several devices ('' in a file of
+    one device so far: the message as it has always been)."""
+    return f"of device {device} " if len(seen) > 1 else ""
+
+
 def dumps_trees(trees: Iterable[Tree]) -> str:
     """Serialise trees to jsonl text (one compact line per tree)."""
     return "".join(json.dumps(tree, separators=(", ", ": ")) + "\n" for tree in trees)
@@ -298,5 +317,11 @@ def write_trees(path: str | Path, trees: Iterable[Tree], *, protect: Iterable[st
 
 
 def tree_key(tree: Tree) -> tuple[str, int, int]:
-    """``(model_name, batch_size, seq_len)`` of a tree."""
+    """``(model_name, batch_size, seq_len)`` of a tree (one device's trees: its key)."""
     return tree["model_name"], int(tree["batch_size"]), int(tree["seq_len"])
+
+
+def device_key(tree: Tree) -> tuple[str | None, str, int, int]:
+    """``(device id, model_name, batch_size, seq_len)``: the key of a tree in a file that may
+    hold several devices' trees (the device None for a line without a ``device`` block)."""
+    return (_line_device(tree), *tree_key(tree))

@@ -197,3 +197,89 @@ def seeded_leave_one_model_out(forest: Forest, predictor: Predictor, seeds: list
     frame = pd.DataFrame.from_records([records[key] for key in sorted(records)])  # seed-major
     return SeededCrossValidationResult(folds=frame, seeds=fitted_seeds,
                                        seed_dependent=seed_dependent, predicted_j=predicted)
+
+
+# ------------------------------------------------------------- folds over several devices
+CV_GROUPS = ("model", "device")  # what a fold leaves out (crossvalidate's cv_group)
+
+
+def cv_folds(forest: Forest, group: str = "model") -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """The folds of a cross-validation that leaves out one ``group`` at a time, each
+    ``(name, train, test)`` with tree masks, in the data's order:
+
+    * ``model``: one fold per model on each device (named by :meth:`Forest.fold_names`: the
+      model's name on one device's data, ``<device>:<model>`` on several). The fold tests the
+      model's trees on that device and trains on the trees of every *other* model on every
+      device: the left-out model's trees on the other devices stay out of training too, since
+      they share its structure and static features (a predictor would meet the left-out
+      model in training). On one device's data these are :func:`leave_one_model_out`'s folds.
+    * ``device``: one fold per device, trained on the other devices' trees.
+
+    Raises:
+        SettingsError: an unknown ``group``, or fewer than two folds.
+    """
+    if group not in CV_GROUPS:
+        raise SettingsError(f"cv_group={group!r}: choose from {list(CV_GROUPS)}")
+    if group == "device":
+        labels = np.asarray(forest.devices or [], dtype=object)
+        names = forest.device_names()
+        if len(names) < 2:
+            raise SettingsError(f"cv_group=device: leave-one-device-out needs at least two "
+                                f"devices, the data set has {names} (data.devices=[device_1,"
+                                "device_2], or a trees file of several devices)")
+        return [(name, labels != name, labels == name) for name in names]
+    fold_names = np.asarray(forest.fold_names(), dtype=object)
+    models = np.asarray(forest.model_names, dtype=object)
+    names = list(dict.fromkeys(fold_names))
+    if len(names) < 2:
+        raise SettingsError(f"leave-one-model-out needs at least two models, got {names} "
+                            "(data.models=null or a list of two or more)")
+    first = {name: i for i, name in reversed(list(enumerate(fold_names)))}
+    return [(name, models != models[first[name]], fold_names == name) for name in names]
+
+
+def cross_validate(forest: Forest, predictor: Predictor, group: str = "model", *,
+                   show_progress: bool = True,
+                   on_fold: Callable[[str, dict[str, float], object], None] | None = None,
+                   ) -> CrossValidationResult:
+    """Cross-validate ``predictor`` over the folds of :func:`cv_folds`. One device's data
+    grouped by model is :func:`leave_one_model_out` itself (the same table, bit for bit);
+    otherwise every distinct training set is fitted once (a fresh ``clone``; the folds of one
+    model on several devices share theirs). The table's rows are the folds and ``overall``
+    (their unweighted mean), its label column ``left_out_model`` or ``left_out_device``.
+
+    Raises:
+        SettingsError: see :func:`cv_folds`.
+        NonFiniteResultError: as :func:`leave_one_model_out`, naming the fold.
+    """
+    if group == "model" and len(forest.device_names()) < 2:
+        return leave_one_model_out(forest, predictor, show_progress=show_progress,
+                                   on_fold=on_fold)
+    folds = cv_folds(forest, group)
+    predicted = np.full(forest.num_nodes, np.nan)
+    rows, fitted, by_train = {}, {}, {}
+    scored = [str(NODE_TYPES[c]) for c in sorted(set(forest.node_type[~np.isnan(forest.gold_j)]))]
+    for name, train, test_trees in tqdm(folds, desc="cross-validation", unit="fold",
+                                        disable=not show_progress):
+        key = train.tobytes()
+        if key not in by_train:
+            by_train[key] = clone(predictor).fit(forest.subset(train))
+        test = forest.subset(test_trees)
+        fold_pred = by_train[key].predict(test)
+        try:
+            rows[name] = errors_by_node_type(test, fold_pred)
+        except NonFiniteResultError as error:
+            raise NonFiniteResultError(f"fold {name!r} (left out): {error}") from None
+        absent = [t for t in scored if t not in rows[name]]
+        if absent:
+            raise NonFiniteResultError(f"fold {name!r} (left out): no measured {absent} node to "
+                                       "score; its error would be NaN")
+        predicted[test_trees[forest.tree_index]] = fold_pred
+        fitted[name] = by_train[key]
+        if on_fold is not None:
+            on_fold(name, rows[name], by_train[key])
+    grid = fold_table(rows)
+    if group == "device":
+        grid = Table(index_names=["left_out_device"], labels=grid.labels, columns=grid.columns,
+                     rows=grid.rows)
+    return CrossValidationResult(grid=grid, predicted_j=predicted, fold_models=fitted)

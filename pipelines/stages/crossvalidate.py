@@ -1,6 +1,14 @@
 """``stage=crossvalidate``: leave-one-model-out cross-validation, one MLflow parent run and a
 child run per fold; writes ``crossvalidation.csv`` (columns left_out_model, ml, module, model).
 
+On a data set of several devices (``data.devices=[device_1,device_2]``, or a trees file of
+several) ``cv_group`` says what a fold leaves out (:func:`irene.evaluate.crossval.cv_folds`):
+``model`` (the default) one model on one device, named ``<device>:<model>``, trained on the
+other models of every device (the left-out model's trees on the other devices stay out: they
+share its static features); ``device`` one device, trained on the others (column
+``left_out_device``). On one device's data ``cv_group=model`` is the plain leave-one-model-out.
+``seeds`` repeat the plain leave-one-model-out only.
+
 With ``seeds`` (``seeds=5`` or ``seeds=[1,2,3]``) every fold is fit once per seed (the seed
 set as the predictor's ``seed``): one child run per seed and fold, the parent's metrics the
 mean over seeds (``overall_model``) and the standard deviation over seeds
@@ -36,6 +44,7 @@ class CrossValidateSettings:
     cv_jobs: int = 1  # crossvalidate with seeds: folds fitted in parallel processes (-1: all cores)
     save_predictions: bool = False  # also write the out-of-fold predicted trees (14 MB)
     skip_not_applicable: bool = False  # a predictor that cannot use these features: skip, not fail
+    cv_group: str = "model"  # what a fold leaves out: model (on each device) | device
 
 
 @dataclass
@@ -75,7 +84,7 @@ def _resumed(ctx: Context, out: Path) -> CrossValidationReport | None:
     log.info("resume: identical config already FINISHED in run %s; skipping", run_id)
     import pandas as pd
 
-    table = Table.from_frame(pd.read_csv(path, index_col="left_out_model"))
+    table = Table.from_frame(pd.read_csv(path, index_col=0))  # left_out_model or _device
     print(f"crossvalidation table: {path}")
     return CrossValidationReport(result=table, csv_path=Path(path), predictions_path=None)
 
@@ -116,7 +125,8 @@ def _seeded(settings: CrossValidateSettings, tracker: Tracker, out: Path, forest
 def run(ctx: Context, settings: CrossValidateSettings) -> CrossValidationReport:
     from irene.data.forest import fill_predictions
     from irene.data.tree import write_trees
-    from irene.evaluate.crossval import leave_one_model_out
+    from irene.errors import SettingsError
+    from irene.evaluate.crossval import cross_validate
     from irene.predictors.base import NotApplicableError, clone
     from irene.tables import fold_spread, to_markdown, write_table
 
@@ -125,7 +135,9 @@ def run(ctx: Context, settings: CrossValidateSettings) -> CrossValidationReport:
     if resumed is not None:
         return resumed
     request = seeds_request(settings.seeds)
-    params = ctx.run_params() | ({} if request is None else {"seeds": request})
+    group = str(settings.cv_group)
+    params = (ctx.run_params() | ({} if request is None else {"seeds": request})
+              | ({} if group == "model" else {"cv_group": group}))
     with ctx.tracked_run(params) as tracker:
         # a bad hyperparameter or seed fails here, before any data is read, as a FAILED run
         predictor = ctx.build_predictor(show_progress=False)
@@ -135,22 +147,28 @@ def run(ctx: Context, settings: CrossValidateSettings) -> CrossValidationReport:
                 clone(predictor).set_params(seed=seed).validate_params()
         data = ctx.load_forest(tracker)
         forest = data.forest
+        devices = forest.device_names()
+        if seeds is not None and (group != "model" or len(devices) > 1):
+            raise SettingsError(f"seeds={request}: repeats the leave-one-model-out of one "
+                                f"device only (this data set: {'+'.join(devices)}, "
+                                f"cv_group={group}); leave seeds unset")
         models = list(dict.fromkeys(forest.model_names))
-        log.info("leave-one-model-out over %d models, %d trees, %d nodes", len(models),
-                 forest.num_trees, forest.num_nodes)
+        what = "device" if group == "device" else "model"
+        log.info("leave-one-%s-out over %d models on %s, %d trees, %d nodes", what, len(models),
+                 "+".join(devices), forest.num_trees, forest.num_nodes)
         tracker.log_params({"models": models, "num_trees": forest.num_trees})
 
         def on_fold(left_out: str, errors: dict[str, float], predictor: object) -> None:
             log.info("left out %-24s ml %.2f  module %.2f  model %.2f", left_out,
                      *(errors.get(t, float("nan")) for t in ERROR_COLUMNS))
             with tracker.child_run("crossvalidate-fold", f"fold {left_out}",
-                                   {"left_out_model": left_out}) as fold:
+                                   {f"left_out_{what}": left_out}) as fold:
                 fold.log_metrics(errors)
 
         try:
             if seeds is None:
-                result = leave_one_model_out(forest, predictor,
-                                             show_progress=ctx.show_progress, on_fold=on_fold)
+                result = cross_validate(forest, predictor, group,
+                                        show_progress=ctx.show_progress, on_fold=on_fold)
             else:
                 result = _seeded(settings, tracker, out, forest, predictor, seeds)
         except NotApplicableError as error:
@@ -172,7 +190,7 @@ def run(ctx: Context, settings: CrossValidateSettings) -> CrossValidationReport:
                                       fill_predictions(data.trees(), forest, result.predicted_j),
                                       protect=[data.source])
             tracker.log_artifact(predictions, "predictions")
-    print("Percentage error - leave-one-model-out cross-validation")
+    print(f"Percentage error - leave-one-{what}-out cross-validation")
     print(to_markdown(fold_spread(table)))
     print(f"crossvalidation table: {csv_path}")
     return CrossValidationReport(result=table, csv_path=csv_path, predictions_path=predictions)
