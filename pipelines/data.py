@@ -146,15 +146,16 @@ def _read_trees_file(cfg: DictConfig, tracker: Tracker, require_energy: bool) ->
     check_no_leaked_target(trees, cfg.features.sets, path)  # a feature that is the target: refused
     digest = record_input(tracker, "data", path, source="data.trees")
     trees = read_identified(trees, path, digest, cfg.data.name, tracker)
-    check_one_convention({str(path): trees}, f"data.trees={path}")  # one file of two conventions
     return trees if models is None else select_models(trees, models, path)
 
 
 def read_identified(trees: list[Tree], path: Path, digest: str, declared: str | None,
                     tracker: Tracker | None = None, prefix: str = "data") -> list[Tree]:
     """``trees`` read from ``path`` (sha256 ``digest``), each with its ``device`` block
-    (:func:`irene.data.provenance.stamp`), the run tagged with their identity."""
+    (:func:`irene.data.provenance.stamp`), the run tagged with their identity. A file whose
+    lines are of two static-feature conventions is refused (``prefix``: the setting named)."""
     trees = stamp(trees, path=path, digest=digest, declared=declared)
+    check_one_convention({str(path): trees}, f"{'data.trees' if prefix == 'data' else prefix}={path}")
     identity = DataIdentity(device_ids(trees), digest)
     _warn_label(declared, identity, path)
     if tracker is not None:

@@ -298,7 +298,12 @@ def conventions(parts: Mapping[str, Iterable[dict]]) -> dict[str, list[str]]:
     return dict(sorted(found.items()))
 
 
-def check_one_convention(parts: Mapping[str, Iterable[dict]], what: str) -> None:
+APART = ("or use them apart (stage=transfer source=... target=... fits the source alone and "
+         "learns its correction from the target's trees)")
+
+
+def check_one_convention(parts: Mapping[str, Iterable[dict]], what: str,
+                         otherwise: str = APART) -> None:
     """Refuse, in one line, trees of two static-feature conventions combined into one data set
     (:func:`conventions`): ``flops`` and ``mem_bytes`` are computed by different formulas in
     ``irene`` and ``physical``, and the project converts between them only by tracing a
@@ -308,6 +313,7 @@ def check_one_convention(parts: Mapping[str, Iterable[dict]], what: str) -> None
     Args:
         parts: where the trees were read (a file, a device's folder) -> those trees.
         what: the setting that combined them (``data.devices=[...]``, ``data.trees=<file>``).
+        otherwise: the message's last advice (the other way than re-tracing).
 
     Raises:
         InputError: naming every device with its file or folder and both conventions.
@@ -325,4 +331,4 @@ def check_one_convention(parts: Mapping[str, Iterable[dict]], what: str) -> None
         "flops and mem_bytes follow different formulas, so one predictor cannot be fitted on "
         f"both. Re-trace one side in the other's convention (irene.transfer.retrace(trees, "
         f"convention={first!r} or {second!r}): the models traced again, measured energies kept) "
-        "or use them apart (stage=transfer source=... target=... learns a correction between them)")
+        f"{otherwise}")
