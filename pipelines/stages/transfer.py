@@ -144,6 +144,14 @@ def run(ctx: Context, settings: TransferSettings) -> Path:
     with ctx.tracked_run(params) as tracker:
         source_trees = [device_trees(ctx, tracker, name, "source") for name in sources]
         target_trees = device_trees(ctx, tracker, target, "target")
+        if "calibrated_pool" in names:  # one predictor fitted on source and target trees
+            from irene.data.provenance import check_one_convention
+
+            check_one_convention(dict(zip([*sources, target], [*source_trees, target_trees],
+                                          strict=True)), f"methods={names}: calibrated_pool",
+                                 "or leave calibrated_pool out (the other methods fit each "
+                                 "device apart: a source's convention differing from the "
+                                 "target's is learnt by the correction)")
         log.info("transfer %s -> %s: shots %s, %d draws, methods %s", sources, target, shots,
                  draws, names)
         rows = learning_curve(source_trees if len(source_trees) > 1 else source_trees[0],
