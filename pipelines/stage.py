@@ -276,12 +276,12 @@ class Context:
         return run_params(self._cfg)
 
     def trained_predictor(self, into: Path, tracker: Any, *, model_dir: str | None,
-                          model_run: str | None, traced: bool):
+                          model_run: str | None, traced: bool, device: str | None = None):
         """A trained predictor and its folder (:func:`pipelines.models.load_predictor`)."""
         from pipelines.models import load_predictor
 
         return load_predictor(self._cfg, into, tracker, model_dir=model_dir,
-                              model_run=model_run, traced=traced)
+                              model_run=model_run, traced=traced, device=device)
 
     # ------------------------------------------------------------------ sweeps and report
     def experiment_id(self) -> str:
@@ -313,8 +313,15 @@ class TrainedPredictor:
 
     model_dir: str | None = None  # train: output (default: run folder); predict/whatif: trained model
     model_run: str | None = None  # MLflow run id of stage=train (its "model" artifact)
+    device: str | None = None  # a device id: the newest predictor stage=transfer kept for it
     unseen_op: str | None = None  # unseen primitive: null (predictor's) | error | <type>
     trace_convention: str = "irene"  # tracer's convention: irene (published data) | physical
+
+    def convention_for(self, predictor: Any) -> str:
+        """The convention to trace in: a device predictor's own (that of its target's
+        measured trees), else ``trace_convention``."""
+        own = getattr(predictor, "convention", None) if getattr(predictor, "name", "") == "device" else None
+        return str(own or self.trace_convention or "irene")
 
 
 def predictor_run_name(short: str) -> Callable[[Context, Any], str]:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from irene.data.tree import NodeType, Tree, iter_nodes_with_parent
+from irene.data.tree import NodeType, Tree, iter_nodes, iter_nodes_with_parent
 
 SOURCES = ("auto", "predicted", "measured")
 ENERGY_FIELDS = {"predicted": "predicted_energy", "measured": "ground_truth_energy"}
@@ -375,7 +375,8 @@ __all__: Sequence[str] = ("icicle_figure", "icicle_rows", "node_frame", "tree_te
 
 # ------------------------------------------------------------------------- tables
 def totals_table(trees: list[Tree]) -> pd.DataFrame:
-    """Total predicted (and measured, if any) energy per tree, with fallback counts."""
+    """Total predicted (and measured, if any) energy per tree, with the counts of fallback
+    nodes and of nodes with features outside the predictor's training range."""
     rows = []
     for tree in trees:
         root = tree["frontend_tree"]
@@ -384,7 +385,9 @@ def totals_table(trees: list[Tree]) -> pd.DataFrame:
                      "seq_len": int(tree["seq_len"]),
                      "predicted_energy_j": float(root["predicted_energy"]),
                      "measured_energy_j": root.get("ground_truth_energy"),
-                     "nodes": len(frame), "fallback_nodes": int(frame["fallback"].sum())})
+                     "nodes": len(frame), "fallback_nodes": int(frame["fallback"].sum()),
+                     "out_of_range_nodes": sum(1 for node in iter_nodes(root)
+                                               if node.get("prediction_out_of_range"))})
     table = pd.DataFrame(rows)
     if table["measured_energy_j"].isna().all():
         table = table.drop(columns="measured_energy_j")

@@ -19,6 +19,7 @@ the hyperparameters and the learned state as plain JSON (nothing is pickled), re
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import inspect
 import json
@@ -31,7 +32,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from irene import __version__
-from irene.data.forest import Forest, feature_list
+from irene.data.forest import ALL_FEATURES, Forest, feature_list
 from irene.data.io import atomic_write_json
 from irene.errors import InputError, MissingInputError, SettingsError
 
@@ -184,6 +185,27 @@ class Predictor:
                    if not _same(v, defaults.get(k, inspect.Parameter.empty))]
         return f"{type(self).__name__}({', '.join(changed)})"
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every subclass's own ``fit`` also keeps the ranges of the features it was fitted
+        on (``ranges_``, :mod:`irene.predictors.ranges`), so predictions outside them are
+        flagged whatever the predictor."""
+        super().__init_subclass__(**kwargs)
+        fit = cls.__dict__.get("fit")
+        if fit is None or getattr(fit, "_keeps_ranges", False):
+            return
+
+        @functools.wraps(fit)
+        def fit_keeping_ranges(self, forest, *args, **kw):
+            fitted = fit(self, forest, *args, **kw)
+            from irene.predictors.ranges import fit_ranges
+
+            self.ranges_ = fit_ranges(forest, list(getattr(self, "features_", None)
+                                                   or ALL_FEATURES))
+            return fitted
+
+        fit_keeping_ranges._keeps_ranges = True
+        cls.fit = fit_keeping_ranges
+
     # ---------------------------------------------------------------- contract
     def fit(self, forest: Forest) -> Predictor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -244,6 +266,7 @@ class Predictor:
             "format_version": FORMAT_VERSION, "irene_version": __version__, "predictor": cls.name,
             "class": f"{cls.__module__}.{cls.__qualname__}",
             "params": _jsonable(self.get_params(deep=False)), "state": _jsonable(self._get_state()),
+            "ranges": getattr(self, "ranges_", None),
         })
         return directory
 
@@ -296,7 +319,25 @@ def load(directory: str | Path) -> Predictor:
     except (KeyError, TypeError, ValueError) as error:
         raise InputError(f"{path}: field 'state': unreadable ({type(error).__name__}: "
                          f"{str(error).splitlines()[0] if str(error) else ''})") from None
+    if meta.get("ranges") is not None:  # older files have none: nothing is flagged
+        try:
+            model.ranges_ = _ranges(meta["ranges"])
+        except (TypeError, ValueError, IndexError) as error:
+            raise InputError(f"{path}: field 'ranges': unreadable ({error})") from None
     return model
+
+
+def _ranges(value: Any) -> dict[str, dict[str, list[float]]]:
+    """The saved feature ranges, checked: ``{kind: {feature: [low, high]}}``."""
+    if not isinstance(value, dict):
+        raise ValueError("ranges must be an object")
+    out = {}
+    for kind, features in value.items():
+        if not isinstance(features, dict):
+            raise ValueError(f"ranges of {kind!r} must be an object")
+        out[str(kind)] = {str(name): [float(pair[0]), float(pair[1])]
+                          for name, pair in features.items()}
+    return out
 
 
 def _jsonable(value: Any) -> Any:

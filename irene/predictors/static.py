@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 STATIC_FEATURES = ("num_parameters", "input_size", *FEATURE_SETS["model_specs"])
 FALLBACK_FIELD = "prediction_fallback"  # node field marking a fallback prediction
 NEGATIVE_FIELD = "prediction_negative"  # node field marking a negative (impossible) energy
+# node field naming the features outside the range the predictor was fitted on
+OUT_OF_RANGE_FIELD = "prediction_out_of_range"
 POLICY_HELP = ("unseen_op: null (the predictor's own policy), 'error', or a known primitive "
                "type whose regressor is used instead")
 
@@ -169,11 +171,14 @@ def predict_with_policy(predictor, forest: Forest, unseen_op: str | None = None
 
 
 def mark_predictions(trees: Sequence[Tree], forest: Forest, predicted_j: np.ndarray,
-                     fallback: np.ndarray) -> list[Tree]:
+                     fallback: np.ndarray, out_of_range: Sequence[Sequence[str]] | None = None
+                     ) -> list[Tree]:
     """Copies of ``trees`` with ``predicted_energy`` on every node,
-    ``prediction_fallback: true`` on the nodes predicted by a fallback and
+    ``prediction_fallback: true`` on the nodes predicted by a fallback,
     ``prediction_negative: true`` on those whose predicted energy is below zero (a predictor
-    extrapolating far outside its data; such a number is not an energy)."""
+    extrapolating far outside its data; such a number is not an energy) and
+    ``prediction_out_of_range: [features]`` on those with features outside the range the
+    predictor was fitted on (:mod:`irene.predictors.ranges`)."""
     filled = fill_predictions(trees, forest, predicted_j)
     position = 0
     for tree in filled:
@@ -182,8 +187,11 @@ def mark_predictions(trees: Sequence[Tree], forest: Forest, predicted_j: np.ndar
                 node[FALLBACK_FIELD] = True
             if predicted_j[position] < 0:
                 node[NEGATIVE_FIELD] = True
+            if out_of_range is not None and out_of_range[position]:
+                node[OUT_OF_RANGE_FIELD] = list(out_of_range[position])
             position += 1
     return filled
+
 
 
 def predict_trees(predictor, trees: Sequence[Tree], unseen_op: str | None = None,
@@ -198,9 +206,12 @@ def predict_trees(predictor, trees: Sequence[Tree], unseen_op: str | None = None
     """
     if static_only:
         require_static(predictor)
+    from irene.predictors.ranges import out_of_range
+
     forest = build_forest(trees)
     predicted, fallback = predict_with_policy(predictor, forest, unseen_op)
-    return mark_predictions(trees, forest, predicted, fallback), forest, fallback
+    flags = out_of_range(getattr(predictor, "ranges_", None), forest)
+    return mark_predictions(trees, forest, predicted, fallback, flags), forest, fallback
 
 
 def fallback_summary(forest: Forest, fallback: np.ndarray) -> dict[str, int]:

@@ -12,8 +12,10 @@ Three inputs, in this order of precedence:
 * otherwise the configured data set.
 
 The trained predictor comes from ``model_dir=<folder of stage=train>`` or
-``model_run=<MLflow run id of stage=train>`` (the ``predictor`` config group only names the
-kind of predictor to train, so it cannot name a trained one). ``unseen_op`` overrides the
+``model_run=<MLflow run id of stage=train>``, or ``device=<id>``: the newest predictor
+``stage=transfer`` kept for that device, which also sets the tracer's convention to that of
+the device's measured trees (the ``predictor`` config group only names the kind of
+predictor to train, so it cannot name a trained one). ``unseen_op`` overrides the
 policy for primitive types never seen in training (``error`` or a known type); nodes predicted
 by a fallback are marked ``prediction_fallback: true``.
 
@@ -58,8 +60,8 @@ class PredictSettings(ModelInput, TrainedPredictor):
 
 
 # --------------------------------------------------------------------------------- input
-def input_trees(ctx: Context, settings: PredictSettings, tracker: Tracker
-                ) -> tuple[list[Tree], Path | None, bool]:
+def input_trees(ctx: Context, settings: PredictSettings, tracker: Tracker,
+                convention: str | None = None) -> tuple[list[Tree], Path | None, bool]:
     """The trees to predict, the file they came from (None when traced) and whether they
     were traced (static features only)."""
     from irene.data.tree import read_trees
@@ -68,7 +70,7 @@ def input_trees(ctx: Context, settings: PredictSettings, tracker: Tracker
 
     if settings.model:
         shapes = parse_shapes(settings.shapes, settings.batch_size, settings.seq_len)
-        convention = str(settings.trace_convention or "irene")
+        convention = str(convention or settings.trace_convention or "irene")
         log.info("tracing %s at %s (static features, %s convention)", settings.model, shapes,
                  convention)
         return trace_static(str(settings.model), shapes, convention=convention), None, True
@@ -110,6 +112,22 @@ def package(model_dir: Path, unseen_op: str | None, trace_convention: str) -> st
     return info.model_uri
 
 
+def out_of_range_counts(trees: list[Tree]) -> dict:
+    """Nodes with features outside the predictor's training range, and the count per feature."""
+    from irene.data.tree import iter_nodes
+    from irene.predictors.static import OUT_OF_RANGE_FIELD
+
+    nodes, features = 0, {}
+    for tree in trees:
+        for node in iter_nodes(tree["frontend_tree"]):
+            names = node.get(OUT_OF_RANGE_FIELD)
+            if names:
+                nodes += 1
+                for name in names:
+                    features[name] = features.get(name, 0) + 1
+    return {"nodes": nodes, "features": dict(sorted(features.items()))}
+
+
 # ------------------------------------------------------------------------------- the stage
 def run(ctx: Context, settings: PredictSettings) -> Path:
     """Returns the predictions file (``output``, default ``<run folder>/predictions.jsonl``)."""
@@ -122,25 +140,31 @@ def run(ctx: Context, settings: PredictSettings) -> Path:
     out = Path(settings.output) if settings.output else folder / "predictions.jsonl"
     policy = unseen_policy(settings.unseen_op)
     params = {"model_dir": str(settings.model_dir), "model_run": str(settings.model_run),
-              "model": str(settings.model), "unseen_op": policy or ""}
+              "model": str(settings.model), "unseen_op": policy or "",
+              "device": str(settings.device)}
     # packaging logs an MLflow model inside the run: the run must be this process's
     with ctx.tracked_run(params, background=not settings.package) as tracker:
         predictor, model_dir = ctx.trained_predictor(
             folder / "downloaded", tracker, model_dir=settings.model_dir,
-            model_run=settings.model_run, traced=bool(settings.model))
+            model_run=settings.model_run, traced=bool(settings.model), device=settings.device)
         model_uri = None
         if settings.package:
             if not ctx.tracking_enabled:
                 raise SettingsError("package=true logs an MLflow model: it needs tracking.enabled=true")
-            model_uri = package(model_dir, policy, settings.trace_convention)
-        trees, source, traced = input_trees(ctx, settings, tracker)
+            model_uri = package(model_dir, policy, settings.convention_for(predictor))
+        trees, source, traced = input_trees(ctx, settings, tracker,
+                                            settings.convention_for(predictor))
         tracker.log_params({"trees": str(source or "traced"), "predictor": type(predictor).__name__})
         filled, forest, fallback = predict_trees(predictor, trees, policy, static_only=traced)
         write_trees(out, filled, protect=[source] if source else [])
         by_type = fallback_summary(forest, fallback)
-        log.info("predicted %d nodes of %d trees (%d with a fallback regressor: %s)",
-                 forest.num_nodes, forest.num_trees, int(fallback.sum()), by_type or "none")
-        tracker.log_metrics({"fallback_nodes": int(fallback.sum()), "trees": forest.num_trees})
+        outside = out_of_range_counts(filled)
+        log.info("predicted %d nodes of %d trees (%d with a fallback regressor: %s; %d with "
+                 "features outside the training range: %s)", forest.num_nodes,
+                 forest.num_trees, int(fallback.sum()), by_type or "none",
+                 outside["nodes"], outside["features"] or "none")
+        tracker.log_metrics({"fallback_nodes": int(fallback.sum()), "trees": forest.num_trees,
+                             "out_of_range_nodes": outside["nodes"]})
         if by_type:
             tracker.log_params({"fallback_types": by_type})
         totals = totals_table(filled)

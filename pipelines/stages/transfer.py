@@ -13,7 +13,12 @@ the source(s) and those k, and the left-out model's target trees are predicted
   ``shots``, ``ml``, ``module``, ``model`` (mean % error) and their ``_sd`` over draws;
 * ``transfer_methods.csv`` / ``.md``: every method, the target's own leave-one-model-out
   (``target_lomo``, the ceiling) included;
-* ``transfer.png``: error against k per node level, with its spread.
+* ``transfer.png``: error against k per node level, with its spread;
+* ``model/``: with ``keep_model=true`` (default) and a default method that corrects a source
+  (``type_scale``, ``level_scale``), the target's predictor fitted on all the sources' trees and
+  *every* target tree given (:class:`irene.predictors.device.DevicePredictor`); logged as the
+  artifact ``model`` and tagged ``transfer.device=<target id>``, so
+  ``stage=predict model=<any model> device=<target id>`` finds it.
 
 MLflow: the stage's run, and one child run per method with its errors logged per k (step).
 The last line printed is the path of ``transfer.csv``.
@@ -46,6 +51,9 @@ class TransferSettings:
     draw_seed: int = 0  # seed of the draws
     # methods compared (irene/transfer.py METHODS), the first one is the default
     methods: list[str] = field(default_factory=lambda: ["type_scale", "level_scale", "target_only"])
+    # keep the target's predictor (sources + every target tree, the default method) for
+    # `stage=predict device=<target id>`; false: the learning curve only
+    keep_model: bool = True
 
 
 def _names(value) -> list[str]:
@@ -129,6 +137,45 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
+#: Default methods that correct a source device, so can be kept as a device's predictor.
+KEEPABLE = ("type_scale", "level_scale")
+#: The MLflow tag naming the device a transfer run's kept predictor is for.
+DEVICE_TAG = "transfer.device"
+
+
+@dataclass
+class KeptModel:
+    path: Path
+    device_id: str
+
+
+def keep_model(source_trees: list[list[Tree]], target_trees: list[Tree], sources: list[str],
+               method: str, folder: Path, tracker: Tracker) -> KeptModel:
+    """Fit the target's predictor on all source trees and every target tree; save and log it."""
+    from irene.data.forest import build_forest
+    from irene.data.provenance import device_ids
+    from irene.predictors.device import DevicePredictor
+
+    ids = device_ids(target_trees)
+    if len(ids) != 1:
+        raise SettingsError(f"target: its trees are of several devices {list(ids)}; a kept "
+                            "predictor is for one device (keep_model=false for the curve only)")
+    conventions = {str((t.get("device") or {}).get("convention") or "physical")
+                   for t in target_trees}
+    convention = conventions.pop() if len(conventions) == 1 else "physical"
+    source_ids = ["+".join(device_ids(trees)) for trees in source_trees]
+    log.info("fitting %s's predictor on %s and all %d target trees", ids[0], "+".join(sources),
+             len(target_trees))
+    predictor = DevicePredictor(device=ids[0], method=method, convention=convention,
+                                sources=source_ids)
+    predictor.fit_transfer([build_forest(trees) for trees in source_trees],
+                           build_forest(target_trees))
+    predictor.save(folder)
+    tracker.log_artifact(folder, "model")
+    tracker.set_tags({DEVICE_TAG: ids[0]})
+    return KeptModel(folder, ids[0])
+
+
 def run(ctx: Context, settings: TransferSettings) -> Path:
     """Returns the path of ``transfer.csv``."""
     import pandas as pd
@@ -180,10 +227,17 @@ def run(ctx: Context, settings: TransferSettings) -> Path:
                     child.log_metrics({c: row[c] for c in ERROR_COLUMNS}, step=step)
         tracker.log_metrics({f"k{k}_{c}": float(default.loc[k, c]) for k in default.index
                              if isinstance(k, int) for c in ERROR_COLUMNS})
+        model_dir = None
+        if settings.keep_model and names[0] in KEEPABLE:
+            model_dir = keep_model(source_trees, target_trees, sources, names[0], out / "model",
+                                   tracker)
     print(f"Transfer {title}: mean % error on the left-out model")
     from irene.tables import fold_spread, to_markdown
 
     print(to_markdown(fold_spread(table)))
+    if model_dir is not None:
+        print(f"predictor for {model_dir.device_id}: {model_dir.path}  (stage=predict "
+              f"model=<name> device={model_dir.device_id})")
     print(f"transfer table: {out / 'transfer.csv'}")
     return out / "transfer.csv"
 

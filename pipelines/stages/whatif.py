@@ -110,17 +110,18 @@ def run(ctx: Context, settings: WhatifSettings) -> Path:
     models, batch_sizes, seq_lens = grid(settings)
     params = {"models": models, "batch_sizes": batch_sizes, "seq_lens": seq_lens,
               "model_dir": str(settings.model_dir), "model_run": str(settings.model_run),
-              "unseen_op": str(settings.unseen_op)}
+              "unseen_op": str(settings.unseen_op), "device": str(settings.device)}
     with ctx.tracked_run(params) as tracker:
         predictor, _ = ctx.trained_predictor(folder / "downloaded", tracker,
                                              model_dir=settings.model_dir,
-                                             model_run=settings.model_run, traced=True)
+                                             model_run=settings.model_run, traced=True,
+                                             device=settings.device)
         tracker.log_params({"predictor": type(predictor).__name__})
         shapes = [(b, s) for b in batch_sizes for s in seq_lens]
         filled: list[Tree] = []
         for model in models:
             log.info("tracing %s at %d shapes", model, len(shapes))
-            traced = trace_static(model, shapes, convention=settings.trace_convention)
+            traced = trace_static(model, shapes, convention=settings.convention_for(predictor))
             trees, _, _ = predict_trees(predictor, traced, unseen_policy(settings.unseen_op),
                                         static_only=True)
             filled.extend(trees)
