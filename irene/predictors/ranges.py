@@ -12,11 +12,12 @@ is flagged on its own).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 
-from irene.data.forest import ALL_FEATURES, Forest
+from irene.data.forest import ALL_FEATURES, Forest, origin, shared_cache
 
 #: A value counts as inside a range up to this relative tolerance (rounding of written files).
 TOLERANCE = 1e-6
@@ -34,31 +35,53 @@ def node_kinds(forest: Forest) -> np.ndarray:
 def fit_ranges(forests: Forest | Sequence[Forest], features: Sequence[str]
                ) -> dict[str, dict[str, list[float]]]:
     """``{kind: {feature: [low, high]}}`` over the nodes of ``forests`` (NaN ignored; a
-    feature no node of a kind has is left out for that kind)."""
+    feature no node of a kind has is left out for that kind).
+
+    The minimum and maximum of every (tree, kind) are computed once per data set
+    (:func:`irene.data.forest.shared_cache`); a subset, such as a cross-validation fold,
+    reduces its trees' rows of that table."""
     forests = [forests] if isinstance(forests, Forest) else list(forests)
+    features = list(features)
     ranges: dict[str, dict[str, list[float]]] = {}
     for forest in forests:
-        kinds = node_kinds(forest)
-        values = forest.matrix(list(features))
-        order = np.argsort(kinds, kind="stable")
-        sorted_kinds = kinds[order]
-        starts = np.flatnonzero(np.r_[True, sorted_kinds[1:] != sorted_kinds[:-1]])
-        ends = np.r_[starts[1:], len(order)]
-        for start, end in zip(starts, ends, strict=True):
-            block = values[order[start:end]]
-            seen = ~np.all(np.isnan(block), axis=0)
-            if not seen.any():
-                continue
-            with np.errstate(invalid="ignore"):
-                low = np.nanmin(np.where(seen, block, 0.0), axis=0)
-                high = np.nanmax(np.where(seen, block, 0.0), axis=0)
-            kind = ranges.setdefault(str(sorted_kinds[start]), {})
-            for j in np.flatnonzero(seen):
-                name = features[j]
-                old = kind.get(name)
-                lo, hi = float(low[j]), float(high[j])
-                kind[name] = [lo, hi] if old is None else [min(old[0], lo), max(old[1], hi)]
+        kinds, low, high = _tree_kind_table(forest, features)
+        trees = origin(forest)[1]
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN: a kind not in these trees
+            lows, highs = np.nanmin(low[trees], axis=0), np.nanmax(high[trees], axis=0)
+        for k, kind in enumerate(kinds):
+            for j in np.flatnonzero(~np.isnan(lows[k])):
+                entry = ranges.setdefault(str(kind), {})
+                lo, hi = float(lows[k, j]), float(highs[k, j])
+                old = entry.get(features[j])
+                entry[features[j]] = [lo, hi] if old is None else [min(old[0], lo), max(old[1], hi)]
     return ranges
+
+
+def _tree_kind_table(forest: Forest, features: list[str]
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For the data set ``forest`` belongs to: its kinds of node, and the T × K × F minima
+    and maxima of every feature over each tree's nodes of each kind (NaN: none)."""
+    cache = shared_cache(forest)
+    key = ("feature_ranges", tuple(features))
+    if key not in cache:
+        root = origin(forest)[0]
+        kinds, code = np.unique(node_kinds(root).astype(str), return_inverse=True)
+        values = root.features[:, [ALL_FEATURES.index(f) for f in features]]
+        group = root.tree_index * len(kinds) + code.ravel()
+        order = np.argsort(group, kind="stable")
+        starts = np.flatnonzero(np.r_[True, group[order][1:] != group[order][:-1]])
+        shape = (root.num_trees * len(kinds), len(features))
+        low, high = np.full(shape, np.nan), np.full(shape, np.nan)
+        if len(order):
+            block = values[order]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                low[group[order][starts]] = np.fmin.reduceat(block, starts, axis=0)
+                high[group[order][starts]] = np.fmax.reduceat(block, starts, axis=0)
+        cache[key] = (kinds, low.reshape(root.num_trees, len(kinds), -1),
+                      high.reshape(root.num_trees, len(kinds), -1))
+    return cache[key]
 
 
 def out_of_range(ranges: dict[str, dict[str, list[float]]] | None, forest: Forest
