@@ -1,0 +1,78 @@
+"""IrEne+'s fast paths equal the computations they replace (issue 20, item 7): the inner
+model's design built once per fit from the edges into its rows, its bounded least squares
+solved on the triangle of its rows, and the data set's distinct leaf rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from irene.data.forest import build_forest, children_sum
+from irene.predictors.irene_plus import (
+    IrenePlusPredictor,
+    _bounded_relative_lstsq,
+    _InnerDesign,
+    _node_kinds,
+)
+from irene.predictors.leaves import measured, relative_lstsq
+
+
+@pytest.fixture(scope="module")
+def small_forest(small_trees):
+    return build_forest(small_trees)
+
+
+def test_inner_design_equals_a_children_sum_per_kind(small_forest):
+    """The design's kind columns are the same floats as Σ children of each kind computed over
+    the whole forest, and its residual columns are the rows' own."""
+    forest = small_forest
+    model = IrenePlusPredictor(feature_sets=["model_specs"])
+    model.features_ = ["num_parameters", "input_size", "batch_size", "seq_len", "flops",
+                       "mem_bytes"]
+    model.extra_features_ = ["flops", "mem_bytes"]
+    names, code = _node_kinds(forest)
+    kinds = [str(names[c]) for c in np.unique(code[forest.parent >= 0])]
+    targets = ~forest.is_leaf & measured(forest)
+    residual = model._residual_design(forest)
+    design = _InnerDesign(forest, targets, code, names, kinds, residual)
+    values = np.random.default_rng(0).lognormal(size=forest.num_nodes)
+    position = {str(name): j for j, name in enumerate(names)}
+    expected = np.column_stack(
+        [children_sum(forest, np.where(code == position[k], values, 0.0)) for k in kinds]
+        + [residual])[targets]
+    assert np.array_equal(design.columns(values), expected)
+    assert len(kinds) >= 5 and targets.sum() > 100
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_bounded_least_squares_on_the_triangle_equals_the_rows(seed):
+    """Random relative-error problems whose bounds bind: the triangle's solution is the rows'
+    to 1e-10, and some coefficients sit on their bound."""
+    rng = np.random.default_rng(seed)
+    n, k = 400, 7
+    design = rng.lognormal(size=(n, k))
+    truth = rng.normal(1.0, 0.3, size=k)
+    truth[:2] = -0.4  # two columns that want a negative weight, bounded at 0
+    target = np.abs(design @ truth + 3.0 * rng.lognormal(size=n)) + 0.1
+    lower = np.zeros(k)
+    lower[k - 1] = -np.inf
+    prior = np.concatenate([np.ones(k - 2), np.zeros(2)])
+    for ridge in (1e-3, 1e-1):
+        fast = _bounded_relative_lstsq(design, target, lower=lower, ridge=ridge, prior=prior)
+        slow = relative_lstsq(design, target, lower=lower, ridge=ridge, prior=prior)
+        np.testing.assert_allclose(fast, slow, rtol=1e-10, atol=1e-12)
+        assert np.all(fast >= lower)
+    assert np.any(fast[:k - 1] == 0.0)
+
+
+def test_inner_fit_equals_the_fit_on_the_rows(small_forest, monkeypatch):
+    """The whole inner model (every refit) fitted on the triangle equals it fitted on the rows."""
+    import irene.predictors.irene_plus as plus
+
+    fast = IrenePlusPredictor().fit(small_forest)
+    monkeypatch.setattr(plus, "_bounded_relative_lstsq",
+                        lambda design, target, **kw: relative_lstsq(design, target, **kw))
+    slow = IrenePlusPredictor().fit(small_forest)
+    np.testing.assert_allclose(fast.child_weights_, slow.child_weights_, rtol=1e-10)
+    np.testing.assert_allclose(fast.residual_coef_, slow.residual_coef_, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(fast.predict(small_forest), slow.predict(small_forest), rtol=1e-10)
