@@ -350,6 +350,9 @@ def bad_group_option(overrides: list[str], conf_dir: Path) -> str | None:
                 or not group.is_dir()):
             continue
         options = sorted(p.stem for p in group.glob("*.yaml"))
+        if key == "data" and value.startswith("["):  # several devices: a key, not a group
+            return (f"data={value}: picks one option of the group; several devices as one "
+                    f"data set are data.devices={value} (or data=paper_devices)")
         for item in value.split(","):
             if item.strip() not in (*options, "null"):
                 return f"{key}={item.strip()}: no such option; choose from {options}"
