@@ -13,6 +13,9 @@ from irene.predictors.irene_plus import (
     _bounded_relative_lstsq,
     _InnerDesign,
     _node_kinds,
+    _others,
+    _solve_like_lstsq,
+    _triangle,
 )
 from irene.predictors.leaves import measured, relative_lstsq
 
@@ -76,3 +79,52 @@ def test_inner_fit_equals_the_fit_on_the_rows(small_forest, monkeypatch):
     np.testing.assert_allclose(fast.child_weights_, slow.child_weights_, rtol=1e-10)
     np.testing.assert_allclose(fast.residual_coef_, slow.residual_coef_, rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(fast.predict(small_forest), slow.predict(small_forest), rtol=1e-10)
+
+
+@pytest.mark.parametrize("noise", [1e-1, 1e-3, 1e-9])
+def test_triangle_solves_least_squares_like_householder(noise):
+    """R of :func:`_triangle` gives the least-squares solution of the rows to 1e-10 relative
+    (two nearly collinear columns); where Cholesky QR would be inaccurate (1e-9) it is
+    Householder's."""
+    rng = np.random.default_rng(1)
+    n, k = 3000, 6
+    a = rng.lognormal(size=(n, k))
+    a[:, 3] = a[:, 2] + noise * rng.normal(size=n)
+    b = a @ rng.normal(size=k) + rng.normal(size=n)
+    rows = np.column_stack([a, b])
+    triangle = _triangle(rows)
+    if noise < 1e-5:  # Householder's own triangle
+        assert np.array_equal(triangle, np.linalg.qr(rows, mode="r"))
+        return
+    assert np.allclose(triangle, np.triu(triangle))
+    fast = np.linalg.solve(triangle[:k, :k], triangle[:k, k])
+    exact = np.linalg.solve(np.linalg.qr(a, mode="r"), np.linalg.qr(a)[0].T @ b)
+    np.testing.assert_allclose(fast, exact, rtol=1e-10, atol=1e-10 * np.abs(exact).max())
+
+
+def test_stacked_solve_equals_lstsq_and_falls_back_on_singular_systems():
+    """Well-conditioned systems: lstsq's solution to rounding; a singular one (the ridge
+    strength 0 of a rank-deficient Gram matrix): lstsq's minimum-norm solution exactly."""
+    rng = np.random.default_rng(2)
+    w = 5
+    rows = rng.normal(size=(4, 3, 40, w))
+    rows[1, 2, :, 4] = rows[1, 2, :, 3]  # a repeated column: singular Gram matrix
+    system = np.einsum("...ni,...nj->...ij", rows, rows)
+    rhs = rng.normal(size=(4, 3, w))
+    out = _solve_like_lstsq(system, rhs)
+    for i in range(4):
+        for j in range(3):
+            expected = np.linalg.lstsq(system[i, j], rhs[i, j], rcond=None)[0]
+            if (i, j) == (1, 2):
+                assert np.array_equal(out[i, j], expected)
+            else:
+                np.testing.assert_allclose(out[i, j], expected, rtol=1e-10, atol=1e-12)
+
+
+def test_others_equals_reducing_the_rows_left_after_deleting_each():
+    values = np.random.default_rng(3).normal(size=(7, 4))
+    for reduce, name in ((np.minimum, "min"), (np.maximum, "max")):
+        expected = np.stack([getattr(np.delete(values, j, axis=0), name)(axis=0)
+                             for j in range(len(values))])
+        assert np.array_equal(_others(reduce, values), expected)
+        assert np.array_equal(_others(reduce, values[:2]), values[:2][::-1])
