@@ -268,3 +268,18 @@ def test_stage_leave_one_device_out_on_data_devices(data_root, tmp_path):
     assert lines[0] == "left_out_device,ml,module,model"
     assert [line.split(",")[0] for line in lines[1:]] == ["device_1", "device_2", "overall"]
     assert "leave-one-device-out" in out.stdout
+
+
+def test_predictions_of_two_devices_align_by_device_and_node_id(both):
+    from irene.data.tree import iter_nodes
+    from irene.evaluate.metrics import align_predictions
+
+    first, second = both
+    predicted = json.loads(json.dumps([*second, *first]))  # another order: aligned by key
+    for tree in predicted:
+        factor = 2.0 if tree["device"]["id"] == "device_2" else 1.0
+        for node in iter_nodes(tree["frontend_tree"]):
+            node["predicted_energy"] = factor * node["ground_truth_energy"]
+    forest, values = align_predictions([*first, *second], predicted, "p.jsonl")
+    factor = np.where(np.asarray(forest.devices)[forest.tree_index] == "device_2", 2.0, 1.0)
+    assert np.array_equal(values, factor * forest.gold_j)

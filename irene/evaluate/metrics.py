@@ -90,12 +90,25 @@ def error_tables(forest: Forest, predicted_j: np.ndarray) -> dict[str, pd.DataFr
 
 
 def align_predictions(gold_trees: list, predicted_trees: list, where: str) -> tuple[Forest, np.ndarray]:
-    """Align predictions to gold by node id (as the public evaluator does)."""
-    predicted = {n["id"]: n.get("predicted_energy") for t in predicted_trees
-                 for n in iter_nodes(t["frontend_tree"])}
+    """Align predictions to gold by node id (as the public evaluator does); where the gold
+    trees are of several devices (node ids repeat across devices), by device and node id."""
     forest = build_forest(gold_trees)
-    missing = [i for i in forest.ids if predicted.get(i) is None]
+    several = len(forest.device_names()) > 1
+
+    def key(device, node_id):
+        return (device, node_id) if several else node_id
+
+    predicted = {key(_device(t), n["id"]): n.get("predicted_energy") for t in predicted_trees
+                 for n in iter_nodes(t["frontend_tree"])}
+    keys = ([key(d, i) for d, i in zip(np.asarray(forest.devices, dtype=object)[forest.tree_index],
+                                       forest.ids, strict=True)] if several else forest.ids)
+    missing = [k for k in keys if predicted.get(k) is None]
     if missing:
         raise InputError(f"{where}: field 'predicted_energy': missing for {len(missing)} nodes, "
                          f"e.g. id {missing[0]!r}")
-    return forest, np.asarray([predicted[i] for i in forest.ids], dtype=float)
+    return forest, np.asarray([predicted[k] for k in keys], dtype=float)
+
+
+def _device(tree: dict) -> str:
+    block = tree.get("device")
+    return (block.get("id") or "unknown") if isinstance(block, dict) else "unknown"
