@@ -1,5 +1,8 @@
 """Stage ``measure``: trace and measure one (model, batch_size, seq_len) into trees.jsonl.
 
+``configs=[bert-base-uncased@8x128,gpt2@16x256]`` measures several configurations in one job,
+in turn (what ``stage=plan`` prints for a new GPU; ``experiment=new_gpu`` holds its default).
+
 A sweep is a Hydra multirun over ``model``, ``batch_size`` and ``seq_len``; every job appends
 its line to the shared ``measure.output`` file, and a job whose line already exists returns at
 once, so a killed sweep is resumed by running it again. A job prints a progress bar over its
@@ -12,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +40,28 @@ METER_DIR = Path(__file__).resolve().parents[2] / "conf" / "measure" / "meter"
 @dataclass
 class MeasureSettings(ModelInput):
     measure: MeasureConfig = field(default_factory=MeasureConfig)  # protocol, meter, output
+    # several configurations in one job, measured in turn: ["bert-base-uncased@8x128", ...]
+    # (stage=plan picks them; conf/experiment/new_gpu.yaml holds its default picks)
+    configs: list[str] | None = None
+
+
+_CONFIG = re.compile(r"^(?P<model>[^@\s]+)@(?P<batch>[0-9]+)x(?P<seq>[0-9]+)$")
+
+
+def parse_configs(configs: list[str]) -> list[tuple[str, int, int]]:
+    """``["model@BxS", ...]`` as (model, batch_size, seq_len) triples.
+
+    Raises:
+        SettingsError: naming the first entry that is not ``model@BxS`` with B, S ≥ 1.
+    """
+    out = []
+    for position, entry in enumerate(configs):
+        found = _CONFIG.match(str(entry).strip())
+        if found is None or int(found["batch"]) < 1 or int(found["seq"]) < 1:
+            raise SettingsError(f"configs[{position}]={entry!r}: expected <model>@<batch_size>x"
+                                "<seq_len> with both at least 1, e.g. bert-base-uncased@8x128")
+        out.append((found["model"], int(found["batch"]), int(found["seq"])))
+    return out
 
 
 def meter_config(cfg: DictConfig) -> DictConfig:
@@ -82,9 +108,17 @@ def measure_settings(cfg: DictConfig) -> MeasureConfig:
 
 def read_settings(cfg: DictConfig) -> MeasureSettings:
     """The stage's settings: the shape and the ``measure`` block with its meter resolved."""
+    configs = cfg.get("configs")
+    if configs:
+        if cfg.get("model"):
+            raise SettingsError(f"model={cfg.model} and configs=[...] both name what to measure: "
+                                "give one of them")
+        parse_configs(list(configs))  # every entry checked before anything is measured
+        return MeasureSettings(configs=[str(c) for c in configs], measure=measure_settings(cfg))
     if not cfg.get("model"):
         raise SettingsError("stage=measure needs model=<registry name or config.json path>, "
-                            "e.g. model=bert-base-uncased batch_size=8 seq_len=128")
+                            "e.g. model=bert-base-uncased batch_size=8 seq_len=128 (or "
+                            "configs=[<model>@<batch>x<seq>,...])")
     return MeasureSettings(model=str(cfg.model), batch_size=int(cfg.batch_size),
                            seq_len=int(cfg.seq_len), measure=measure_settings(cfg))
 
@@ -163,8 +197,16 @@ def _tracking(ctx: Context, track: bool, params: dict[str, Any]) -> contextlib.A
 
 
 def run(ctx: Context, request: MeasureSettings) -> Path:
-    """Measure ``model`` at ``batch_size`` x ``seq_len`` into ``measure.output``; returns the
-    path of the trees file."""
+    """Measure ``model`` at ``batch_size`` x ``seq_len`` (or every entry of ``configs``, in
+    turn) into ``measure.output``; returns the path of the trees file."""
+    if request.configs:
+        triples = parse_configs(request.configs)
+        for number, (model, batch_size, seq_len) in enumerate(triples, start=1):
+            log.info("configuration %d of %d: %s %dx%d", number, len(triples), model,
+                     batch_size, seq_len)
+            output = run(ctx, dataclasses.replace(request, configs=None, model=model,
+                                                  batch_size=batch_size, seq_len=seq_len))
+        return output
     from irene.data.provenance import measured_block
     from irene.measure.meters import NullMeter
     from irene.measure.runner import environment, measure_into, resolve_device, wanted_completeness
