@@ -14,10 +14,11 @@ from irene.predictors.irene_plus import (
     _InnerDesign,
     _node_kinds,
     _others,
+    _predict_leaves,
     _solve_like_lstsq,
     _triangle,
 )
-from irene.predictors.leaves import measured, relative_lstsq
+from irene.predictors.leaves import measured, predict_leaves, relative_lstsq
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +129,21 @@ def test_others_equals_reducing_the_rows_left_after_deleting_each():
                              for j in range(len(values))])
         assert np.array_equal(_others(reduce, values), expected)
         assert np.array_equal(_others(reduce, values[:2]), values[:2][::-1])
+
+
+def test_leaf_predictions_by_code_equal_predict_leaves(small_forest):
+    """The same values and fallback marks as :func:`predict_leaves`, in a fold cut from the
+    data set and with a primitive type unseen in training (the op-agnostic fallback)."""
+    names = np.asarray(small_forest.model_names, dtype=object)
+    fold = small_forest.subset(names != small_forest.model_names[0])
+    model = IrenePlusPredictor(feature_sets=["model_specs"]).fit(fold)
+    models = {op: m for op, m in model.leaf_models_.items() if op != "softmax"}
+    for forest in (small_forest, fold):
+        x = forest.matrix(model.features_)
+        args = (forest, x, models, lambda op: model.global_leaf_model_, "hint")
+        pred, fallback = _predict_leaves(*args)
+        expected, expected_fallback = predict_leaves(*args)
+        assert pred.tobytes() == expected.tobytes()
+        assert np.array_equal(fallback, expected_fallback) and fallback.any()
+    with pytest.raises(Exception, match="softmax.*never seen in training.*hint"):
+        _predict_leaves(fold, fold.matrix(model.features_), models, lambda op: None, "hint")

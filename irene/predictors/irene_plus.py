@@ -59,7 +59,6 @@ from irene.predictors.leaves import (
     polynomial_expand,
     polynomial_powers,
     polynomial_transform,
-    predict_leaves,
     relative_lstsq,
 )
 
@@ -72,6 +71,8 @@ EXTRA_FEATURES = ("flops", "mem_bytes", "times_mean", "gpu_energy_mean")
 MAX_FEATURES_FOR_CUBIC = 8  # degree 3 of more features has too many terms for small op types
 # inner selection from per-model sums when every held-out fit has this many rows per coefficient
 SUMS_ROWS_PER_TERM = 20
+# candidates whose held-out errors agree to this relative difference are tied (rounding)
+SELECTION_TIE = 1e-10
 
 
 class IrenePlusPredictor(Predictor):
@@ -173,10 +174,12 @@ class IrenePlusPredictor(Predictor):
         models. With ``sums`` (``sums(space, degree)``: the data set's :class:`_LeafSums`,
         computed once and shared by every fold cut from it) and at least
         ``SUMS_ROWS_PER_TERM`` rows per coefficient in every held-out fit, it is solved from
-        the sums per model and only the held-out model's rows are predicted row by row: the
-        same fit to rounding (tested), in time that does not grow with the other models'
+        the sums per model and the held-out model's rows are predicted from their expansion in
+        the sums' standardisation (:meth:`_LeafSums.held_out_errors`): the same fit and
+        errors to rounding (tested), in time that does not grow with the other models'
         rows. Otherwise (few rows, where small ridges are ill-conditioned and rounding could
-        change the choice; or no ``sums``) each held-out fit is fit on the rows.
+        change the choice; or no ``sums``) each held-out fit is fit on the rows. Errors equal
+        to ``SELECTION_TIE`` (relative) are a tie, won by the earlier candidate.
         The chosen regressor is then fit on the rows.
         """
         candidates = self._candidates()
@@ -195,17 +198,15 @@ class IrenePlusPredictor(Predictor):
                 self._select_direct(x, y, count, held_rows, space, degree, indices, errors)
                 continue
             alphas = [candidates[i][2] for i in indices]
-            scalers, coef = sums(space, degree).leave_one_out(models, alphas)
-            for j, held in enumerate(models):
-                test = held_rows[held]
-                fit = LogPolyRegressor(degree=degree, alpha=alphas[0], scaler=scalers[j],
-                                       coef_=coef[j, 0], space=space)
-                expanded = fit.expand(x[test])  # the same for every ridge strength
-                for a, i in enumerate(indices):
-                    fit.coef_ = coef[j, a]
-                    error = np.abs(fit.predict(x[test], expanded=expanded) / y[test] - 1.0)
-                    errors[i] += np.average(error, weights=count[test])
-        best = int(np.argmin(errors))
+            form = sums(space, degree)
+            if not form.holds(models, {name: len(rows) for name, rows in held_rows.items()}):
+                self._select_direct(x, y, count, held_rows, space, degree, indices, errors)
+                continue
+            for held_errors in form.held_out_errors(models, alphas):
+                errors[indices] += held_errors
+        # the first candidate within rounding of the least error: a tie (two forms that fit
+        # alike) goes to the earlier, simpler candidate whichever path computed the errors
+        best = int(np.flatnonzero(errors <= errors.min() * (1.0 + SELECTION_TIE))[0])
         return candidates[best], float(100.0 * errors[best] / len(models))
 
     def _select_direct(self, x: np.ndarray, y: np.ndarray, count: np.ndarray,
@@ -275,7 +276,7 @@ class IrenePlusPredictor(Predictor):
 
     # --------------------------------------------------------------------- prediction
     def _predict_leaves(self, forest: Forest, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return predict_leaves(forest, x, self.leaf_models_,
+        return _predict_leaves(forest, x, self.leaf_models_,
                               lambda op: self.global_leaf_model_ if self.fallback else None,
                               "set fallback=true to use the op-agnostic regressor")
 
@@ -401,7 +402,9 @@ class _LeafSums:
     for the standardizer ``count``, ``total``, ``squares`` (Σ 1, Σ u, Σ u² of the reference
     coordinates) and ``low``/``high`` (the raw minimum and maximum, which tell a constant
     column exactly). Any set of models is then one sum and one change of standardisation
-    (:func:`polynomial_transform`) away from its normal equations.
+    (:func:`polynomial_transform`) away from its normal equations. The rows themselves are
+    kept grouped by model (``starts``: each model's first row) for the held-out errors:
+    ``expanded`` (z before any division by the energy), ``energy`` and ``row_weight``.
     """
 
     space: str
@@ -416,6 +419,10 @@ class _LeafSums:
     squares: np.ndarray
     low: np.ndarray
     high: np.ndarray
+    starts: np.ndarray
+    expanded: np.ndarray
+    energy: np.ndarray
+    row_weight: np.ndarray
 
     @classmethod
     def of(cls, forest: Forest, features: list[str], op: str, space: str, degree: int
@@ -441,31 +448,55 @@ class _LeafSums:
         inputs = log_features(x) if space == "log" else x
         reference = Standardizer.fit(inputs)
         u = reference.transform(inputs)
-        z = polynomial_expand(u, max(degree, 1))
+        expanded = polynomial_expand(u, max(degree, 1))
         if space == "log":
-            target = np.log(y)
+            z, target = expanded, np.log(y)
         else:  # relative error: each row divided by its energy, the target 1
-            z = z / y[:, None]
-            target = np.ones(len(z))
+            z, target = expanded / y[:, None], np.ones(len(expanded))
         models = {name: i for i, name in enumerate(dict.fromkeys(groups))}
-        code = np.asarray([models[g] for g in groups])
+        code = np.asarray([models[g] for g in groups], dtype=np.int64)
+        order = np.argsort(code, kind="stable")  # each model's rows, in their order
+        starts = np.searchsorted(code[order], np.arange(len(models) + 1))
         k, width, f = len(models), z.shape[1], u.shape[1]
         out = cls(space=space, degree=degree, models=models, reference=reference,
                   gram=np.zeros((k, width, width)), rhs=np.zeros((k, width)), weight=np.zeros(k),
                   count=np.zeros(k), total=np.zeros((k, f)), squares=np.zeros((k, f)),
-                  low=np.zeros((k, f)), high=np.zeros((k, f)))
+                  low=np.zeros((k, f)), high=np.zeros((k, f)), starts=starts,
+                  expanded=expanded[order], energy=y[order], row_weight=weight[order])
         for i in range(k):
-            mine = code == i
+            mine = order[starts[i]:starts[i + 1]]
             zw = z[mine] * weight[mine, None]
             out.gram[i] = zw.T @ z[mine]
             out.rhs[i] = zw.T @ target[mine]
             out.weight[i] = weight[mine].sum()
-            out.count[i] = mine.sum()
+            out.count[i] = len(mine)
             out.total[i] = u[mine].sum(axis=0)
             out.squares[i] = (u[mine] ** 2).sum(axis=0)
             out.low[i] = inputs[mine].min(axis=0)
             out.high[i] = inputs[mine].max(axis=0)
         return out
+
+    def holds(self, models: list[str], rows: dict[str, int]) -> bool:
+        """Whether the sums hold each of ``models`` with ``rows[model]`` rows (the rows a
+        selection holds out)."""
+        return all(m in self.models and self.starts[self.models[m] + 1]
+                   - self.starts[self.models[m]] == rows[m] for m in models)
+
+    def held_out_errors(self, models: list[str], alphas: list[float]):
+        """For every model of ``models`` held out in turn, the mean relative error on its rows
+        (weighted by ``row_weight``) of the fit of the others (:meth:`leave_one_out`), per
+        ridge strength. The rows are predicted from their expansion in the reference
+        standardisation: the fit's coefficients moved there by the same change of
+        standardisation (``z_held = change·z_reference``), so no row is expanded per fold."""
+        change, coef = self._leave_one_out(models, alphas)[2:]
+        for j, held in enumerate(models):
+            i = self.models[held]
+            rows = slice(self.starts[i], self.starts[i + 1])
+            z = self.expanded[rows] @ (np.swapaxes(change[j], 0, 1) @ coef[j].T)
+            pred = z if self.space == "linear" else np.exp(np.clip(z, -50.0, 50.0))
+            error = np.abs(pred / self.energy[rows, None] - 1.0)
+            weight = self.row_weight[rows]
+            yield weight @ error / weight.sum()
 
     def leave_one_out(self, models: list[str], alphas: list[float]
                       ) -> tuple[list[Standardizer], np.ndarray]:
@@ -473,6 +504,13 @@ class _LeafSums:
         the coefficients of each ridge strength (``coef[held, alpha]``), as
         :meth:`LogPolyRegressor.fit` solves them (normal equations, least squares), all
         held-out models at once."""
+        raw_mean, raw_scale, _, coef = self._leave_one_out(models, alphas)
+        return [Standardizer(mean_=mean, scale_=scale)
+                for mean, scale in zip(raw_mean, raw_scale, strict=True)], coef
+
+    def _leave_one_out(self, models: list[str], alphas: list[float]) -> tuple[np.ndarray, ...]:
+        """:meth:`leave_one_out`'s standardizers (means, scales), the changes of
+        standardisation from the reference to each and the coefficients."""
         index = np.asarray([self.models[m] for m in models])
         keep = lambda total, part: total.sum(axis=0)[None] - part  # noqa: E731
         gram = keep(self.gram[index], self.gram[index])
@@ -497,8 +535,7 @@ class _LeafSums:
         system = np.stack([gram + (alpha * weight)[:, None, None] * free for alpha in alphas],
                           axis=1)
         coef = _solve_like_lstsq(system, np.broadcast_to(rhs[:, None], system.shape[:-1]))
-        scalers = [Standardizer(mean_=raw_mean[j], scale_=raw_scale[j]) for j in range(len(index))]
-        return scalers, coef
+        return raw_mean, raw_scale, change, coef
 
 
 def _whole_models(forest: Forest, root: Forest) -> bool:
@@ -719,3 +756,37 @@ def _solve_like_lstsq(system: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     for i in np.flatnonzero(~direct):
         out[i] = np.linalg.lstsq(flat_system[i], flat_rhs[i], rcond=None)[0]
     return out.reshape(rhs.shape)
+
+
+def _op_codes(forest: Forest) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted primitive types (``op_type``) of the data set ``forest`` was cut from and
+    each node's index there, computed once per data set."""
+    cache = shared_cache(forest)
+    if "irene_plus_ops" not in cache:
+        names, code = np.unique(origin(forest)[0].op_type, return_inverse=True)
+        cache["irene_plus_ops"] = (names, code.ravel())
+    names, code = cache["irene_plus_ops"]
+    return names, code[origin_rows(forest)]
+
+
+def _predict_leaves(forest: Forest, x: np.ndarray, models: dict, unseen, hint: str
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`irene.predictors.leaves.predict_leaves` (the same rows, regressors and values),
+    with the nodes' primitive types compared as codes computed once per data set rather than
+    as strings per fold."""
+    ops, code = _op_codes(forest)
+    code = np.where(forest.is_leaf, code, -1)
+    pred = np.zeros(forest.num_nodes)
+    fallback = np.zeros(forest.num_nodes, dtype=bool)
+    for c in np.unique(code[code >= 0]):  # sorted codes: the types in sorted order
+        op, rows = str(ops[c]), code == c
+        model = models.get(op)
+        if model is None:
+            model = unseen(op)
+            if model is None:
+                first = forest.ids[int(np.flatnonzero(rows)[0])]
+                raise InputError(f"primitive type {op!r} (node {first!r}) was never seen in "
+                                 f"training (known: {sorted(models)}); {hint}")
+            fallback |= rows
+        pred[rows] = model.predict(x[rows])
+    return pred, fallback
