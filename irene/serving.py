@@ -12,9 +12,11 @@ Input: a DataFrame in one of two forms.
 
 Output: one row per node (``model``, ``batch_size``, ``seq_len``, ``node_id``, ``scope``,
 ``parent_scope``, ``node_type``, ``instance_type``, ``predicted_energy_j``, ``fallback``,
-``negative_energy``, ``is_total``); the row with ``is_total`` true is the model's root, i.e.
-the total energy of that (model, batch size, sequence length). ``negative_energy`` marks a
-prediction below zero: the predictor is extrapolating and the number is not an energy.
+``negative_energy``, ``out_of_range``, ``is_total``); the row with ``is_total`` true is the
+model's root, i.e. the total energy of that (model, batch size, sequence length).
+``negative_energy`` marks a prediction below zero: the predictor is extrapolating and the
+number is not an energy. ``out_of_range`` names the node's features outside the range the
+predictor was fitted on (comma-separated; empty when inside).
 
 A request is checked before anything is traced (:class:`ServingLimits`): ``model`` must be a
 registry name or a ``config.json`` inside an allow-listed folder (never any path on the
@@ -53,7 +55,13 @@ import pandas as pd
 from irene.data.architectures import MODEL_REGISTRY, max_positions
 from irene.data.tree import FIELD_BOUNDS, Tree, iter_nodes_with_parent
 from irene.errors import InputError, SettingsError, UserError, one_line
-from irene.predictors.static import FALLBACK_FIELD, NEGATIVE_FIELD, predict_trees, trace_static
+from irene.predictors.static import (
+    FALLBACK_FIELD,
+    NEGATIVE_FIELD,
+    OUT_OF_RANGE_FIELD,
+    predict_trees,
+    trace_static,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +70,7 @@ NODE_COLUMNS = ("id", "parent_id", "type", "instance_type", "num_parameters", "f
                 "mem_bytes")
 OUTPUT_COLUMNS = ("model", "batch_size", "seq_len", "node_id", "scope", "parent_scope",
                   "node_type", "instance_type", "predicted_energy_j", "fallback",
-                  "negative_energy", "is_total")
+                  "negative_energy", "out_of_range", "is_total")
 
 
 class RequestError(InputError):
@@ -346,7 +354,8 @@ def output_frame(trees: list[Tree]) -> pd.DataFrame:
                          node["id"], node["scope"], node.get("parent_name") or "",
                          node["type"], node["instance_type"], float(node["predicted_energy"]),
                          bool(node.get(FALLBACK_FIELD, False)),
-                         bool(node.get(NEGATIVE_FIELD, False)), parent < 0))
+                         bool(node.get(NEGATIVE_FIELD, False)),
+                         ",".join(node.get(OUT_OF_RANGE_FIELD) or ()), parent < 0))
     return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
 
 

@@ -423,3 +423,14 @@ def test_a_timed_out_request_stops_computing(irene_server):
     before = sum(process.cpu_times()[:2])
     time.sleep(2)
     assert sum(process.cpu_times()[:2]) - before < 0.3  # seconds of CPU in 2 s: idle
+
+
+def test_nodes_outside_the_training_range_are_named(pyfunc_model):
+    _, predictor = pyfunc_model
+    # a tiny model: hidden size 32 against the published models' 768, far below every range
+    served = predict_frame(predictor, _frame())
+    outside = served[served["out_of_range"] != ""]
+    assert len(outside) > 0
+    assert set(",".join(outside["out_of_range"]).split(",")) <= set(predictor.features_)
+    inside = predict_frame(predictor, _frame("bert-base-uncased", 8, 32))
+    assert (inside["out_of_range"] == "").all()  # a configuration it was fitted on
