@@ -23,6 +23,7 @@ in one trees file as across the entries.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -324,7 +325,8 @@ def _combined_cache(cfg: DictConfig, tracker: Tracker) -> Path:
                 raise InputError(f"data.devices: {other} and {where} both hold device "
                                  f"{shared[0]}'s trees; name each device once")
         parts[where], identities = trees, [*identities, identity]
-        tags.update({f"data.{identity.label}.{key.removeprefix('data.')}": value
+        label = re.sub(r"[^\w.\-/ ]", "_", identity.label)  # an MLflow key: no '+'
+        tags.update({f"data.{label}.{key.removeprefix('data.')}": value
                      for key, value in collected.tags.items()
                      if key not in ("data.device", "data.identity")})
     check_one_convention(parts, f"data.devices={data_devices(cfg)}")

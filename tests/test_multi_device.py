@@ -283,3 +283,17 @@ def test_predictions_of_two_devices_align_by_device_and_node_id(both):
     forest, values = align_predictions([*first, *second], predicted, "p.jsonl")
     factor = np.where(np.asarray(forest.devices)[forest.tree_index] == "device_2", 2.0, 1.0)
     assert np.array_equal(values, factor * forest.gold_j)
+
+
+def test_a_trees_file_of_two_devices_as_an_entry_of_data_devices(both, tmp_path, monkeypatch):
+    from pipelines.data import load_forest
+
+    monkeypatch.setenv("IRENE_OUTPUTS", str(tmp_path / "out"))
+    path = tmp_path / "both.jsonl"
+    path.write_text(dumps_trees([*both[0], *both[1]]))
+    tags = Tags()
+    data = load_forest(compose_cfg(f"data.devices=[{path}]"), tags)
+    assert tags.tags["data.device"] == "device_1+device_2"
+    assert tags.tags["data.device_1_device_2.sha256.both.jsonl"] == sha256_of(path)  # MLflow key
+    assert tags.tags["data.identity"] == combined_sha256({"device_1+device_2": sha256_of(path)})
+    assert [name for name, _, _ in cv_folds(data.forest, "device")] == ["device_1", "device_2"]
