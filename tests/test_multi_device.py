@@ -297,3 +297,21 @@ def test_a_trees_file_of_two_devices_as_an_entry_of_data_devices(both, tmp_path,
     assert tags.tags["data.device_1_device_2.sha256.both.jsonl"] == sha256_of(path)  # MLflow key
     assert tags.tags["data.identity"] == combined_sha256({"device_1+device_2": sha256_of(path)})
     assert [name for name, _, _ in cv_folds(data.forest, "device")] == ["device_1", "device_2"]
+
+
+def test_stage_on_a_trees_file_of_two_devices_by_device_and_no_seeds(both, tmp_path, monkeypatch):
+    from pipelines.stage import run_stage
+
+    monkeypatch.setenv("IRENE_OUTPUTS", str(tmp_path / "out"))
+    path = tmp_path / "both.jsonl"
+    path.write_text(dumps_trees([*both[0], *both[1]]))
+    base = (f"data.trees={path}", "tracking.enabled=false", "show_progress=false",
+            "predictor=irene_plus", "features=model_specs")
+    report = run_stage("crossvalidate", compose_cfg(*base, "cv_group=device",
+                                                    f"run_dir={tmp_path / 'cv'}"))
+    lines = report.csv_path.read_text().splitlines()
+    assert [line.split(",")[0] for line in lines] == [
+        "left_out_device", "device_1", "device_2", "overall"]
+    with pytest.raises(SettingsError, match=r"^seeds=2: repeats the leave-one-model-out of one "
+                                            r"device only \(this data set: device_1\+device_2"):
+        run_stage("crossvalidate", compose_cfg(*base, "seeds=2", f"run_dir={tmp_path / 's'}"))
