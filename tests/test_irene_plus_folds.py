@@ -11,6 +11,7 @@ from irene.data.forest import build_forest, children_sum
 from irene.predictors.irene_plus import (
     IrenePlusPredictor,
     _bounded_relative_lstsq,
+    _distinct,
     _InnerDesign,
     _node_kinds,
     _others,
@@ -147,3 +148,29 @@ def test_leaf_predictions_by_code_equal_predict_leaves(small_forest):
         assert np.array_equal(fallback, expected_fallback) and fallback.any()
     with pytest.raises(Exception, match="softmax.*never seen in training.*hint"):
         _predict_leaves(fold, fold.matrix(model.features_), models, lambda op: None, "hint")
+
+
+def _distinct_by_records(x, energy_j, groups):
+    """:func:`_distinct` as it was written before: ``np.unique`` of the rows as records."""
+    codes = np.unique(groups, return_inverse=True)[1]
+    key = np.column_stack([x, energy_j, codes])
+    _, first, counts = np.unique(key, axis=0, return_index=True, return_counts=True)
+    return x[first], energy_j[first], groups[first], counts.astype(np.float64)
+
+
+def test_distinct_rows_equal_unique_of_the_rows_as_records(device_forest):
+    """Repeated rows, rows equal but for the energy or the model, negative and zero values:
+    the same rows, order, models and counts as ``np.unique(axis=0)``."""
+    rng = np.random.default_rng(4)
+    x = rng.integers(-2, 3, size=(500, 3)).astype(float)
+    energy = rng.integers(1, 3, size=500).astype(float)
+    groups = rng.choice(np.array(["b", "a", "c"], dtype=object), size=500)
+    forest = device_forest
+    rows = np.flatnonzero(forest.is_leaf & measured(forest))
+    published = (forest.matrix(["flops", "mem_bytes", "batch_size"], rows), forest.gold_j[rows],
+                 forest.node_model_names()[rows])
+    for args in ((x, energy, groups), published):
+        got, expected = _distinct(*args), _distinct_by_records(*args)
+        assert len(got[0]) < len(args[0])  # rows did repeat
+        for a, b in zip(got, expected, strict=True):
+            assert a.tobytes() == b.tobytes() if a.dtype != object else list(a) == list(b)

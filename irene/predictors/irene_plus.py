@@ -387,10 +387,21 @@ def _distinct(x: np.ndarray, energy_j: np.ndarray, groups: np.ndarray
 
     Identical layers were measured once and the value copied, so most leaf rows repeat; a
     fit weighted by the counts equals the fit on all rows, and is many times faster.
+
+    The triples are sorted by row, energy, then the model's rank among the sorted model
+    names, each one taken at its first occurrence: what ``np.unique(key, axis=0,
+    return_index=True)`` gives (a stable sort comparing the columns in turn), from one
+    ``np.lexsort`` of the columns, several times faster than sorting the rows as records.
     """
-    codes = np.unique(groups, return_inverse=True)[1]
+    codes = np.unique(groups, return_inverse=True)[1].ravel()
     key = np.column_stack([x, energy_j, codes])
-    _, first, counts = np.unique(key, axis=0, return_index=True, return_counts=True)
+    order = np.lexsort(key.T[::-1])  # the last key sorts first: column 0 leads
+    ranked = key[order]
+    new = np.ones(len(ranked), dtype=bool)
+    new[1:] = np.any(ranked[1:] != ranked[:-1], axis=1)
+    starts = np.flatnonzero(new)
+    first = order[starts]
+    counts = np.diff(np.append(starts, len(ranked)))
     return x[first], energy_j[first], groups[first], counts.astype(np.float64)
 
 
