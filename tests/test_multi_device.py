@@ -315,3 +315,22 @@ def test_stage_on_a_trees_file_of_two_devices_by_device_and_no_seeds(both, tmp_p
     with pytest.raises(SettingsError, match=r"^seeds=2: repeats the leave-one-model-out of one "
                                             r"device only \(this data set: device_1\+device_2"):
         run_stage("crossvalidate", compose_cfg(*base, "seeds=2", f"run_dir={tmp_path / 's'}"))
+
+
+def test_transfer_refuses_two_conventions_only_in_a_pooled_fit(both, tmp_path, monkeypatch):
+    from pipelines.stage import run_stage
+
+    monkeypatch.setenv("IRENE_OUTPUTS", str(tmp_path / "out"))
+    source = tmp_path / "device_1.jsonl"
+    source.write_text(dumps_trees(both[0]))
+    base = (f"source={source}", f"target={H200_TREES}", "shots=[0,1]", "draws=1",
+            "tracking.enabled=false", "show_progress=false", "keep_model=false")
+    with pytest.raises(InputError) as error:
+        run_stage("transfer", compose_cfg("stage=transfer", *base, "methods=[calibrated_pool]",
+                                          f"run_dir={tmp_path / 'pool'}"))
+    assert "\n" not in str(error.value)
+    assert str(error.value).startswith("methods=['calibrated_pool']: calibrated_pool: trees of "
+                                       f"two static-feature conventions in one data set (irene: "
+                                       f"device_1 ({source}); physical: h200 ({H200_TREES}))")
+    csv = run_stage("transfer", compose_cfg("stage=transfer", *base, f"run_dir={tmp_path / 'ok'}"))
+    assert csv.read_text().splitlines()[0].startswith("shots,ml,module,model")
