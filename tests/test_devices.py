@@ -390,3 +390,22 @@ def test_measured_block_keeps_what_the_environment_reports_and_nothing_else():
     assert unknown["gpu"]["name"] is None and unknown["gpu"]["driver"] is None
     assert unknown["gpu"]["cuda"] is None  # no GPU named: the CUDA version says nothing
     assert device_problem(block) is None and device_problem(unknown) is None
+
+
+def test_measure_records_the_power_limit_its_meter_reads_and_nothing_it_does_not():
+    from pipelines.stages.measure import power_limit_w
+
+    class Nvml:
+        def __init__(self, state):
+            self.state = state
+
+        def device_state(self):
+            if isinstance(self.state, Exception):
+                raise self.state
+            return self.state
+
+    assert power_limit_w(Nvml({"gpu_power_limit_w": 700.0, "gpu_power_w": 124.0})) == 700.0
+    assert power_limit_w(Nvml({"gpu_power_w": 124.0})) is None  # NVML did not say
+    assert power_limit_w(Nvml(RuntimeError("NVML gone"))) is None
+    assert power_limit_w(Nvml({"gpu_power_limit_w": 0.0})) is None
+    assert power_limit_w(object()) is None  # a meter without device state (RAPL, none)

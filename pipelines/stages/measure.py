@@ -250,7 +250,8 @@ def run(ctx: Context, request: MeasureSettings) -> Path:
             block = measured_block(params, declared=ctx.data_name, convention=settings.convention,
                                    run=tracker.run_id or f"stage=measure {model} "
                                    f"{batch_size}x{seq_len} on {device}",
-                                   memory_mib=_gpu_memory_mib(device))
+                                   memory_mib=_gpu_memory_mib(device),
+                                   power_limit_w=power_limit_w(meter))
             record = measure_into(
                 output,
                 model,
@@ -281,6 +282,17 @@ def run(ctx: Context, request: MeasureSettings) -> Path:
             companion.close()
     print(f"trees: {output}")
     return output
+
+
+def power_limit_w(meter: EnergyMeter) -> float | None:
+    """The GPU's enforced power limit (W) as the meter reads it (NVML), else None: a limit
+    nothing reported is left unknown, never assumed."""
+    state = getattr(meter, "device_state", None)
+    try:
+        value = state().get("gpu_power_limit_w") if callable(state) else None
+    except Exception:  # noqa: BLE001 - descriptive only, as the meter's own device_state
+        return None
+    return float(value) if isinstance(value, int | float) and value > 0 else None
 
 
 def _gpu_memory_mib(device: str) -> int | None:
