@@ -16,6 +16,7 @@ from irene.predictors.irene_plus import (
     _node_kinds,
     _others,
     _predict_leaves,
+    _rows_by_model,
     _solve_like_lstsq,
     _triangle,
 )
@@ -174,3 +175,12 @@ def test_distinct_rows_equal_unique_of_the_rows_as_records(device_forest):
         assert len(got[0]) < len(args[0])  # rows did repeat
         for a, b in zip(got, expected, strict=True):
             assert a.tobytes() == b.tobytes() if a.dtype != object else list(a) == list(b)
+
+
+def test_rows_by_model_in_the_order_models_first_occur():
+    groups = np.random.default_rng(5).choice(np.array(["m3", "m1", "m2"], dtype=object), 200)
+    expected = {name: np.flatnonzero(groups == name) for name in dict.fromkeys(groups)}
+    for codes in (None, np.unique(groups, return_inverse=True)[1] * 7 + 2):
+        got = _rows_by_model(groups, codes)
+        assert list(got) == list(expected)
+        assert all(np.array_equal(got[name], rows) for name, rows in expected.items())

@@ -150,11 +150,12 @@ class IrenePlusPredictor(Predictor):
         self.leaf_models_: dict[str, LogPolyRegressor] = {}
         self.leaf_cv_error_pct_: dict[str, float] = {}
         for op in sorted(set(forest.op_type[leaves])):
-            x_op, y_op, group_op, count = _leaf_rows(forest, self.features_, op)
+            x_op, y_op, group_op, count, code = _leaf_rows(forest, self.features_, op,
+                                                           with_codes=True)
             (space, degree, alpha), error = self._select(
                 x_op, y_op, group_op, count,
                 sums=lambda space, degree, op=op: _LeafSums.of(forest, self.features_, op, space,
-                                                               degree))
+                                                               degree), codes=code)
             self.leaf_models_[op] = LogPolyRegressor.fit(x_op, y_op, degree=degree, alpha=alpha,
                                                          sample_weight=count, space=space)
             self.leaf_cv_error_pct_[op] = error
@@ -165,8 +166,8 @@ class IrenePlusPredictor(Predictor):
             alpha=float(min(self.leaf_alphas)), sample_weight=count, space="log")
 
     def _select(self, x: np.ndarray, y: np.ndarray, groups: np.ndarray, count: np.ndarray,
-                sums: Callable[[str, int], _LeafSums] | None = None
-                ) -> tuple[tuple[str, int, float], float]:
+                sums: Callable[[str, int], _LeafSums] | None = None,
+                codes: np.ndarray | None = None) -> tuple[tuple[str, int, float], float]:
         """Space, degree and ridge strength by leave-one-model-out inside the training models
         (mean % error over the held-out models, each node counted as often as it occurs).
 
@@ -180,17 +181,18 @@ class IrenePlusPredictor(Predictor):
         rows. Otherwise (few rows, where small ridges are ill-conditioned and rounding could
         change the choice; or no ``sums``) each held-out fit is fit on the rows. Errors equal
         to ``SELECTION_TIE`` (relative) are a tie, won by the earlier candidate.
-        The chosen regressor is then fit on the rows.
+        The chosen regressor is then fit on the rows. ``codes``: an integer per row, equal
+        where ``groups`` are (found from ``groups`` when not given).
         """
         candidates = self._candidates()
-        models = list(dict.fromkeys(groups))
+        held_rows = _rows_by_model(groups, codes)  # in the order the models first occur
+        models = list(held_rows)
         if not self.select_by_cv or len(models) < 2 or len(candidates) == 1:
             return candidates[0], float("nan")
         errors = np.zeros(len(candidates))
         by_form: dict[tuple[str, int], list[int]] = {}
         for i, (space, degree, _) in enumerate(candidates):
             by_form.setdefault((space, degree), []).append(i)
-        held_rows = {name: np.flatnonzero(groups == name) for name in models}
         fewest = len(x) - max(len(rows) for rows in held_rows.values())  # rows of a held-out fit
         for (space, degree), indices in by_form.items():
             width = len(polynomial_powers(x.shape[1], max(degree, 1)))
@@ -572,10 +574,25 @@ def _distinct_leaves(forest: Forest, features: list[str], op: str | None
                      forest.node_model_names()[rows])
 
 
-def _leaf_rows(forest: Forest, features: list[str], op: str | None
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _rows_by_model(groups: np.ndarray, codes: np.ndarray | None = None
+                   ) -> dict[str, np.ndarray]:
+    """Each model of ``groups`` (in the order they first occur) and its rows (ascending), from
+    ``codes`` (an integer per row, equal where ``groups`` are): one sort of integers rather
+    than a comparison of every row's name per model."""
+    if codes is None:
+        codes = np.unique(groups, return_inverse=True)[1].ravel()
+    order = np.argsort(codes, kind="stable")
+    values, starts = np.unique(codes[order], return_index=True)
+    ends = np.append(starts[1:], len(order))
+    firsts = order[starts]  # each model's first row
+    return {groups[firsts[i]]: order[starts[i]:ends[i]] for i in np.argsort(firsts)}
+
+
+def _leaf_rows(forest: Forest, features: list[str], op: str | None, *, with_codes: bool = False
+               ) -> tuple[np.ndarray, ...]:
     """:func:`_distinct_leaves` of ``forest``, cut from the data set's when ``forest`` holds
-    whole models of it (computed once per data set).
+    whole models of it (computed once per data set); ``with_codes``: also each row's model as
+    an integer (its rank among the data set's sorted model names, None when not cut).
 
     The same rows in the same order: a distinct triple belongs to one model, and the order
     of :func:`_distinct` (by row, energy, then the model's rank among the sorted model names)
@@ -583,13 +600,14 @@ def _leaf_rows(forest: Forest, features: list[str], op: str | None
     """
     root = origin(forest)[0]
     if not _whole_models(forest, root):
-        return _distinct_leaves(forest, features, op)
+        own = _distinct_leaves(forest, features, op)
+        return (*own, None) if with_codes else own
     x, y, groups, count, code, names = _data_set_leaves(forest, features, op)
-    if forest is root:
-        return x, y, groups, count
-    present = set(forest.model_names)
-    keep = np.asarray([name in present for name in names], dtype=bool)[code]
-    return x[keep], y[keep], groups[keep], count[keep]
+    if forest is not root:
+        present = set(forest.model_names)
+        keep = np.asarray([name in present for name in names], dtype=bool)[code]
+        x, y, groups, count, code = x[keep], y[keep], groups[keep], count[keep], code[keep]
+    return (x, y, groups, count, code) if with_codes else (x, y, groups, count)
 
 
 def _data_set_leaves(forest: Forest, features: list[str], op: str | None) -> tuple:
