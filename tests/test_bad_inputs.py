@@ -363,7 +363,7 @@ CASES = [
     Case("threads-negative", [FEAT, DEV, "threads=-1"], "threads=-1: must be in [0, 4096]"),
     Case("stage-bogus", ["stage=bogus"],
          "stage='bogus': choose from ['crossvalidate', 'diagnose', 'evaluate', 'featurize', "
-         "'measure', 'predict', 'report', 'train', 'transfer', 'whatif']"),
+         "'measure', 'plan', 'predict', 'report', 'train', 'transfer', 'whatif']"),
     Case("physics-on-static-features", [CV, DEV, "predictor=physics", "features=model_specs"],
          "predictor 'physics' needs the features ['gpu_energy_mean', 'times_mean'], which the "
          "selected feature sets ['model_specs'] do not provide (they give ['num_parameters', "
