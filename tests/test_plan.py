@@ -127,3 +127,24 @@ def test_measure_traces_every_config_in_turn_and_resumes(tmp_path):
     again = _cli(tmp_path, *args)
     assert again.returncode == 0 and output.read_bytes() == before
     assert again.stderr.count("already") >= 2 or again.stdout.count("already") >= 2
+
+
+@pytest.mark.slow
+def test_the_new_gpu_preset_holds_what_plan_picks_with_its_defaults(tmp_path, device_dir):
+    from omegaconf import OmegaConf
+
+    second = device_dir.parent / "device_2"
+    if not (second / "model_level_features.csv").is_file():
+        pytest.fail(f"device 2's published CSVs not found beside device 1 ({second})")
+    both = tmp_path / "data"
+    both.mkdir()
+    (both / "device_1").symlink_to(device_dir.resolve())
+    (both / "device_2").symlink_to(second.resolve())
+    out = subprocess.run([sys.executable, "run.py", "tracking=off", "stage=plan"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "IRENE_OUTPUTS": str(tmp_path / "out"),
+                              "IRENE_DATA_DIR": str(both)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    printed = out.stdout.strip().splitlines()[-1].split("configs=[")[1].rstrip("]'").split(",")
+    preset = OmegaConf.load(ROOT / "conf" / "experiment" / "new_gpu.yaml")
+    assert preset.stage == "measure" and list(preset.configs) == printed
