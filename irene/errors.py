@@ -25,6 +25,10 @@ class InputError(UserError, ValueError):
     """Input data the pipeline cannot use: bad format, a missing field, an impossible value."""
 
 
+class TooFewTreesError(InputError):
+    """A predictor asked to fit on fewer measured trees (configurations) than it needs."""
+
+
 class MissingInputError(UserError, FileNotFoundError):
     """A file or folder the user named (or the pipeline needs) is not there."""
 

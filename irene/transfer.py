@@ -37,7 +37,7 @@ import numpy as np
 
 from irene.data.forest import Forest, build_forest, compose
 from irene.data.tree import ERROR_COLUMNS, NODE_TYPES, Tree
-from irene.errors import InputError, SettingsError
+from irene.errors import InputError, SettingsError, TooFewTreesError
 from irene.evaluate.metrics import errors_by_node_type
 from irene.predictors.base import Predictor
 from irene.predictors.irene_plus import IrenePlusPredictor
@@ -518,6 +518,8 @@ def learning_curve(source_trees: Sequence[Tree] | Sequence[Sequence[Tree]] | Seq
         ``model`` (mean % error: per draw the mean over folds, then the mean over draws),
         ``ml_sd``, ``module_sd``, ``model_sd`` (sd over draws, 0 for one draw),
         ``worst_ratio`` (the largest max(pred/gold, gold/pred) of any node in any draw).
+        Where a method's predictor refuses to fit that few shots (``TargetOnly`` on one tree:
+        IrEne+ needs two, :class:`~irene.errors.TooFewTreesError`), its row's values are NaN.
     """
     if draws < 1:
         raise SettingsError(f"draws={draws}: must be ≥ 1")
@@ -537,8 +539,12 @@ def learning_curve(source_trees: Sequence[Tree] | Sequence[Sequence[Tree]] | Seq
     # errors[(method, k)] -> draws × folds × 3, and the worst ratio seen
     errors: dict[tuple[str, int | str], np.ndarray] = {}
     worst: dict[tuple[str, int | str], float] = {}
+    refused: set[tuple[str, int | str]] = set()
 
-    def record(key, draw, fold, test: Forest, pred: np.ndarray) -> None:
+    def record(key, draw, fold, test: Forest, pred: np.ndarray | None) -> None:
+        if pred is None:  # the method refused this many shots (TooFewTreesError)
+            refused.add(key)
+            return
         errs = errors_by_node_type(test, pred)
         errors[key][draw, fold] = [errs.get(level, np.nan) for level in ERROR_COLUMNS]
         worst[key] = max(worst.get(key, 0.0), _worst_ratio(test, pred))
@@ -570,7 +576,8 @@ def learning_curve(source_trees: Sequence[Tree] | Sequence[Sequence[Tree]] | Seq
                     pred = _fit_predict(factory, sources, source_preds, shots_forest, shot_rows,
                                         test, test_preds)
                     record((name, k), draw, f, test, pred)
-    rows = [_summary(name, k, errors[(name, k)], worst[(name, k)])
+    rows = [_summary(name, k, errors[(name, k)], worst.get((name, k), math.nan),
+                     (name, k) in refused)
             for k in counts for name in methods
             if k != 0 or name in source_based]
     if ceiling:
@@ -601,11 +608,16 @@ def _geometric_mean(preds: list[np.ndarray]) -> np.ndarray:
 
 
 def _fit_predict(factory, sources, source_preds, shots_forest, shot_rows, test, test_preds
-                 ) -> np.ndarray:
-    """Fit a method on the shots (once per source) and predict the test forest."""
+                 ) -> np.ndarray | None:
+    """Fit a method on the shots (once per source) and predict the test forest (None: the
+    method's predictor refuses this few shots)."""
     probe = factory()
     if not probe.uses_source:
-        return probe.fit(None, shots_forest).predict(test)
+        try:
+            probe.fit(None, shots_forest)
+        except TooFewTreesError:
+            return None
+        return probe.predict(test)
     preds = []
     for i, (source, pred) in enumerate(zip(sources, source_preds, strict=True)):
         method = probe if i == 0 else factory()
@@ -614,9 +626,15 @@ def _fit_predict(factory, sources, source_preds, shots_forest, shot_rows, test, 
     return _geometric_mean(preds)
 
 
-def _summary(name: str, k: int | str, values: np.ndarray, worst: float) -> dict:
-    per_draw = np.nanmean(values, axis=1)  # draws × 3: the mean over folds
+def _summary(name: str, k: int | str, values: np.ndarray, worst: float,
+             refused: bool = False) -> dict:
     row: dict = {"method": name, "shots": k, "draws": int(values.shape[0])}
+    if refused:  # a method that refuses some draws has no mean: every value NaN
+        row.update({level: math.nan for level in ERROR_COLUMNS})
+        row.update({f"{level}_sd": math.nan for level in ERROR_COLUMNS})
+        row["worst_ratio"] = math.nan
+        return row
+    per_draw = np.nanmean(values, axis=1)  # draws × 3: the mean over folds
     for j, level in enumerate(ERROR_COLUMNS):
         row[level] = float(np.mean(per_draw[:, j]))
     for j, level in enumerate(ERROR_COLUMNS):

@@ -49,7 +49,7 @@ from irene.data.forest import (
     shared_cache,
 )
 from irene.data.tree import NODE_TYPES
-from irene.errors import InputError
+from irene.errors import InputError, TooFewTreesError
 from irene.predictors.base import Each, OneOf, Predictor, Range
 from irene.predictors.leaves import (
     LogPolyRegressor,
@@ -73,6 +73,9 @@ MAX_FEATURES_FOR_CUBIC = 8  # degree 3 of more features has too many terms for s
 SUMS_ROWS_PER_TERM = 20
 # candidates whose held-out errors agree to this relative difference are tied (rounding)
 SELECTION_TIE = 1e-10
+# fewer measured trees are refused: fitted on one tree, IrEne+ predicted other models' roots
+# on the H200 up to 3.8x off (2 to 4 trees: within 2.3x; tests/test_few_trees.py)
+MIN_TREES = 2
 
 
 class IrenePlusPredictor(Predictor):
@@ -123,6 +126,10 @@ class IrenePlusPredictor(Predictor):
     # ------------------------------------------------------------------------ fitting
     def fit(self, forest: Forest) -> IrenePlusPredictor:
         self.validate_params()
+        trees = len(np.unique(forest.tree_index[measured(forest)]))
+        if 0 < trees < MIN_TREES:  # one configuration cannot tell how energy grows with size
+            raise TooFewTreesError(f"IrEne+ needs measured trees of at least {MIN_TREES} "
+                                   f"configurations to fit; got {trees}")
         self.features_ = feature_list(list(self.feature_sets))
         self.extra_features_ = [f for f in EXTRA_FEATURES if f in self.features_]
         x = forest.matrix(self.features_)
@@ -267,7 +274,8 @@ class IrenePlusPredictor(Predictor):
             # residual columns rescaled to unit relative size, so one ridge strength fits all
             scale = np.ones(columns.shape[1])
             col_size = np.median(np.abs(columns[:, k:]) / gold[:, None], axis=0)
-            scale[k:] = np.where(col_size > 0, 1.0 / col_size, 1.0)
+            scale[k:] = np.divide(1.0, col_size, out=np.ones_like(col_size),
+                                  where=col_size > 0)
             coef = _bounded_relative_lstsq(columns * scale, gold, lower=lower,
                                            ridge=self.inner_ridge, prior=prior) * scale
             self.child_weights_, self.residual_coef_ = coef[:k], coef[k:]

@@ -219,6 +219,88 @@ def relative_lstsq(design: np.ndarray, target_j: np.ndarray, *, lower: np.ndarra
     return lsq_linear(a, b, bounds=(lower, np.full(len(lower), np.inf)), method="bvls").x
 
 
+# a direction of the centred, standardized design is flat when the rows' spread along it is
+# below this share of their spread along the main direction (singular values). Device 1's
+# LayerNorm rows (hidden size 768 everywhere) have directions at 4.6e-4 (bytes against FLOP:
+# fitted coefficient +14) and 2.8e-3 (input size against batch and sequence: the hidden size);
+# 1e-2 also caught directions of measured features that predict left-out published models
+# (device 1 crossvalidation, default features: ml 0.548 -> 0.572 %); docs/transfer.md
+FLAT_DIRECTION_SHARE = 5e-3
+
+
+@dataclass
+class FlatDirections:
+    """Directions of a regressor's expanded inputs along which its training rows hardly varied,
+    and the interval of the rows' coordinates along each: beyond it the regressor is flat.
+
+    A ridge fit with a small strength gives such directions any coefficients that cancel on
+    the training rows: device 1's LayerNorm rows (hidden size 768 everywhere) make log bytes,
+    log FLOP and log input size one direction up to offsets, and the fit puts +14 on a
+    direction whose coordinates span ±0.002 there, which rows of another GPU's convention
+    reach at −0.65 (a factor e⁹). Clamping a row's coordinates to the training interval keeps
+    every prediction inside the training rows' reach unchanged (to the bit) and stops the
+    extrapolation along what the rows never showed.
+
+    Attributes:
+        directions: m×w orthonormal rows (w: the expanded inputs without the bias column).
+        centre: the rows' weighted mean of the expanded inputs (w).
+        low, high: per direction, the least and largest coordinate of a training row.
+    """
+
+    directions: np.ndarray
+    centre: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+
+    @classmethod
+    def of(cls, z: np.ndarray, weight: np.ndarray,
+           share: float = FLAT_DIRECTION_SHARE) -> FlatDirections | None:
+        """The flat directions of expanded rows ``z`` (bias column first) with row weights
+        ``weight``: right singular vectors of the centred, √weight-scaled inputs whose singular
+        value is below ``share`` of the largest (all of them when the rows are all equal;
+        those beyond the rows' rank when there are fewer rows than inputs). None: no flat
+        direction."""
+        inputs = z[:, 1:]
+        if inputs.shape[1] == 0:
+            return None
+        centre = np.average(inputs, axis=0, weights=weight)
+        centred = inputs - centre
+        _, singular, vt = np.linalg.svd(centred * np.sqrt(weight)[:, None], full_matrices=True)
+        values = np.zeros(len(vt))
+        values[:len(singular)] = singular
+        flat = values <= share * values[0] if values[0] > 0 else np.ones(len(vt), dtype=bool)
+        if not flat.any():
+            return None
+        directions = vt[flat]
+        coords = centred @ directions.T
+        return cls(directions=directions, centre=centre, low=coords.min(axis=0),
+                   high=coords.max(axis=0))
+
+    def clamp(self, z: np.ndarray) -> np.ndarray:
+        """Expanded rows ``z`` with their coordinates along the directions moved into the
+        training interval (``z`` itself when every row is inside it)."""
+        coords = (z[:, 1:] - self.centre) @ self.directions.T
+        shift = np.clip(coords, self.low, self.high) - coords
+        outside = np.any(shift != 0.0, axis=1)
+        if not outside.any():
+            return z
+        out = z.copy()
+        out[outside, 1:] += shift[outside] @ self.directions
+        return out
+
+    def to_dict(self) -> dict:
+        return {"directions": self.directions.tolist(), "centre": self.centre.tolist(),
+                "low": self.low.tolist(), "high": self.high.tolist()}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> FlatDirections:
+        directions = np.asarray(state["directions"], dtype=np.float64)
+        return cls(directions=directions.reshape(-1, len(state["centre"])),
+                   centre=np.asarray(state["centre"], dtype=np.float64),
+                   low=np.asarray(state["low"], dtype=np.float64),
+                   high=np.asarray(state["high"], dtype=np.float64))
+
+
 @dataclass
 class LogPolyRegressor:
     """Ridge regression on a polynomial of standardized features, in one of two spaces.
@@ -230,6 +312,11 @@ class LogPolyRegressor:
     * ``space="linear"``: ``energy`` on raw features, each row weighted by 1/energy² (relative
       error): the right form when energy is a sum of measured parts, e.g.
       ``a·gpu_energy_mean + b·times_mean``.
+
+    Along the directions of the expanded inputs that the training rows hardly varied in
+    (:class:`FlatDirections`, ``flat_``), a row's coordinates are clamped to the training
+    rows' interval before the polynomial is applied: the regressor does not extrapolate along
+    what it never saw vary (a model saved before ``flat_`` existed loads with none).
     """
 
     degree: int
@@ -237,6 +324,7 @@ class LogPolyRegressor:
     scaler: Standardizer
     coef_: np.ndarray
     space: str = "log"
+    flat_: FlatDirections | None = None
 
     @classmethod
     def fit(cls, x: np.ndarray, energy_j: np.ndarray, *, degree: int = 2, alpha: float = 1e-3,
@@ -248,6 +336,7 @@ class LogPolyRegressor:
         scaler = Standardizer.fit(inputs)
         z = polynomial_expand(scaler.transform(inputs), max(degree, 1))
         weight = np.ones(len(z)) if sample_weight is None else np.asarray(sample_weight, float)
+        flat = FlatDirections.of(z, weight)
         if space == "log":
             target = np.log(energy_j)
         else:  # relative error: divide each row by its energy, the target becomes 1
@@ -258,31 +347,41 @@ class LogPolyRegressor:
         penalty = alpha * weight.sum() * np.eye(z.shape[1])
         penalty[0, 0] = 0.0  # never shrink the intercept
         coef = np.linalg.lstsq(zw.T @ z + penalty, zw.T @ target, rcond=None)[0]
-        return cls(degree=degree, alpha=alpha, scaler=scaler, coef_=coef, space=space)
+        return cls(degree=degree, alpha=alpha, scaler=scaler, coef_=coef, space=space,
+                   flat_=flat)
 
     def expand(self, x: np.ndarray) -> np.ndarray:
-        """The regression's inputs for rows ``x``: the polynomial of the standardized features."""
+        """The regression's inputs for rows ``x``: the polynomial of the standardized features
+        (before clamping along the flat directions)."""
         inputs = log_features(x) if self.space == "log" else x
         return polynomial_expand(self.scaler.transform(inputs), max(self.degree, 1))
 
     def predict(self, x: np.ndarray, *, expanded: np.ndarray | None = None) -> np.ndarray:
         """Energy of rows ``x`` (``expanded``: their :meth:`expand`, when already computed by a
-        regressor with the same scaler, space and degree)."""
-        z = (self.expand(x) if expanded is None else expanded) @ self.coef_
+        regressor with the same scaler, space and degree; it is not changed)."""
+        z = self.expand(x) if expanded is None else expanded
+        if self.flat_ is not None:
+            z = self.flat_.clamp(z)
+        z = z @ self.coef_
         if self.space == "linear":
             return z
         # clip the exponent: a polynomial far outside its data must not overflow
         return np.exp(np.clip(z, -50.0, 50.0))
 
     def to_dict(self) -> dict:
-        return {"space": self.space, "degree": self.degree, "alpha": self.alpha,
-                "scaler": self.scaler.to_dict(), "coef": self.coef_.tolist()}
+        state = {"space": self.space, "degree": self.degree, "alpha": self.alpha,
+                 "scaler": self.scaler.to_dict(), "coef": self.coef_.tolist()}
+        if self.flat_ is not None:
+            state["flat"] = self.flat_.to_dict()
+        return state
 
     @classmethod
     def from_dict(cls, state: dict) -> LogPolyRegressor:
+        flat = state.get("flat")
         return cls(degree=int(state["degree"]), alpha=float(state["alpha"]),
                    scaler=Standardizer.from_dict(state["scaler"]), coef_=np.asarray(state["coef"]),
-                   space=state.get("space", "log"))
+                   space=state.get("space", "log"),
+                   flat_=None if flat is None else FlatDirections.from_dict(flat))
 
 
 def measured(forest: Forest) -> np.ndarray:
