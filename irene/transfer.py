@@ -289,8 +289,8 @@ class TypeScale(Correction):
             the level's).
         inner: ``"class"`` (inner nodes scaled per class only, the default) or ``"leaves"``
             (inner nodes scaled by their corrected leaves, then per class: a little better
-            between the published devices, but one wild leaf prediction of the source, such
-            as device 1's LayerNorm on the H200, then spoils every module above it).
+            between the published devices, but one wild leaf prediction of the source then
+            spoils every module above it).
         size: ``None`` (one scale per group), ``"energy"`` (the log scale also linear, per
             level, in the log of the node's predicted energy: small and large kernels may
             speed up differently) or ``"tokens"`` (linear in log batch × sequence length).
