@@ -8,7 +8,12 @@ import pytest
 
 from irene.data.forest import build_forest
 from irene.data.tree import read_trees
-from irene.predictors.leaves import FLAT_DIRECTION_SHARE, FlatDirections, LogPolyRegressor
+from irene.predictors.leaves import (
+    FLAT_DIRECTION_SHARE,
+    FLAT_MARGIN,
+    FlatDirections,
+    LogPolyRegressor,
+)
 from irene.transfer import static_predictor
 
 from .conftest import H200_TREES
@@ -47,10 +52,16 @@ def test_beyond_the_training_rows_a_flat_direction_does_not_change_the_predictio
     def moved(direction, t):
         return model.predict(x[:5], expanded=expanded + t * np.r_[0.0, direction])
 
-    for direction in model.flat_.directions:
+    flat = model.flat_
+    for direction, low, high in zip(flat.directions, flat.low, flat.high, strict=True):
         near, far = moved(direction, 0.5), moved(direction, 30.0)
         np.testing.assert_allclose(far, near, rtol=1e-12)
-        assert np.all(np.abs(near / model.predict(x[:5]) - 1) < 0.05)
+        # however far the row goes, it moves at most FLAT_MARGIN widths of the training
+        # interval beyond it: the prediction changes by at most that much of the slope
+        reach = (1 + 2 * FLAT_MARGIN) * (high - low) * abs(direction @ model.coef_[1:])
+        base = model.predict(x[:5])
+        change = np.log(near / base) if space == "log" else near - base
+        assert np.all(np.abs(change) <= reach + 1e-12)
     if space == "log":  # without the clamp: another power law
         along = np.r_[0.0, model.flat_.directions[-1]]
         plain = [(expanded + t * along) @ model.coef_ for t in (0.5, 30.0)]
@@ -101,3 +112,19 @@ def test_device_1_layernorm_is_not_a_wild_power_law_on_the_h200(device_trees):
     assert rows.sum() >= 8
     ratio = np.asarray(source.predict(h200))[rows] / h200.gold_j[rows]
     assert np.all(np.maximum(ratio, 1 / ratio) < 10), ratio
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("feature_sets", [["model_specs"], ["model_specs", "resource_utilization"]])
+def test_device_1_cross_validation_is_the_same_to_the_bit_with_and_without_flat_directions(
+        device_forest, feature_sets, monkeypatch):
+    """A left-out published model stays within the margin: device 1's tables cannot change."""
+    from irene.evaluate.crossval import leave_one_model_out
+    from irene.predictors.irene_plus import IrenePlusPredictor
+
+    with_flat = leave_one_model_out(device_forest, IrenePlusPredictor(feature_sets=feature_sets),
+                                    show_progress=False).predicted_j
+    monkeypatch.setattr(FlatDirections, "of", classmethod(lambda cls, *a, **k: None))
+    without = leave_one_model_out(device_forest, IrenePlusPredictor(feature_sets=feature_sets),
+                                  show_progress=False).predicted_j
+    assert with_flat.tobytes() == without.tobytes()

@@ -226,6 +226,11 @@ def relative_lstsq(design: np.ndarray, target_j: np.ndarray, *, lower: np.ndarra
 # 1e-2 also caught directions of measured features that predict left-out published models
 # (device 1 crossvalidation, default features: ml 0.548 -> 0.572 %); docs/transfer.md
 FLAT_DIRECTION_SHARE = 5e-3
+# how far beyond the training rows' interval along a flat direction a row may still go, in
+# widths of that interval: a left-out published model's rows stay within 3 widths (so device
+# 1's cross-validations are unchanged to the bit), another GPU's convention lies hundreds of
+# widths out (device 1's LayerNorm: the H200 rows at -0.65 against ±0.002); docs/transfer.md
+FLAT_MARGIN = 3.0
 
 
 @dataclass
@@ -281,9 +286,11 @@ class FlatDirections:
 
     def clamp(self, z: np.ndarray) -> np.ndarray:
         """Expanded rows ``z`` with their coordinates along the directions moved into the
-        training interval (``z`` itself when every row is inside it)."""
+        training interval widened by :data:`FLAT_MARGIN` of its width on either side (``z``
+        itself when every row is inside it)."""
         coords = (z[:, 1:] - self.centre) @ self.directions.T
-        shift = np.clip(coords, self.low, self.high) - coords
+        reach = FLAT_MARGIN * (self.high - self.low)
+        shift = np.clip(coords, self.low - reach, self.high + reach) - coords
         outside = np.any(shift != 0.0, axis=1)
         if not outside.any():
             return z
