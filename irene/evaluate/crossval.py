@@ -55,12 +55,26 @@ def fold_table(rows: dict[str, dict[str, float]]) -> Table:
                  rows=[*cells, [float(v) for v in overall]])
 
 
+def fit_folds(forest: Forest, predictor: Predictor, train_masks: list[np.ndarray]
+              ) -> list[Predictor] | None:
+    """The fitted folds of ``predictor`` (one per mask of ``forest``'s trees), trained together
+    by the predictor's ``fit_folds`` (e.g. :meth:`IreneModel.fit_folds`); ``None`` when it
+    has none: the caller fits ``clone(predictor)`` fold by fold."""
+    together = getattr(predictor, "fit_folds", None)
+    return None if together is None else together(forest, train_masks)
+
+
 def leave_one_model_out(forest: Forest, predictor: Predictor, *,
                         show_progress: bool = True,
                         on_fold: Callable[[str, dict[str, float], object], None] | None = None,
-                        ) -> CrossValidationResult:
+                        together: bool = False) -> CrossValidationResult:
     """Cross-validate ``predictor`` leaving one model out at a time, in the data's model
     order; every fold fits a fresh ``clone`` of it (``predictor`` stays unfitted).
+
+    ``together``: train the folds together when the predictor can (:func:`fit_folds`):
+    much faster with many models, equal to the fold-by-fold fits to rounding only, which
+    IrEne's end-to-end training amplifies (on device 2 the table moves in its second
+    decimal; docs/performance.md), hence off by default.
 
     Raises:
         SettingsError: fewer than two models.
@@ -76,9 +90,13 @@ def leave_one_model_out(forest: Forest, predictor: Predictor, *,
         raise SettingsError(f"leave-one-model-out needs at least two models, got {folds} "
                             "(data.models=null or a list of two or more)")
     scored = [str(NODE_TYPES[c]) for c in sorted(set(forest.node_type[~np.isnan(forest.gold_j)]))]
-    for left_out in tqdm(folds, desc="cross-validation", unit="fold", disable=not show_progress):
-        train, test = forest.subset(names != left_out), forest.subset(names == left_out)
-        fitted_fold = clone(predictor).fit(train)
+    fitted_together = (fit_folds(forest, predictor, [names != left_out for left_out in folds])
+                       if together else None)
+    for i, left_out in enumerate(tqdm(folds, desc="cross-validation", unit="fold",
+                                      disable=not show_progress)):
+        test = forest.subset(names == left_out)
+        fitted_fold = (fitted_together[i] if fitted_together is not None
+                       else clone(predictor).fit(forest.subset(names != left_out)))
         fold_pred = fitted_fold.predict(test)
         try:
             rows[left_out] = errors_by_node_type(test, fold_pred)

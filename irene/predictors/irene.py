@@ -47,9 +47,17 @@ from irene.predictors.leaves import (
     fit_leaf_regressors,
     polynomial_expand,
     polynomial_powers,
+    polynomial_transform,
     predict_leaves,
 )
-from irene.predictors.treegrad import Adam, tree_indices, tree_loss_and_grad
+from irene.predictors.treegrad import (
+    Adam,
+    BatchedAdam,
+    batched_tree,
+    batched_tree_loss_and_grad,
+    tree_indices,
+    tree_loss_and_grad,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +65,10 @@ STRATEGIES = ("end2end", "stepwise", "unstructured", "none")
 WEIGHTINGS = ("exact_one", "close_to_one", "free")
 # The weighting the paper paired with each training strategy (weighting="paper").
 PAPER_WEIGHTING = {"unstructured": "free", "none": "exact_one"}
+# (strategy, weighting) whose folds IreneModel.fit_folds trains together (the others fold
+# by fold; see its docstring)
+BATCHED = {("end2end", "close_to_one"), ("unstructured", "close_to_one"),
+           ("unstructured", "free")}
 MAX_WEIGHTING_INPUTS = 2000  # polynomial terms of the weighting model's features, at most
 
 
@@ -145,12 +157,13 @@ class TreeFeatures:
     BLOCK_ROWS = 1024
     WHOLE_BYTES = 2**30
 
-    def __init__(self, z: np.ndarray, degree: int):
+    def __init__(self, z: np.ndarray, degree: int, whole_bytes: int | None = None):
         self.z, self.degree = z, degree
         width = len(polynomial_powers(z.shape[1], degree)) if degree > 1 else z.shape[1]
         self.shape = (len(z), width)
         self._buffers: tuple | None = None
-        held = min(len(z), self.WHOLE_BYTES // (width * 8)) if degree > 1 else 0
+        budget = max(self.WHOLE_BYTES if whole_bytes is None else whole_bytes, 0)
+        held = min(len(z), budget // (width * 8)) if degree > 1 else 0
         self._whole = polynomial_expand(z[:held], degree) if held else np.empty((0, width))
 
     def __getitem__(self, rows: slice) -> np.ndarray:
@@ -183,6 +196,24 @@ class TreeFeatures:
             np.take(z, factor, axis=1, out=right[:n], mode="clip")
             np.multiply(left[:n], right[:n], out=block[:, columns])
         return block
+
+
+class _LeafRows:
+    """A forest's leaves by primitive type, for fitting many folds' leaf regressors: the
+    types (sorted), each one's leaf rows and measured leaf rows, and every node's position
+    among the leaves (valid on leaves)."""
+
+    def __init__(self, forest: Forest):
+        leaf = forest.is_leaf
+        ops, codes = np.unique(np.asarray(forest.op_type)[leaf], return_inverse=True)
+        code = np.full(forest.num_nodes, -1)
+        code[leaf] = codes
+        measured = leaf & ~np.isnan(forest.gold_j)
+        self.ops = ops.tolist()
+        self.rows = [np.flatnonzero(code == k) for k in range(len(ops))]
+        self.measured = [np.flatnonzero(measured & (code == k)) for k in range(len(ops))]
+        self.position = np.cumsum(leaf) - 1
+        self.count = int(leaf.sum())
 
 
 class NumpyStepper:
@@ -313,6 +344,12 @@ class IreneModel(Predictor):
     def _fit_unseeded(self, forest: Forest) -> tuple[TreeFeatures, np.ndarray]:
         """Leaf regressors and feature transform; returns the transformed node features (row
         blocks expanded when asked for) and the leaf predictions the weighting model trains on."""
+        x, leaf_pred = self._fit_leaves_and_scaler(forest)
+        return TreeFeatures(x, self.polynomial_degree), leaf_pred
+
+    def _fit_leaves_and_scaler(self, forest: Forest) -> tuple[np.ndarray, np.ndarray]:
+        """Leaf regressors and standardizer; returns the standardized features and the leaf
+        predictions."""
         self.weighting_name_ = effective_weighting(self.weighting, self.training_strategy)
         self.features_ = feature_list(list(self.feature_sets))
         x = forest.matrix(self.features_)
@@ -321,7 +358,165 @@ class IreneModel(Predictor):
         self.node_scaler_ = Standardizer.fit(x) if self.standardize_features else None
         if self.node_scaler_ is not None:
             x = self.node_scaler_.transform(x)
-        return TreeFeatures(x, self.polynomial_degree), leaf_pred
+        return x, leaf_pred
+
+    # -------------------------------------------------------- many folds at once
+    def fit_folds(self, forest: Forest, train_masks: Sequence[np.ndarray]) -> list[IreneModel]:
+        """One fitted copy per mask of ``forest``'s trees, each equal (to rounding, see
+        below) to ``clone(self).fit(forest.subset(mask))``: the folds of a cross-validation
+        trained together.
+
+        Every fold runs the same schedule: ``epochs`` passes, one Adam step per training tree
+        in forest order. So the folds advance together, tree by tree: each tree's
+        expansion is built (or sliced) once for all the folds that train on it, and their
+        weighting models take one matrix product each way instead of one matrix-vector
+        product per fold. A fold standardizes on its own training nodes, z_f = (z - s_f)/c_f
+        of one reference standardization z (of all of ``forest``'s nodes); the degree-d
+        expansion of z_f is a sparse linear map T_f of z's
+        (:func:`~irene.predictors.leaves.polynomial_transform`), so a fold's logits are
+        E(z)·(T_fᵀθ_f) and its gradient T_f·(E(z)ᵀ·dz). The fold's θ, Adam state, leaf
+        regressors and standardizer stay its own. The products are summed in another order
+        than a fold's own fit, so the results equal it to rounding, not bit for bit (the
+        tests hold the predictions to 1e-6 relative).
+
+        Trained together: ``end2end`` with ``close_to_one`` weights (the default) and
+        ``unstructured``. Fold by fold: ``stepwise`` training, which amplifies rounding (a
+        change in the 14th digit of a fold's loss grows to the 4th over the eight epochs on
+        device 1, and the cross-validation table moves in its 2nd decimal); ``end2end`` with
+        ``free`` weights, whose predictions blow up (model errors of 10⁵ % on device 1), so
+        that a float32 rounding of θ moves the table's cells by 0.2; the torch engine,
+        unstandardized features and degree ≤ 1 (not implemented together).
+        """
+        from threadpoolctl import threadpool_limits
+
+        # one BLAS thread: the products are of one tree's rows (about 150), too small for a
+        # second thread to pay; on a loaded machine two threads made the folds 4x slower
+        with threadpool_limits(limits=1, user_api="blas"):
+            return self._fit_folds(forest, train_masks)
+
+    def _fit_folds(self, forest: Forest, train_masks: Sequence[np.ndarray]) -> list[IreneModel]:
+        masks = [np.asarray(m, dtype=bool) for m in train_masks]
+        copies = [clone(self) for _ in masks]
+        for copy in copies:
+            copy.validate_params()
+        if not copies:
+            return []
+        if not self._batchable():
+            return [copy.fit(forest.subset(mask)) for copy, mask in zip(copies, masks, strict=True)]
+        from scipy import sparse  # imported when used: about a second per process
+
+        x = forest.matrix(feature_list(list(self.feature_sets)))
+        reference = Standardizer.fit(x)
+        leaves = _LeafRows(forest)
+        leaf_pred = (np.zeros((leaves.count, len(copies)))
+                     if self.training_strategy == "end2end" else None)
+        forward, backward = [], []
+        for i, (copy, mask) in enumerate(zip(copies, masks, strict=True)):
+            fold_leaf_pred = copy._fit_fold_leaves(forest, x, mask, leaves, leaf_pred is not None)
+            if leaf_pred is not None:
+                leaf_pred[:, i] = fold_leaf_pred
+            scaler = copy.node_scaler_
+            transform = polynomial_transform((scaler.mean_ - reference.mean_) / reference.scale_,
+                                             scaler.scale_ / reference.scale_,
+                                             self.polynomial_degree)
+            forward.append(sparse.csr_matrix(transform.T))
+            backward.append(sparse.csr_matrix(transform))
+        forward = sparse.block_diag(forward, format="csr")
+        backward = sparse.block_diag(backward, format="csr")
+        held = TreeFeatures.WHOLE_BYTES - (0 if leaf_pred is None else leaf_pred.nbytes)
+        features = TreeFeatures(reference.transform(x), self.polynomial_degree, whole_bytes=held)
+        initial = LinearWeighting.initial(features.shape[1], copies[0].weighting_name_,
+                                          self.tanh_scalar, self.seed)
+        thetas, histories = self._train_folds(forest, masks, features, leaf_pred, forward,
+                                              backward, initial)
+        for copy, theta, history in zip(copies, thetas, histories, strict=True):
+            copy.weighting_, copy.history_ = initial.with_theta(theta), history
+        return copies
+
+    def _fit_fold_leaves(self, forest: Forest, x: np.ndarray, mask: np.ndarray,
+                         leaves: _LeafRows, predict: bool) -> np.ndarray | None:
+        """:meth:`_fit_leaves_and_scaler` of the fold of ``forest``'s trees ``mask`` from its
+        rows of ``x`` (in order: the same floats as the fold's own forest gives), without
+        cutting the fold's forest; returns the fold's leaf predictions on every leaf of
+        ``forest`` (0 off the fold) when ``predict``."""
+        nodes = mask[forest.tree_index]
+        gold = forest.gold_j
+        models = {}
+        for op, rows in zip(leaves.ops, leaves.measured, strict=True):
+            rows = rows[nodes[rows]]
+            if len(rows):
+                models[op] = LinearLeafRegressor.fit(x[rows], gold[rows])
+        present = [k for k, rows in enumerate(leaves.rows) if nodes[rows].any()]
+        if not models or any(leaves.ops[k] not in models for k in present):
+            # no measured leaf, or a primitive type with no measured leaf (unseen_op): the
+            # fold's own path, with its errors and fallbacks
+            fold = forest.subset(mask)
+            fold_leaf_pred = self._fit_leaves_and_scaler(fold)[1]
+            if not predict:
+                return None
+            out = np.zeros(leaves.count)
+            rows = np.flatnonzero(nodes)[fold.is_leaf]
+            out[leaves.position[rows]] = fold_leaf_pred[fold.is_leaf]
+            return out
+        self.weighting_name_ = effective_weighting(self.weighting, self.training_strategy)
+        self.features_ = feature_list(list(self.feature_sets))
+        self.leaf_models_ = models
+        self.node_scaler_ = Standardizer.fit(x[nodes])
+        if not predict:
+            return None
+        out = np.zeros(leaves.count)
+        for k in present:
+            rows = leaves.rows[k][nodes[leaves.rows[k]]]
+            out[leaves.position[rows]] = models[leaves.ops[k]].predict(x[rows])
+        return out
+
+    def _batchable(self) -> bool:
+        weighting = effective_weighting(self.weighting, self.training_strategy)
+        return (self.engine == "numpy" and self.standardize_features
+                and self.polynomial_degree > 1 and self._trainable()
+                and (self.training_strategy, weighting) in BATCHED)
+
+    def _train_folds(self, forest: Forest, masks: list[np.ndarray], x: TreeFeatures,
+                     leaf_pred: np.ndarray | None, forward, backward, initial: LinearWeighting
+                     ) -> tuple[np.ndarray, list[list[float]]]:
+        """:meth:`_train_weighting` of every fold at once; returns each fold's θ (rows) and
+        epoch losses."""
+        gold = np.nan_to_num(forest.gold_j, nan=0.0)
+        trees = tree_indices(forest)
+        batched = [batched_tree(tree) for tree in trees]
+        member = np.stack(masks)  # fold × tree
+        num_folds, width = len(masks), x.shape[1]
+        thetas = np.tile(initial.theta, (num_folds, 1))
+        optimizer = BatchedAdam(thetas, lr=self.lr)
+        leaf_starts = np.r_[0, np.cumsum(forest.is_leaf)]
+        counts = np.maximum(member.sum(axis=1), 1)
+        histories: list[list[float]] = [[] for _ in masks]
+        epochs = tqdm(range(self.epochs), desc="train weighting (folds)", unit="epoch",
+                      disable=not self.show_progress, leave=False)
+        for _ in epochs:
+            totals = np.zeros(num_folds)
+            for t, bt in enumerate(batched):
+                tree = bt.tree
+                active = np.flatnonzero(member[:, t])
+                if len(tree.inner) == 0 or len(active) == 0:
+                    continue
+                v = (forward @ thetas[:, :-1].ravel()).reshape(num_folds, width).T
+                rows = slice(tree.start, tree.stop)
+                values = None
+                if leaf_pred is not None:
+                    values = np.zeros((tree.stop - tree.start, num_folds))
+                    values[tree.is_leaf] = leaf_pred[leaf_starts[tree.start]:leaf_starts[tree.stop]]
+                loss, grad_v, grad_bias = batched_tree_loss_and_grad(
+                    x[rows], v, thetas[:, -1], values, gold[rows], bt,
+                    strategy=self.training_strategy,
+                    weighting=effective_weighting(self.weighting, self.training_strategy),
+                    tanh_scalar=self.tanh_scalar, normalize=self.normalize_loss_scale)
+                grad = (backward @ grad_v.T.ravel()).reshape(num_folds, width)
+                optimizer.step(member[:, t], np.column_stack([grad, grad_bias]))
+                totals[active] += loss[active]
+            for history, total, count in zip(histories, totals, counts, strict=True):
+                history.append(float(total / count))
+        return thetas, histories
 
     def _share_unseeded(self, other: IreneModel) -> None:
         self.weighting_name_ = other.weighting_name_

@@ -12,6 +12,7 @@ child weights, v the node values (energies), g the measured energies. With
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -138,3 +139,119 @@ class Adam:
         step_size = self.lr / (1 - b1**self.t)
         denom = np.sqrt(self.v) / np.sqrt(1 - b2**self.t) + self.eps
         self.params -= step_size * self.m / denom
+
+
+# ------------------------------------------------------------------ many folds at once
+@dataclass
+class BatchedTree:
+    """One tree's index arrays for :func:`batched_tree_loss_and_grad`: each level's children
+    sorted (stably) by parent, the start of each parent's run and the parents, so a level's
+    sum over children is one ``np.add.reduceat`` over rows of an n×F array (the children of
+    a parent added in their order, as ``np.bincount`` adds them)."""
+
+    tree: TreeIndex
+    levels: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]  # children, their
+    # parents (as in tree.levels), the children sorted by parent, run starts, run parents
+    edges: tuple[np.ndarray, np.ndarray, np.ndarray]  # children sorted, starts, parents
+
+
+def _runs(children: np.ndarray, parents: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    order = np.argsort(parents, kind="stable")
+    sorted_parents = parents[order]
+    starts = np.flatnonzero(np.r_[True, sorted_parents[1:] != sorted_parents[:-1]])
+    return children[order], starts, sorted_parents[starts]
+
+
+def batched_tree(tree: TreeIndex) -> BatchedTree:
+    levels = [(c, p, *_runs(c, p)) for c, p in tree.levels]
+    return BatchedTree(tree=tree, levels=levels, edges=_runs(*tree.edges))
+
+
+def _sum_children(out: np.ndarray, terms: np.ndarray, starts: np.ndarray,
+                  parents: np.ndarray) -> None:
+    """``out[parent] += Σ terms`` over each parent's run of rows of ``terms``."""
+    if len(terms):
+        out[parents] += np.add.reduceat(terms, starts, axis=0)
+
+
+def batched_tree_loss_and_grad(x: np.ndarray, v: np.ndarray, bias: np.ndarray,
+                               leaf_pred: np.ndarray | None, gold: np.ndarray, bt: BatchedTree,
+                               *, strategy: str, weighting: str, tanh_scalar: float,
+                               normalize: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`tree_loss_and_grad` for F weight vectors at once: ``v`` (P×F) and ``bias`` (F)
+    are the columns' weights and biases on the features ``x`` (n×P), ``leaf_pred`` (n×F, 0
+    off the leaves) each column's leaf predictions. Returns the F losses, the gradients
+    with respect to ``v`` (P×F) and to ``bias`` (F): one matrix product each way instead
+    of F matrix-vector products."""
+    tree = bt.tree
+    n = len(x)
+    inner = tree.inner
+    scale = (1.0 / gold[inner] ** 2 if normalize else np.ones(len(inner)))[:, None]
+    if strategy == "unstructured":
+        xi = x[inner]
+        z = xi @ v + bias
+        w, dw = _weights(z, weighting, tanh_scalar)
+        residual = w - gold[inner][:, None]
+        dz = 2.0 * residual * scale * dw
+        return np.sum(residual**2 * scale, axis=0), xi.T @ dz, dz.sum(axis=0)
+
+    z = x @ v + bias
+    w, dw = _weights(z, weighting, tanh_scalar)
+    f = v.shape[1]
+    children = tree.edges[0]
+    if strategy == "stepwise":
+        values = np.zeros((n, f))
+        sorted_children, starts, parents = bt.edges
+        _sum_children(values, w[sorted_children] * gold[sorted_children, None], starts, parents)
+        inputs = np.broadcast_to(gold[:, None], (n, f))
+    else:
+        values = leaf_pred.copy()
+        for _, _, sorted_children, starts, parents in bt.levels:
+            _sum_children(values, w[sorted_children] * values[sorted_children], starts, parents)
+        inputs = values
+    residual = values[inner] - gold[inner][:, None]
+    loss = np.sum(residual**2 * scale, axis=0)
+
+    grad_values = np.zeros((n, f))
+    grad_values[inner] = 2.0 * residual * scale
+    if strategy != "stepwise":
+        for level_children, level_parents, *_ in reversed(bt.levels):
+            grad_values[level_children] += w[level_children] * grad_values[level_parents]
+    dz = np.zeros((n, f))
+    dz[children] = grad_values[tree.edges[1]] * inputs[children] * dw[children]
+    return loss, x.T @ dz, dz.sum(axis=0)
+
+
+class BatchedAdam:
+    """:class:`Adam` on the rows of an F×P array, each row its own optimizer (its own step
+    count); :meth:`step` updates the rows marked active."""
+
+    def __init__(self, params: np.ndarray, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8):
+        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
+        self.m = np.zeros_like(params)
+        self.v = np.zeros_like(params)
+        self.t = np.zeros(len(params), dtype=np.int64)
+        self._corrections = (np.zeros(0), np.zeros(0))
+
+    def step(self, active: np.ndarray, grad: np.ndarray) -> None:
+        """One step of the rows where ``active`` (bool, F) is true, ``grad`` F×P (its other
+        rows are ignored). Every row is computed and the inactive ones put back: cheaper
+        than gathering the active rows when most are (a cross-validation's folds all train
+        on a tree but one)."""
+        b1, b2 = self.betas
+        idle = np.flatnonzero(~active)
+        kept = (self.params[idle], self.m[idle], self.v[idle])
+        self.t[active] += 1
+        if self.t.max() >= len(self._corrections[0]):  # Adam's bias corrections by step count
+            k = range(1, 2 * int(self.t.max()) + 2)
+            self._corrections = (np.array([0.0, *(self.lr / (1 - b1**i) for i in k)]),
+                                 np.array([1.0, *(math.sqrt(1 - b2**i) for i in k)]))
+        self.m *= b1
+        self.m += (1 - b1) * grad
+        self.v *= b2
+        self.v += (1 - b2) * grad * grad
+        step_size = self._corrections[0][self.t][:, None]
+        root = self._corrections[1][self.t][:, None]
+        self.params -= step_size * self.m / (np.sqrt(self.v) / root + self.eps)
+        self.params[idle], self.m[idle], self.v[idle] = kept
