@@ -12,7 +12,9 @@ errors, fits the exponent b of ``time ∝ models^b`` (least squares of log time 
 models) and prints a markdown table. ``--before REV`` runs the same children at another
 commit, checked out with ``git worktree`` under /tmp, alternating with this checkout size by
 size, so the table compares them side by side. ``--folds K`` times only the first K folds of
-the larger sizes (scaled by models/K). Run from the project root:
+the larger sizes (scaled by models/K). ``--together`` cross-validates this checkout with the
+folds trained together (IrEne's ``fit_folds``; every fold is then run and timed). Run from
+the project root:
 
     IRENE_DATA_DIR=/path/to/irene python scripts/benchmark_scale.py --before 549dfff
     python scripts/benchmark_scale.py --profile 96 --predictors irene   # cProfile: 2 folds at 96
@@ -55,7 +57,10 @@ if profile:  # the first `folds` folds of the cross-validation, as it runs them,
     profiler = cProfile.Profile()
     start = time.perf_counter()
     profiler.enable()
-    for left_out in list(dict.fromkeys(forest.model_names))[:folds]:
+    if sys.argv[5] == "1":  # --together: the whole cross-validation, its folds trained together
+        folds = len(set(names))
+        leave_one_model_out(forest, predictor, show_progress=False, together=True)
+    for left_out in list(dict.fromkeys(forest.model_names))[:folds] if sys.argv[5] != "1" else []:
         clone(predictor).fit(forest.subset(names != left_out)).predict(forest.subset(names == left_out))
     profiler.disable()
     print(f"{folds} folds of {len(set(names))} models: {time.perf_counter() - start:.1f} s",
@@ -63,9 +68,10 @@ if profile:  # the first `folds` folds of the cross-validation, as it runs them,
     pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(int(profile))
     sys.exit(0)
 folds = int(sys.argv[4])
+together = sys.argv[5] == "1"  # the folds trained together: every fold runs, never --folds
 models = len(set(forest.model_names))
 start = time.perf_counter()
-if folds and folds < models:  # the first `folds` folds as leave_one_model_out runs them
+if folds and folds < models and not together:  # the first `folds` folds as leave_one_model_out runs them
     import numpy as np
     from irene.predictors.base import clone
     names = np.asarray(forest.model_names, dtype=object)
@@ -74,7 +80,8 @@ if folds and folds < models:  # the first `folds` folds as leave_one_model_out r
     overall = None
 else:
     folds = models
-    overall = leave_one_model_out(forest, predictor, show_progress=False).overall()
+    kwargs = {"together": True} if together else {}  # older commits lack the argument
+    overall = leave_one_model_out(forest, predictor, show_progress=False, **kwargs).overall()
 wall = (time.perf_counter() - start) * models / folds
 # VmHWM, not ru_maxrss: Linux keeps the forking parent's maximum across exec
 status = open("/proc/self/status").read().split("VmHWM:")[1]
@@ -151,13 +158,13 @@ def write_data_sets(devices: list[str], files: dict[int, Path], perturb: str) ->
 
 
 def run_child(checkout: Path, data: Path, predictor: str, threads: int, profile: int = 0,
-              folds: int = 0) -> dict | None:
+              folds: int = 0, together: bool = False) -> dict | None:
     env = {**os.environ, "PYTHONPATH": str(checkout), "PYTHONDONTWRITEBYTECODE": "1"}
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[name] = str(threads)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", CHILD, str(data), predictor, str(profile),
-                           str(folds)],
+                           str(folds), "1" if together else "0"],
                           cwd=checkout, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"child failed ({checkout}, {data.name}, {predictor}):\n{done.stderr[-3000:]}")
@@ -233,6 +240,10 @@ def main() -> None:
                              "the time by models/FOLDS (every fold trains on all models but one; "
                              "the work shared across folds is then counted more than once)")
     parser.add_argument("--folds-from", type=int, default=24)
+    parser.add_argument("--together", action="store_true",
+                        help="this checkout trains the folds together "
+                             "(leave_one_model_out(together=True)); it then runs every fold, "
+                             "whatever --folds")
     parser.add_argument("--json", help="also write every run's record to this file")
     args = parser.parse_args()
 
@@ -256,7 +267,7 @@ def main() -> None:
             for predictor in predictors:
                 print(f"## {PREDICTORS[predictor]}, {args.profile} models", file=sys.stderr)
                 run_child(ROOT, files[args.profile], predictor, args.threads, profile=25,
-                          folds=args.profile_folds or 2)
+                          folds=args.profile_folds or 2, together=args.together)
             return
         print(f"threads {args.threads}; {args.repeats} run(s) per cell; variants: "
               + ", ".join(f"{name}={path}" for name, path in variants), flush=True)
@@ -268,7 +279,8 @@ def main() -> None:
                         if (name, predictor, n) in skip:
                             continue
                         folds = args.folds if n >= args.folds_from else 0
-                        record = run_child(path, files[n], predictor, args.threads, folds=folds)
+                        record = run_child(path, files[n], predictor, args.threads, folds=folds,
+                                           together=args.together and name == "now")
                         results.setdefault((name, predictor, n), []).append(record)
                         print(f"{name} {predictor} {n} models ({record['folds_run']} folds run): "
                               f"{record['wall_s']:.1f} s, "

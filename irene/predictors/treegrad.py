@@ -233,6 +233,7 @@ class BatchedAdam:
         self.v = np.zeros_like(params)
         self.t = np.zeros(len(params), dtype=np.int64)
         self._corrections = (np.zeros(0), np.zeros(0))
+        self._scratch: tuple[np.ndarray, np.ndarray] | None = None
 
     def step(self, active: np.ndarray, grad: np.ndarray) -> None:
         """One step of the rows where ``active`` (bool, F) is true, ``grad`` F×P (its other
@@ -247,11 +248,21 @@ class BatchedAdam:
             k = range(1, 2 * int(self.t.max()) + 2)
             self._corrections = (np.array([0.0, *(self.lr / (1 - b1**i) for i in k)]),
                                  np.array([1.0, *(math.sqrt(1 - b2**i) for i in k)]))
+        # Adam's arithmetic, operation for operation, in place (two scratch arrays)
+        if self._scratch is None or self._scratch[0].shape != grad.shape:
+            self._scratch = (np.empty_like(grad), np.empty_like(grad))
+        a, b = self._scratch
         self.m *= b1
-        self.m += (1 - b1) * grad
+        np.multiply(grad, 1 - b1, out=a)
+        self.m += a
         self.v *= b2
-        self.v += (1 - b2) * grad * grad
-        step_size = self._corrections[0][self.t][:, None]
-        root = self._corrections[1][self.t][:, None]
-        self.params -= step_size * self.m / (np.sqrt(self.v) / root + self.eps)
+        np.multiply(grad, 1 - b2, out=a)
+        a *= grad
+        self.v += a
+        np.sqrt(self.v, out=b)
+        b /= self._corrections[1][self.t][:, None]
+        b += self.eps
+        np.multiply(self.m, self._corrections[0][self.t][:, None], out=a)
+        a /= b
+        self.params -= a
         self.params[idle], self.m[idle], self.v[idle] = kept
