@@ -201,3 +201,28 @@ def test_cli_setting_hydra_cannot_apply_is_one_line_and_exit_2(setting, message)
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), out.stderr
+
+
+def test_cv_together_trains_the_folds_together_to_the_same_table_and_is_refused_with_seeds(
+        trees_file, mlflow_uri, tmp_path, monkeypatch):
+    from irene.errors import SettingsError
+    from irene.predictors.irene import IreneModel
+    from pipelines.stage import run_stage
+
+    calls = []
+    fit_folds = IreneModel.fit_folds
+    monkeypatch.setattr(IreneModel, "fit_folds",
+                        lambda self, *a, **k: calls.append(1) or fit_folds(self, *a, **k))
+
+    apart = run_stage("crossvalidate", stage_cfg("crossvalidate", trees_file, mlflow_uri,
+                                                 tmp_path / "apart", "predictor.epochs=2"))
+    together = run_stage("crossvalidate", stage_cfg("crossvalidate", trees_file, mlflow_uri,
+                                                    tmp_path / "together", "predictor.epochs=2",
+                                                    "cv_together=true"))
+    # equal to rounding (one shared expansion and one product per tree for every fold)
+    assert together.table.round(2).equals(apart.table.round(2))
+    assert len(calls) == 1  # the folds were trained together, once
+    with pytest.raises(SettingsError, match="cv_together=true trains one cross-validation's "
+                                            "folds together; with seeds, leave it unset"):
+        run_stage("crossvalidate", stage_cfg("crossvalidate", trees_file, mlflow_uri,
+                                             tmp_path / "seeds", "cv_together=true", "seeds=2"))

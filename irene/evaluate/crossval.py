@@ -259,7 +259,7 @@ def cv_folds(forest: Forest, group: str = "model") -> list[tuple[str, np.ndarray
 def cross_validate(forest: Forest, predictor: Predictor, group: str = "model", *,
                    show_progress: bool = True,
                    on_fold: Callable[[str, dict[str, float], object], None] | None = None,
-                   ) -> CrossValidationResult:
+                   together: bool = False) -> CrossValidationResult:
     """Cross-validate ``predictor`` over the folds of :func:`cv_folds`. One device's data
     grouped by model is :func:`leave_one_model_out` itself (the same table, bit for bit);
     otherwise every distinct training set is fitted once (a fresh ``clone``; the folds of one
@@ -267,12 +267,16 @@ def cross_validate(forest: Forest, predictor: Predictor, group: str = "model", *
     (their unweighted mean), its label column ``left_out_model`` or ``left_out_device``.
 
     Raises:
-        SettingsError: see :func:`cv_folds`.
+        SettingsError: see :func:`cv_folds`; ``together`` on several devices or by device.
         NonFiniteResultError: as :func:`leave_one_model_out`, naming the fold.
     """
     if group == "model" and len(forest.device_names()) < 2:
         return leave_one_model_out(forest, predictor, show_progress=show_progress,
-                                   on_fold=on_fold)
+                                   on_fold=on_fold, together=together)
+    if together:
+        raise SettingsError("cv_together=true trains the folds of one device's "
+                            "leave-one-model-out together; it does not apply to cv_group="
+                            f"{group} on {'+'.join(forest.device_names())}")
     folds = cv_folds(forest, group)
     predicted = np.full(forest.num_nodes, np.nan)
     rows, fitted, by_train = {}, {}, {}
