@@ -64,6 +64,25 @@ def fit_folds(forest: Forest, predictor: Predictor, train_masks: list[np.ndarray
     return None if together is None else together(forest, train_masks)
 
 
+def fold_errors(name: str, test: Forest, predicted_j: np.ndarray, scored: list[str]
+                ) -> dict[str, float]:
+    """A fold's % errors per node type (:func:`errors_by_node_type`).
+
+    Raises:
+        NonFiniteResultError: a NaN or infinite prediction, or a node type of ``scored``
+            the fold has no measured node of (its error would be NaN), naming the fold.
+    """
+    try:
+        errors = errors_by_node_type(test, predicted_j)
+    except NonFiniteResultError as error:
+        raise NonFiniteResultError(f"fold {name!r} (left out): {error}") from None
+    absent = [t for t in scored if t not in errors]
+    if absent:
+        raise NonFiniteResultError(f"fold {name!r} (left out): no measured {absent} node to "
+                                   "score; its error would be NaN")
+    return errors
+
+
 def leave_one_model_out(forest: Forest, predictor: Predictor, *,
                         show_progress: bool = True,
                         on_fold: Callable[[str, dict[str, float], object], None] | None = None,
@@ -98,14 +117,7 @@ def leave_one_model_out(forest: Forest, predictor: Predictor, *,
         fitted_fold = (fitted_together[i] if fitted_together is not None
                        else clone(predictor).fit(forest.subset(names != left_out)))
         fold_pred = fitted_fold.predict(test)
-        try:
-            rows[left_out] = errors_by_node_type(test, fold_pred)
-        except NonFiniteResultError as error:
-            raise NonFiniteResultError(f"fold {left_out!r} (left out): {error}") from None
-        absent = [t for t in scored if t not in rows[left_out]]
-        if absent:
-            raise NonFiniteResultError(f"fold {left_out!r} (left out): no measured {absent} "
-                                       "node to score; its error would be NaN")
+        rows[left_out] = fold_errors(left_out, test, fold_pred, scored)
         predicted[node_names == left_out] = fold_pred
         fitted[left_out] = fitted_fold
         if on_fold is not None:
@@ -288,14 +300,7 @@ def cross_validate(forest: Forest, predictor: Predictor, group: str = "model", *
             by_train[key] = clone(predictor).fit(forest.subset(train))
         test = forest.subset(test_trees)
         fold_pred = by_train[key].predict(test)
-        try:
-            rows[name] = errors_by_node_type(test, fold_pred)
-        except NonFiniteResultError as error:
-            raise NonFiniteResultError(f"fold {name!r} (left out): {error}") from None
-        absent = [t for t in scored if t not in rows[name]]
-        if absent:
-            raise NonFiniteResultError(f"fold {name!r} (left out): no measured {absent} node to "
-                                       "score; its error would be NaN")
+        rows[name] = fold_errors(name, test, fold_pred, scored)
         predicted[test_trees[forest.tree_index]] = fold_pred
         fitted[name] = by_train[key]
         if on_fold is not None:

@@ -59,6 +59,7 @@ from irene.predictors.leaves import (
     polynomial_expand,
     polynomial_powers,
     polynomial_transform,
+    predict_leaf_groups,
     relative_lstsq,
 )
 
@@ -813,17 +814,5 @@ def _predict_leaves(forest: Forest, x: np.ndarray, models: dict, unseen, hint: s
     as strings per fold."""
     ops, code = _op_codes(forest)
     code = np.where(forest.is_leaf, code, -1)
-    pred = np.zeros(forest.num_nodes)
-    fallback = np.zeros(forest.num_nodes, dtype=bool)
-    for c in np.unique(code[code >= 0]):  # sorted codes: the types in sorted order
-        op, rows = str(ops[c]), code == c
-        model = models.get(op)
-        if model is None:
-            model = unseen(op)
-            if model is None:
-                first = forest.ids[int(np.flatnonzero(rows)[0])]
-                raise InputError(f"primitive type {op!r} (node {first!r}) was never seen in "
-                                 f"training (known: {sorted(models)}); {hint}")
-            fallback |= rows
-        pred[rows] = model.predict(x[rows])
-    return pred, fallback
+    groups = ((str(ops[c]), code == c) for c in np.unique(code[code >= 0]))  # sorted types
+    return predict_leaf_groups(forest, x, groups, models, unseen, hint)

@@ -426,10 +426,18 @@ def predict_leaves(forest: Forest, x: np.ndarray, models: dict, unseen, hint: st
     Returns:
         Leaf predictions for every node (0 on inner nodes) and the mask of fallback leaves.
     """
+    groups = ((op, forest.is_leaf & (forest.op_type == op))
+              for op in sorted(set(forest.op_type[forest.is_leaf])))
+    return predict_leaf_groups(forest, x, groups, models, unseen, hint)
+
+
+def predict_leaf_groups(forest: Forest, x: np.ndarray, groups, models: dict, unseen, hint: str
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`predict_leaves` over given ``(primitive type, row mask)`` groups (every leaf
+    in one of them, the types in sorted order)."""
     pred = np.zeros(forest.num_nodes)
     fallback = np.zeros(forest.num_nodes, dtype=bool)
-    for op in sorted(set(forest.op_type[forest.is_leaf])):
-        rows = forest.is_leaf & (forest.op_type == op)
+    for op, rows in groups:
         model = models.get(op)
         if model is None:
             model = unseen(op)
