@@ -151,3 +151,11 @@ def test_transfer_keeps_the_devices_predictor_and_predict_finds_it_by_device(
     out = _run(tmp_path, "stage=predict", "model=distilbert-base-uncased", "device=toy_gpu",
                f"model_dir={model_dir}")
     assert out.returncode == 2 and "model_dir and device both name a predictor" in out.stderr
+
+
+def test_the_device_predictor_is_not_a_config_option_and_the_schema_still_registers():
+    from irene.predictors import classes
+    from pipelines.config import register_configs
+
+    assert "device" not in classes() and "irene_plus" in classes()
+    register_configs()  # DevicePredictor is imported (above): its fields are not a schema

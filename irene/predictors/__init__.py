@@ -15,12 +15,14 @@ from irene.predictors.irene_plus import IrenePlusPredictor
 
 
 def classes() -> dict[str, type[Predictor]]:
-    """Every predictor class of this package by its name (``irene``, ``flat``, ...)."""
+    """Every predictor class of this package that a config can build, by its name (``irene``,
+    ``flat``, ...): not :class:`~irene.predictors.device.DevicePredictor`, which only
+    ``stage=transfer`` fits."""
     found, todo = {}, list(Predictor.__subclasses__())
     while todo:
         cls = todo.pop(0)
         todo.extend(cls.__subclasses__())
-        if cls.name and cls.__module__.startswith(__name__):
+        if cls.name and cls.__module__.startswith(__name__) and cls.configurable:
             found[cls.name] = cls
     return dict(sorted(found.items()))
 

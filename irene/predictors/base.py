@@ -133,6 +133,8 @@ class Predictor:
 
     #: short name, the same as its ``conf/predictor/<name>.yaml`` option
     name: ClassVar[str] = ""
+    #: whether ``conf/predictor/`` can build it (a config schema is registered for it)
+    configurable: ClassVar[bool] = True
     #: hyperparameter -> check; validated at the start of ``fit`` (stages call it at start-up)
     constraints: ClassVar[dict[str, Check]] = {"feature_sets": feature_sets_check}
 

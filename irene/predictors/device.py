@@ -39,6 +39,7 @@ class DevicePredictor(Predictor):
     """
 
     name = "device"
+    configurable = False  # fitted by stage=transfer (fit_transfer), never from a config
     constraints = {"method": OneOf(("type_scale", "level_scale")),
                    "convention": OneOf(("irene", "physical"))}
 
