@@ -42,9 +42,9 @@ class PlanSettings:
 
 
 def check_request(settings: PlanSettings) -> tuple[list[str], list[str], list[int], list[int], int]:
-    from pipelines.stages.transfer import _names
+    from pipelines.stages.transfer import name_list
 
-    sources = _names(settings.source) or list(DEFAULT_SOURCES)
+    sources = name_list(settings.source) or list(DEFAULT_SOURCES)
     models = [str(m) for m in (settings.models or DEFAULT_MODELS)]
     batch_sizes = [int(b) for b in (settings.batch_sizes or DEFAULT_BATCH_SIZES)]
     seq_lens = [int(s) for s in (settings.seq_lens or DEFAULT_SEQ_LENS)]

@@ -56,7 +56,7 @@ class TransferSettings:
     keep_model: bool = True
 
 
-def _names(value) -> list[str]:
+def name_list(value) -> list[str]:
     if value is None:
         return []
     if isinstance(value, list | tuple):
@@ -80,12 +80,12 @@ def device_trees(ctx: Context, tracker: Tracker, name: str, role: str) -> list[T
 
 
 def run_name(ctx: Context, settings: TransferSettings) -> str:
-    return f"transfer {'+'.join(_names(settings.source))} -> {settings.target}"
+    return f"transfer {'+'.join(name_list(settings.source))} -> {settings.target}"
 
 
 def check_request(settings: TransferSettings
                   ) -> tuple[list[str], str, list[int | str], int, list[str]]:
-    sources, target = _names(settings.source), settings.target
+    sources, target = name_list(settings.source), settings.target
     if not sources or not target:
         raise SettingsError("stage=transfer needs source=<device or [devices]> and "
                             "target=<device or trees file>, e.g. source=device_1 target=device_2")
@@ -97,7 +97,7 @@ def check_request(settings: TransferSettings
         raise SettingsError(f"shots={shots}: must be a non-empty list of counts >= 0 (or 'all')")
     if int(settings.draws) < 1:
         raise SettingsError(f"draws={settings.draws}: must be at least 1")
-    return sources, str(target), shots, int(settings.draws), _names(settings.methods)
+    return sources, str(target), shots, int(settings.draws), name_list(settings.methods)
 
 
 def plot(rows: list[dict], path: Path, title: str) -> Path:
