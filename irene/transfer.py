@@ -564,7 +564,7 @@ def learning_curve(source_trees: Sequence[Tree] | Sequence[Sequence[Tree]] | Seq
                 test, test_preds = tests[f]
                 if k == 0:  # the source as is, for every method that uses one
                     for name in source_based:
-                        record((name, k), draw, f, test, _geometric_mean(test_preds))
+                        record((name, k), draw, f, test, geometric_mean(test_preds))
                     continue
                 chosen = (np.flatnonzero(names != left_out) if k == ALL_SHOTS
                           else draw_shots(target, left_out, k, rng))
@@ -600,7 +600,8 @@ def _source_lists(source_trees) -> list:
     return items  # several devices (lists of trees or forests)
 
 
-def _geometric_mean(preds: list[np.ndarray]) -> np.ndarray:
+def geometric_mean(preds: list[np.ndarray]) -> np.ndarray:
+    """Several sources' predictions of the same nodes combined: their geometric mean."""
     if len(preds) == 1:
         return preds[0]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -623,7 +624,7 @@ def _fit_predict(factory, sources, source_preds, shots_forest, shot_rows, test, 
         method = probe if i == 0 else factory()
         method.fit(source, shots_forest, source_pred=pred[shot_rows])
         preds.append(method.predict(test, source_pred=test_preds[i]))
-    return _geometric_mean(preds)
+    return geometric_mean(preds)
 
 
 def _summary(name: str, k: int | str, values: np.ndarray, worst: float,

@@ -16,6 +16,7 @@ import inspect
 import re
 import secrets
 import typing
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any  # noqa: UP035 - OmegaConf needs typing.Optional
@@ -194,25 +195,23 @@ def _settings_checks() -> dict[str, Any]:
         ok = isinstance(value, str) and _NAME.match(value) and value not in (".", "..")
         return None if ok else "must be a folder name (letters, digits, '_', '.', '+', '-')"
 
-    def model_list(value: Any) -> str | None:
-        if value is None:
-            return None
-        if isinstance(value, str) or not isinstance(value, list) or not value:
-            return "must be a non-empty list of model names, or null"
-        if any(not isinstance(m, str) or not m for m in value):
-            return "every model name must be a non-empty string"
-        duplicates = sorted({m for m in value if value.count(m) > 1})
-        return f"names {duplicates} more than once" if duplicates else None
+    def name_list(what: str, item: str) -> Callable[[Any], str | None]:
+        """A check of a non-empty list of distinct non-empty strings, or null."""
 
-    def device_list(value: Any) -> str | None:
-        if value is None:
-            return None
-        if isinstance(value, str) or not isinstance(value, list) or not value:
-            return "must be a non-empty list of device names, trees files or folders, or null"
-        if any(not isinstance(d, str) or not d for d in value):
-            return "every entry must be a non-empty string"
-        duplicates = sorted({d for d in value if value.count(d) > 1})
-        return f"names {duplicates} more than once" if duplicates else None
+        def check(value: Any) -> str | None:
+            if value is None:
+                return None
+            if isinstance(value, str) or not isinstance(value, list) or not value:
+                return f"must be a non-empty list of {what}, or null"
+            if any(not isinstance(v, str) or not v for v in value):
+                return f"every {item} must be a non-empty string"
+            duplicates = sorted({v for v in value if value.count(v) > 1})
+            return f"names {duplicates} more than once" if duplicates else None
+
+        return check
+
+    model_list = name_list("model names", "model name")
+    device_list = name_list("device names, trees files or folders", "entry")
 
     def shapes(value: Any) -> str | None:
         if value is None:
@@ -300,13 +299,19 @@ def seed_list(seeds: Any, base: int = 0) -> list[int] | None:
     return [base + i for i in range(seeds)]
 
 
+def data_label(data: DictConfig) -> str:
+    """``data.name``, or the entries of ``data.devices`` joined by ``+``."""
+    devices = data.get("devices")
+    return "+".join(str(d) for d in devices) if devices else str(data.name)
+
+
 def run_params(cfg: DictConfig) -> dict[str, Any]:
     """MLflow params of a run: the chosen option of every ablation axis, then every
     hyperparameter of the predictor as composed (the ones the axes set are not repeated)."""
     from irene.predictors.irene import effective_weighting
 
     params: dict[str, Any] = {
-        "data": "+".join(cfg.data.devices) if cfg.data.get("devices") else cfg.data.name,
+        "data": data_label(cfg.data),
         "features": cfg.features.name,
         "strategy": cfg.strategy.name,
         "weighting": ("n/a" if cfg.strategy.name == "none"

@@ -178,8 +178,9 @@ class Context:
     @property
     def data_name(self) -> str:
         """``data.name``, or the entries of ``data.devices`` joined by ``+``."""
-        devices = self._cfg.data.get("devices")
-        return "+".join(str(d) for d in devices) if devices else str(self._cfg.data.name)
+        from pipelines.config import data_label
+
+        return data_label(self._cfg.data)
 
     @property
     def data_models(self) -> list[str]:

@@ -39,12 +39,11 @@ def picked_errors(sources, target, k: int) -> tuple[np.ndarray, list[list[str]]]
     """Mean over folds of (ml, module, model) % error with picked shots, and the picks."""
     from irene.evaluate.metrics import errors_by_node_type
     from irene.shots import pick_shots
-    from irene.transfer import TypeScale, node_mask
+    from irene.transfer import TypeScale, geometric_mean, node_mask
 
     names = np.asarray(target.model_names, dtype=object)
     preds = [s.predict(target) for s in sources]
-    with np.errstate(divide="ignore"):
-        energy = np.exp(np.mean(np.log(np.stack(preds)), axis=0))
+    energy = geometric_mean(preds)
     rows, picks = [], []
     for left_out in dict.fromkeys(target.model_names):
         pool = np.flatnonzero(names != left_out)
@@ -56,11 +55,10 @@ def picked_errors(sources, target, k: int) -> tuple[np.ndarray, list[list[str]]]
         shots, shot_rows = target.subset(mask), node_mask(target, mask)
         test_mask = names == left_out
         test, test_rows = target.subset(test_mask), node_mask(target, test_mask)
-        logs = []
-        for source, pred in zip(sources, preds, strict=True):
-            method = TypeScale().fit(source, shots, source_pred=pred[shot_rows])
-            logs.append(np.log(method.predict(test, source_pred=pred[test_rows])))
-        errs = errors_by_node_type(test, np.exp(np.mean(logs, axis=0)))
+        corrected = [TypeScale().fit(source, shots, source_pred=pred[shot_rows])
+                     .predict(test, source_pred=pred[test_rows])
+                     for source, pred in zip(sources, preds, strict=True)]
+        errs = errors_by_node_type(test, geometric_mean(corrected))
         rows.append([errs["ml"], errs["module"], errs["model"]])
     return np.mean(rows, axis=0), picks
 

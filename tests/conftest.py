@@ -56,6 +56,13 @@ def small_trees(device_trees):
 
 
 @pytest.fixture(scope="session")
+def small_forest(small_trees):
+    from irene.data.forest import build_forest
+
+    return build_forest(small_trees)
+
+
+@pytest.fixture(scope="session")
 def mlflow_uri(tmp_path_factory) -> str:
     """One sqlite store for the session, created once (schema creation is slow)."""
     import mlflow

@@ -19,13 +19,6 @@ from irene.predictors.treegrad import (
 )
 
 
-@pytest.fixture(scope="module")
-def small_forest(small_trees):
-    from irene.data.forest import build_forest
-
-    return build_forest(small_trees)
-
-
 def _masks(forest):
     names = np.asarray(forest.model_names, dtype=object)
     return names, [names != m for m in dict.fromkeys(forest.model_names)]

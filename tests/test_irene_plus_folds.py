@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from irene.data.forest import build_forest, children_sum
+from irene.data.forest import children_sum
 from irene.predictors.irene_plus import (
     IrenePlusPredictor,
     _bounded_relative_lstsq,
@@ -21,11 +21,6 @@ from irene.predictors.irene_plus import (
     _triangle,
 )
 from irene.predictors.leaves import measured, predict_leaves, relative_lstsq
-
-
-@pytest.fixture(scope="module")
-def small_forest(small_trees):
-    return build_forest(small_trees)
 
 
 def test_inner_design_equals_a_children_sum_per_kind(small_forest):

@@ -14,7 +14,6 @@ from hydra import compose, initialize_config_dir
 from scipy import stats
 from sklearn.base import clone
 
-from irene.data.forest import build_forest
 from irene.data.tree import write_trees
 from irene.errors import MissingInputError
 from irene.evaluate.crossval import leave_one_model_out, seeded_leave_one_model_out
@@ -33,11 +32,6 @@ from pipelines.config import register_configs, seed_list
 
 ROOT = Path(__file__).resolve().parents[1]
 register_configs()
-
-
-@pytest.fixture(scope="module")
-def small_forest(small_trees):
-    return build_forest(small_trees)
 
 
 def quick(**params) -> IreneModel:

@@ -87,15 +87,15 @@ class DevicePredictor(Predictor):
     def predict(self, forest: Forest, *, return_fallback: bool = False):
         """Every node's energy (J) on the target device, in forest order."""
         self.check_fitted()
-        logs, fallback = [], np.zeros(forest.num_nodes, dtype=bool)
+        from irene.transfer import geometric_mean
+
+        corrected, fallback = [], np.zeros(forest.num_nodes, dtype=bool)
         for static, correction in zip(self.static_, self.corrections_, strict=True):
             pred, used_fallback = static.predict(forest, return_fallback=True)
             fallback |= np.asarray(used_fallback, dtype=bool)
-            corrected = correction.predict(forest, source_pred=np.asarray(pred, dtype=np.float64))
-            with np.errstate(divide="ignore", invalid="ignore"):
-                logs.append(np.log(corrected))
-        pred = logs[0] if len(logs) == 1 else np.mean(np.stack(logs), axis=0)
-        pred = np.exp(pred)
+            corrected.append(correction.predict(forest,
+                                                source_pred=np.asarray(pred, dtype=np.float64)))
+        pred = geometric_mean(corrected)
         return (pred, fallback) if return_fallback else pred
 
     # --------------------------------------------------------------------- persistence

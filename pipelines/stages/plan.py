@@ -61,14 +61,13 @@ def run_name(ctx: Context, settings: PlanSettings) -> str:
 
 def run(ctx: Context, settings: PlanSettings) -> Path:
     """Returns the path of ``plan.csv``."""
-    import numpy as np
     import pandas as pd
 
     from irene.data.forest import build_forest
     from irene.predictors.static import trace_static
     from irene.shots import node_groups, pick_shots
     from irene.tables import Table, to_markdown, write_table
-    from irene.transfer import Source
+    from irene.transfer import Source, geometric_mean
     from pipelines.stages.transfer import device_trees
 
     sources, models, batch_sizes, seq_lens, k = check_request(settings)
@@ -89,8 +88,7 @@ def run(ctx: Context, settings: PlanSettings) -> Path:
             log.info("tracing %s at %d shapes (%s convention)", model, len(shapes), convention)
             trees.extend(trace_static(model, shapes, convention=convention))
         forest = build_forest(trees)
-        with np.errstate(divide="ignore"):
-            energy = np.exp(np.mean(np.log(np.stack([s.predict(forest) for s in fitted])), axis=0))
+        energy = geometric_mean([s.predict(forest) for s in fitted])
         picked = pick_shots(forest, k, energy)
         groups = node_groups(forest)
         covered: set[str] = set()
