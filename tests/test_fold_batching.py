@@ -12,6 +12,7 @@ from irene.predictors.irene import IreneModel
 from irene.predictors.treegrad import (
     Adam,
     BatchedAdam,
+    DistinctRows,
     batched_tree,
     batched_tree_loss_and_grad,
     tree_indices,
@@ -99,6 +100,31 @@ def test_batched_loss_and_gradient_are_the_per_column_ones(small_forest, strateg
         assert loss[f] == pytest.approx(one_loss, rel=1e-12)
         np.testing.assert_allclose(np.append(grad_w[:, f], grad_b[f]), one_grad, rtol=1e-10,
                                    atol=1e-14 * np.abs(one_grad).max())
+
+
+@pytest.mark.parametrize("strategy", ["end2end", "stepwise", "unstructured"])
+def test_distinct_rows_give_the_loss_and_gradient_of_every_row(small_forest, strategy):
+    """A tree whose rows repeat (identical layers) computed on its distinct rows only."""
+    rng = np.random.default_rng(2)
+    tree = max(tree_indices(small_forest), key=lambda t: t.stop - t.start)
+    rows = slice(tree.start, tree.stop)
+    n, width, folds = tree.stop - tree.start, 9, 4
+    patterns = rng.standard_normal((7, width))
+    x = patterns[rng.integers(0, 7, n)]  # 7 distinct rows, repeated in a random order
+    weights, bias = rng.standard_normal((width, folds)) * 0.1, rng.standard_normal(folds) * 0.1
+    leaf_pred = np.where(tree.is_leaf[:, None], rng.random((n, folds)), 0.0)
+    gold = np.nan_to_num(small_forest.gold_j[rows], nan=0.0)
+    kept, distinct = DistinctRows.of(x)
+    assert len(kept) == len(np.unique(x, axis=0)) <= 7
+    assert list(kept) == sorted(kept) and kept[0] == 0  # first copies, in row order
+    np.testing.assert_array_equal(x[kept][distinct.inverse], x)
+    args = dict(strategy=strategy, weighting="close_to_one", tanh_scalar=10.0, normalize=True)
+    every = batched_tree_loss_and_grad(x, weights, bias, leaf_pred, gold, batched_tree(tree),
+                                       **args)
+    fewer = batched_tree_loss_and_grad(x[kept], weights, bias, leaf_pred, gold,
+                                       batched_tree(tree), distinct=distinct, **args)
+    for a, b in zip(every, fewer, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-14 * np.abs(a).max())
 
 
 def test_batched_adam_is_one_adam_per_row():

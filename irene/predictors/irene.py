@@ -53,6 +53,7 @@ from irene.predictors.leaves import (
 from irene.predictors.treegrad import (
     Adam,
     BatchedAdam,
+    DistinctRows,
     batched_tree,
     batched_tree_loss_and_grad,
     tree_indices,
@@ -374,7 +375,10 @@ class IreneModel(Predictor):
         of one reference standardization z (of all of ``forest``'s nodes); the degree-d
         expansion of z_f is a sparse linear map T_f of z's
         (:func:`~irene.predictors.leaves.polynomial_transform`), so a fold's logits are
-        E(z)·(T_fᵀθ_f) and its gradient T_f·(E(z)ᵀ·dz). The fold's θ, Adam state, leaf
+        E(z)·(T_fᵀθ_f) and its gradient T_f·(E(z)ᵀ·dz). The products run on each tree's
+        distinct rows of features only (identical layers repeat the same nodes; a tenth of
+        the rows of the 96-model benchmark), each row's gradient summed over its copies
+        first (:class:`~irene.predictors.treegrad.DistinctRows`). The fold's θ, Adam state, leaf
         regressors and standardizer stay its own. The products are summed in another order
         than a fold's own fit, so the results equal it to rounding, not bit for bit (the
         tests hold the predictions to 1e-6 relative).
@@ -423,12 +427,19 @@ class IreneModel(Predictor):
             backward.append(sparse.csr_matrix(transform))
         forward = sparse.block_diag(forward, format="csr")
         backward = sparse.block_diag(backward, format="csr")
+        kept, distinct = [], []
+        for a, b in zip(forest.offsets[:-1], forest.offsets[1:], strict=True):
+            rows, tree_distinct = DistinctRows.of(x[a:b])
+            kept.append(rows + a)
+            distinct.append(tree_distinct)
+        distinct_offsets = np.r_[0, np.cumsum([len(rows) for rows in kept])]
         held = TreeFeatures.WHOLE_BYTES - (0 if leaf_pred is None else leaf_pred.nbytes)
-        features = TreeFeatures(reference.transform(x), self.polynomial_degree, whole_bytes=held)
+        features = TreeFeatures(reference.transform(x[np.concatenate(kept)]),
+                                self.polynomial_degree, whole_bytes=held)
         initial = LinearWeighting.initial(features.shape[1], copies[0].weighting_name_,
                                           self.tanh_scalar, self.seed)
         thetas, histories = self._train_folds(forest, masks, features, leaf_pred, forward,
-                                              backward, initial)
+                                              backward, initial, distinct, distinct_offsets)
         for copy, theta, history in zip(copies, thetas, histories, strict=True):
             copy.weighting_, copy.history_ = initial.with_theta(theta), history
         return copies
@@ -477,10 +488,12 @@ class IreneModel(Predictor):
                 and (self.training_strategy, weighting) in BATCHED)
 
     def _train_folds(self, forest: Forest, masks: list[np.ndarray], x: TreeFeatures,
-                     leaf_pred: np.ndarray | None, forward, backward, initial: LinearWeighting
+                     leaf_pred: np.ndarray | None, forward, backward, initial: LinearWeighting,
+                     distinct: list[DistinctRows], distinct_offsets: np.ndarray
                      ) -> tuple[np.ndarray, list[list[float]]]:
         """:meth:`_train_weighting` of every fold at once; returns each fold's θ (rows) and
-        epoch losses."""
+        epoch losses. ``x`` holds each tree's distinct rows (``distinct``), tree t's at
+        ``distinct_offsets[t]:distinct_offsets[t + 1]``."""
         gold = np.nan_to_num(forest.gold_j, nan=0.0)
         trees = tree_indices(forest)
         batched = [batched_tree(tree) for tree in trees]
@@ -507,10 +520,11 @@ class IreneModel(Predictor):
                     values = np.zeros((tree.stop - tree.start, num_folds))
                     values[tree.is_leaf] = leaf_pred[leaf_starts[tree.start]:leaf_starts[tree.stop]]
                 loss, grad_v, grad_bias = batched_tree_loss_and_grad(
-                    x[rows], v, thetas[:, -1], values, gold[rows], bt,
-                    strategy=self.training_strategy,
+                    x[distinct_offsets[t]:distinct_offsets[t + 1]], v, thetas[:, -1], values,
+                    gold[rows], bt, strategy=self.training_strategy,
                     weighting=effective_weighting(self.weighting, self.training_strategy),
-                    tanh_scalar=self.tanh_scalar, normalize=self.normalize_loss_scale)
+                    tanh_scalar=self.tanh_scalar, normalize=self.normalize_loss_scale,
+                    distinct=distinct[t])
                 grad = (backward @ grad_v.T.ravel()).reshape(num_folds, width)
                 optimizer.step(member[:, t], np.column_stack([grad, grad_bias]))
                 totals[active] += loss[active]

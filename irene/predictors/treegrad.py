@@ -174,29 +174,58 @@ def _sum_children(out: np.ndarray, terms: np.ndarray, starts: np.ndarray,
         out[parents] += np.add.reduceat(terms, starts, axis=0)
 
 
+@dataclass
+class DistinctRows:
+    """A tree's distinct feature rows: the tree's row i has the features of distinct row
+    ``inverse[i]``; ``order`` lists the tree's rows grouped by distinct row (each group in
+    row order) and ``starts`` where each group begins, so a sum over each distinct row's
+    copies is one ``np.add.reduceat``. Identical layers repeat the same nodes: a tree has
+    about a tenth as many distinct rows as nodes, so the products run on those alone."""
+
+    inverse: np.ndarray
+    order: np.ndarray
+    starts: np.ndarray
+
+    @classmethod
+    def of(cls, x: np.ndarray) -> tuple[np.ndarray, DistinctRows]:
+        """(the rows of ``x`` kept, first copies in row order; their :class:`DistinctRows`)."""
+        _, first, inverse = np.unique(x, axis=0, return_index=True, return_inverse=True)
+        by_first = np.argsort(first, kind="stable")  # distinct rows in order of first copy
+        rank = np.empty_like(by_first)
+        rank[by_first] = np.arange(len(by_first))
+        inverse = rank[inverse.ravel()]
+        order = np.argsort(inverse, kind="stable")
+        starts = np.flatnonzero(np.r_[True, inverse[order][1:] != inverse[order][:-1]])
+        return first[by_first], cls(inverse=inverse, order=order, starts=starts)
+
+
 def batched_tree_loss_and_grad(x: np.ndarray, v: np.ndarray, bias: np.ndarray,
                                leaf_pred: np.ndarray | None, gold: np.ndarray, bt: BatchedTree,
                                *, strategy: str, weighting: str, tanh_scalar: float,
-                               normalize: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                               normalize: bool, distinct: DistinctRows | None = None
+                               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`tree_loss_and_grad` for F weight vectors at once: ``v`` (P×F) and ``bias`` (F)
     are the columns' weights and biases on the features ``x`` (n×P), ``leaf_pred`` (n×F, 0
     off the leaves) each column's leaf predictions. Returns the F losses, the gradients
     with respect to ``v`` (P×F) and to ``bias`` (F): one matrix product each way instead
-    of F matrix-vector products."""
+    of F matrix-vector products. With ``distinct``, ``x`` holds the tree's distinct rows
+    only (:class:`DistinctRows`): the products run on those, the weights are copied to
+    the nodes and each distinct row's gradient is summed over its copies first."""
     tree = bt.tree
-    n = len(x)
+    n = len(x) if distinct is None else len(distinct.inverse)
     inner = tree.inner
     scale = (1.0 / gold[inner] ** 2 if normalize else np.ones(len(inner)))[:, None]
     if strategy == "unstructured":
-        xi = x[inner]
+        xi = x[inner] if distinct is None else x[distinct.inverse[inner]]
         z = xi @ v + bias
         w, dw = _weights(z, weighting, tanh_scalar)
         residual = w - gold[inner][:, None]
         dz = 2.0 * residual * scale * dw
         return np.sum(residual**2 * scale, axis=0), xi.T @ dz, dz.sum(axis=0)
 
-    z = x @ v + bias
-    w, dw = _weights(z, weighting, tanh_scalar)
+    w, dw = _weights(x @ v + bias, weighting, tanh_scalar)
+    if distinct is not None:
+        w, dw = w[distinct.inverse], dw[distinct.inverse]
     f = v.shape[1]
     children = tree.edges[0]
     if strategy == "stepwise":
@@ -219,7 +248,9 @@ def batched_tree_loss_and_grad(x: np.ndarray, v: np.ndarray, bias: np.ndarray,
             grad_values[level_children] += w[level_children] * grad_values[level_parents]
     dz = np.zeros((n, f))
     dz[children] = grad_values[tree.edges[1]] * inputs[children] * dw[children]
-    return loss, x.T @ dz, dz.sum(axis=0)
+    if distinct is None:
+        return loss, x.T @ dz, dz.sum(axis=0)
+    return loss, x.T @ np.add.reduceat(dz[distinct.order], distinct.starts), dz.sum(axis=0)
 
 
 class BatchedAdam:
