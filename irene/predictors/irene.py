@@ -423,8 +423,12 @@ class IreneModel(Predictor):
             transform = polynomial_transform((scaler.mean_ - reference.mean_) / reference.scale_,
                                              scaler.scale_ / reference.scale_,
                                              self.polynomial_degree)
-            forward.append(sparse.csr_matrix(transform.T))
-            backward.append(sparse.csr_matrix(transform))
+            # θ_f's bias (its last entry) passes by the maps: no entries in its column and row
+            width = transform.shape[0]
+            forward.append(sparse.hstack([sparse.csr_matrix(transform.T),
+                                          sparse.csr_matrix((width, 1))], format="csr"))
+            backward.append(sparse.vstack([sparse.csr_matrix(transform),
+                                           sparse.csr_matrix((1, width))], format="csr"))
         forward = sparse.block_diag(forward, format="csr")
         backward = sparse.block_diag(backward, format="csr")
         kept, distinct = [], []
@@ -513,7 +517,7 @@ class IreneModel(Predictor):
                 active = np.flatnonzero(member[:, t])
                 if len(tree.inner) == 0 or len(active) == 0:
                     continue
-                v = (forward @ thetas[:, :-1].ravel()).reshape(num_folds, width).T
+                v = (forward @ thetas.ravel()).reshape(num_folds, width).T
                 rows = slice(tree.start, tree.stop)
                 values = None
                 if leaf_pred is not None:
@@ -525,8 +529,9 @@ class IreneModel(Predictor):
                     weighting=effective_weighting(self.weighting, self.training_strategy),
                     tanh_scalar=self.tanh_scalar, normalize=self.normalize_loss_scale,
                     distinct=distinct[t])
-                grad = (backward @ grad_v.T.ravel()).reshape(num_folds, width)
-                optimizer.step(member[:, t], np.column_stack([grad, grad_bias]))
+                grad = (backward @ grad_v.T.ravel()).reshape(num_folds, width + 1)
+                grad[:, -1] = grad_bias
+                optimizer.step(member[:, t], grad)
                 totals[active] += loss[active]
             for history, total, count in zip(histories, totals, counts, strict=True):
                 history.append(float(total / count))
