@@ -226,3 +226,21 @@ def test_cv_together_trains_the_folds_together_to_the_same_table_and_is_refused_
                                             "folds together; with seeds, leave it unset"):
         run_stage("crossvalidate", stage_cfg("crossvalidate", trees_file, mlflow_uri,
                                              tmp_path / "seeds", "cv_together=true", "seeds=2"))
+
+
+def test_many_models_fold_by_fold_suggest_cv_together(trees_file, mlflow_uri, tmp_path,
+                                                      monkeypatch, caplog):
+    import pipelines.stages.crossvalidate as crossvalidate
+    from pipelines.stage import run_stage
+
+    monkeypatch.setattr(crossvalidate, "TOGETHER_HINT_MODELS", 6)  # device 1 has 6 models
+    hint = "cv_together=true trains the folds together"
+    for name, overrides in [("apart", []), ("stepwise", ["strategy=stepwise"]),
+                            ("together", ["cv_together=true"])]:
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            run_stage("crossvalidate", stage_cfg("crossvalidate", trees_file, mlflow_uri,
+                                                 tmp_path / name, "predictor.epochs=1",
+                                                 *overrides))
+        # only where the folds could train together and do not yet (stepwise cannot)
+        assert (hint in caplog.text) == (name == "apart"), name

@@ -485,6 +485,11 @@ class IreneModel(Predictor):
             out[leaves.position[rows]] = models[leaves.ops[k]].predict(x[rows])
         return out
 
+    def trains_folds_together(self) -> bool:
+        """Whether :meth:`fit_folds` trains the folds together with these settings (else it
+        fits them one by one)."""
+        return self._batchable()
+
     def _batchable(self) -> bool:
         weighting = effective_weighting(self.weighting, self.training_strategy)
         return (self.engine == "numpy" and self.standardize_features

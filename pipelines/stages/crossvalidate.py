@@ -51,6 +51,10 @@ class CrossValidateSettings:
     cv_together: bool = False
 
 
+# from this many models the fold-by-fold log suggests cv_together (24 synthetic models: 4x)
+TOGETHER_HINT_MODELS = 24
+
+
 @dataclass
 class CrossValidationReport:
     """What a cross-validation wrote; ``table`` (a pandas frame, built when first asked for):
@@ -164,6 +168,12 @@ def run(ctx: Context, settings: CrossValidateSettings) -> CrossValidationReport:
         log.info("leave-one-%s-out over %d models on %s, %d trees, %d nodes", what, len(models),
                  "+".join(devices), forest.num_trees, forest.num_nodes)
         tracker.log_params({"models": models, "num_trees": forest.num_trees})
+        if (len(models) >= TOGETHER_HINT_MODELS and not settings.cv_together and seeds is None
+                and group == "model" and len(devices) == 1
+                and getattr(predictor, "trains_folds_together", lambda: False)()):
+            log.info("%d models fitted fold by fold; cv_together=true trains the folds together, "
+                     "several times faster at this size (equal to rounding: docs/performance.md)",
+                     len(models))
 
         def on_fold(left_out: str, errors: dict[str, float], predictor: object) -> None:
             log.info("left out %-24s ml %.2f  module %.2f  model %.2f", left_out,
