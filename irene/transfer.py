@@ -12,7 +12,8 @@ predictor and learn a cheap multiplicative correction from ``k`` measured config
   module class on inner nodes, each shrunk toward its level's scale when it has few distinct
   measurements, all log-linear in the size of the node's predicted energy (one slope for
   leaves, one for inner nodes). Optionally (``inner="leaves"``) inner nodes first take the
-  correction of their own leaves (``Σ corrected leaves ÷ Σ source leaves`` under them).
+  correction of their own leaves (``Σ corrected leaves ÷ Σ source leaves`` under them), or
+  (``inner="both"``) the geometric mean of the two.
 * :class:`CalibratedPool` — the source device's measurements mapped onto the target device by
   a :class:`TypeScale` correction, pooled with the shots, and one predictor fitted on both.
 * :class:`TargetOnly` — the baseline: the predictor fitted on the k shots alone.
@@ -241,6 +242,11 @@ class Correction:
             raise RuntimeError(f"{type(self).__name__} is not fitted; call fit first")
 
 
+#: TypeScale's ``inner`` settings -> the paths an inner node's prediction takes (several: their
+#: geometric mean).
+INNER_PATHS = {"class": ("class",), "leaves": ("leaves",), "both": ("class", "leaves")}
+
+
 def _log_ratio_rows(shots: Forest, pred: np.ndarray, rows: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray]:
     """(rows with a positive gold and prediction, log(gold / prediction) there)."""
@@ -287,10 +293,12 @@ class TypeScale(Correction):
         prior_nodes: strength of the pull toward the level scale, in distinct measurements
             (a type seen in that many distinct nodes sits halfway between its own mean and
             the level's).
-        inner: ``"class"`` (inner nodes scaled per class only, the default) or ``"leaves"``
+        inner: ``"class"`` (inner nodes scaled per class only, the default), ``"leaves"``
             (inner nodes scaled by their corrected leaves, then per class: a little better
             between the published devices, but one wild leaf prediction of the source then
-            spoils every module above it).
+            spoils every module above it) or ``"both"`` (each path fitted on its own, an
+            inner node's prediction the geometric mean of the two: their errors differ, so
+            their mean errs less than either).
         size: ``None`` (one scale per group), ``"energy"`` (the log scale also linear, per
             level, in the log of the node's predicted energy: small and large kernels may
             speed up differently) or ``"tokens"`` (linear in log batch × sequence length).
@@ -317,8 +325,9 @@ class TypeScale(Correction):
         return np.log(forest.batch_sizes[forest.tree_index] * forest.seq_lens[forest.tree_index])
 
     def fit(self, source, shots, *, source_pred=None) -> TypeScale:
-        if self.inner not in ("leaves", "class"):
-            raise SettingsError(f"TypeScale inner={self.inner!r}: choose 'leaves' or 'class'")
+        if self.inner not in INNER_PATHS:
+            raise SettingsError(f"TypeScale inner={self.inner!r}: choose 'class', 'leaves' or "
+                                "'both'")
         if self.slope_within not in ("level", "group"):
             raise SettingsError(f"TypeScale slope_within={self.slope_within!r}: choose 'level' "
                                 "or 'group'")
@@ -335,37 +344,49 @@ class TypeScale(Correction):
             LEVEL_NAMES[shots.node_type[rows]], shots.op_type[rows], log_ratio,
             _distinct_weights(shots, rows), self.prior_nodes,
             None if size is None else size[rows], self.slope_ridge, self.slope_within)
-        inner_pred = self._leaf_corrected(shots, pred)
-        rows, log_ratio = _log_ratio_rows(shots, inner_pred, ~leaves)
-        size = self._size(shots, inner_pred)
-        self.inner_scales_ = GroupScales.fit(
-            LEVEL_NAMES[shots.node_type[rows]], shots.instance_type[rows].astype(str), log_ratio,
-            _distinct_weights(shots, rows), self.prior_nodes,
-            None if size is None else size[rows], self.slope_ridge, self.slope_within)
+        leaf_pred = self._leaf_corrected(shots, pred)
+        inner_scales = []
+        for path in INNER_PATHS[self.inner]:
+            inner_pred = self._path(shots, pred, leaf_pred, path)
+            rows, log_ratio = _log_ratio_rows(shots, inner_pred, ~leaves)
+            size = self._size(shots, inner_pred)
+            inner_scales.append(GroupScales.fit(
+                LEVEL_NAMES[shots.node_type[rows]], shots.instance_type[rows].astype(str),
+                log_ratio, _distinct_weights(shots, rows), self.prior_nodes,
+                None if size is None else size[rows], self.slope_ridge, self.slope_within))
+        self.inner_scales_ = inner_scales[0]  # inner="both": the class path's, then the leaves'
+        if len(inner_scales) > 1:
+            self.leaves_path_scales_ = inner_scales[1]
         return self
 
     def _leaf_corrected(self, forest: Forest, pred: np.ndarray) -> np.ndarray:
-        """Leaves times their type's scale; inner nodes times Σ corrected ÷ Σ source leaves
-        under them (``inner="leaves"``) or unchanged (``inner="class"``)."""
+        """Leaves times their type's scale, inner nodes unchanged."""
         levels = LEVEL_NAMES[forest.node_type]
         scale = self.leaf_scales_.log_scale(levels, forest.op_type, self._size(forest, pred))
-        leaf_factor = np.where(forest.is_leaf, np.exp(scale), 1.0)
-        out = pred * leaf_factor
-        if self.inner == "leaves":
-            source_sum = _leaf_sums(forest, pred)
-            ratio = np.divide(_leaf_sums(forest, out), source_sum,
-                              out=np.ones(forest.num_nodes), where=source_sum > 0)
-            out = np.where(forest.is_leaf, out, pred * ratio)
-        return out
+        return pred * np.where(forest.is_leaf, np.exp(scale), 1.0)
+
+    @staticmethod
+    def _path(forest: Forest, pred: np.ndarray, leaf_pred: np.ndarray, path: str) -> np.ndarray:
+        """Inner nodes before their class scale: the source's prediction (``"class"``) or
+        times Σ corrected ÷ Σ source leaves under them (``"leaves"``); leaves corrected."""
+        if path == "class":
+            return leaf_pred
+        source_sum = _leaf_sums(forest, pred)
+        ratio = np.divide(_leaf_sums(forest, leaf_pred), source_sum,
+                          out=np.ones(forest.num_nodes), where=source_sum > 0)
+        return np.where(forest.is_leaf, leaf_pred, pred * ratio)
 
     def predict(self, forest, *, source_pred=None) -> np.ndarray:
         self.check_fitted()
-        out = self._leaf_corrected(forest, self._source_pred(forest, source_pred))
-        inner = ~forest.is_leaf
-        factor = np.exp(self.inner_scales_.log_scale(LEVEL_NAMES[forest.node_type],
-                                                     forest.instance_type.astype(str),
-                                                     self._size(forest, out)))
-        return np.where(inner, out * factor, out)
+        pred = self._source_pred(forest, source_pred)
+        leaf_pred = self._leaf_corrected(forest, pred)
+        levels, classes = LEVEL_NAMES[forest.node_type], forest.instance_type.astype(str)
+        scales = [self.inner_scales_] + ([self.leaves_path_scales_] if self.inner == "both" else [])
+        paths = []
+        for path, fitted in zip(INNER_PATHS[self.inner], scales, strict=True):
+            out = self._path(forest, pred, leaf_pred, path)
+            paths.append(out * np.exp(fitted.log_scale(levels, classes, self._size(forest, out))))
+        return np.where(forest.is_leaf, leaf_pred, geometric_mean(paths))
 
 
 class TargetOnly(Correction):
@@ -425,6 +446,7 @@ class CalibratedPool(Correction):
 METHODS: dict[str, Callable[[], Correction]] = {
     "type_scale": TypeScale,
     "type_scale_leaves": lambda: TypeScale(inner="leaves"),
+    "type_scale_both": lambda: TypeScale(inner="both"),
     "level_scale": LevelScale,
     "target_only": TargetOnly,
     "calibrated_pool": CalibratedPool,

@@ -114,6 +114,27 @@ def test_type_scale_recovers_known_per_type_factors():
     assert np.max(np.abs(by_class.predict(test) / test.gold_j - 1)) > 0.01
 
 
+def test_type_scale_both_is_the_geometric_mean_of_the_class_and_leaves_paths():
+    """inner="both": leaves as either path; an inner node the geometric mean of the class
+    path's and the leaves path's predictions, each path with its own fitted class scales."""
+    target = build_forest(_device(FACTORS, power=0.1))
+    names = np.asarray(target.model_names)
+    shots, test = target.subset(names != "delta"), target.subset(names == "delta")
+    fits = {inner: TypeScale(inner=inner).fit(_oracle_source(), shots)
+            for inner in ("class", "leaves", "both")}
+    pred = {inner: fit.predict(test) for inner, fit in fits.items()}
+    assert fits["both"].inner_scales_ == fits["class"].inner_scales_
+    assert fits["both"].leaves_path_scales_ == fits["leaves"].inner_scales_
+    leaves = test.is_leaf
+    assert np.array_equal(pred["both"][leaves], pred["class"][leaves])
+    assert np.allclose(pred["both"][~leaves],
+                       np.sqrt(pred["class"][~leaves] * pred["leaves"][~leaves]), rtol=1e-12)
+    # the two paths disagree here, so the mean is neither of them
+    assert np.max(np.abs(pred["class"][~leaves] / pred["leaves"][~leaves] - 1)) > 0.01
+    assert not np.allclose(pred["both"][~leaves], pred["class"][~leaves], rtol=1e-3)
+    assert not np.allclose(pred["both"][~leaves], pred["leaves"][~leaves], rtol=1e-3)
+
+
 def test_type_scale_recovers_a_size_dependent_ratio():
     """target = source × factor × flops**0.1: the size slope finds 0.1 on the leaves."""
     target = build_forest(_device(FACTORS, power=0.1))
