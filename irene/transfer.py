@@ -11,9 +11,10 @@ predictor and learn a cheap multiplicative correction from ``k`` measured config
 * :class:`TypeScale` — the default: one scale per primitive type on the leaves and one per
   module class on inner nodes, each shrunk toward its level's scale when it has few distinct
   measurements, all log-linear in the size of the node's predicted energy (one slope for
-  leaves, one for inner nodes). Optionally (``inner="leaves"``) inner nodes first take the
-  correction of their own leaves (``Σ corrected leaves ÷ Σ source leaves`` under them), or
-  (``inner="both"``) the geometric mean of the two.
+  leaves, one for inner nodes). An inner node's prediction is the geometric mean of two
+  paths, each with its own class scales: the source's prediction (``inner="class"``) and the
+  source's prediction times the correction of its own leaves (``Σ corrected leaves ÷ Σ
+  source leaves`` under it, ``inner="leaves"``); either path alone is an option.
 * :class:`CalibratedPool` — the source device's measurements mapped onto the target device by
   a :class:`TypeScale` correction, pooled with the shots, and one predictor fitted on both.
 * :class:`TargetOnly` — the baseline: the predictor fitted on the k shots alone.
@@ -293,12 +294,13 @@ class TypeScale(Correction):
         prior_nodes: strength of the pull toward the level scale, in distinct measurements
             (a type seen in that many distinct nodes sits halfway between its own mean and
             the level's).
-        inner: ``"class"`` (inner nodes scaled per class only, the default), ``"leaves"``
-            (inner nodes scaled by their corrected leaves, then per class: a little better
-            between the published devices, but one wild leaf prediction of the source then
-            spoils every module above it) or ``"both"`` (each path fitted on its own, an
-            inner node's prediction the geometric mean of the two: their errors differ, so
-            their mean errs less than either).
+        inner: ``"both"`` (the default: each of the two paths below fitted on its own, an
+            inner node's prediction the geometric mean of the two; their errors differ, so
+            their mean errs less than either: at k=4 better than either path from device 1
+            to 2, from 2 to 1 and to the H200, docs/transfer.md), ``"class"`` (inner nodes
+            scaled per class only) or ``"leaves"`` (inner nodes scaled by their corrected
+            leaves, then per class: one wild leaf prediction of the source then spoils
+            every module above it).
         size: ``None`` (one scale per group), ``"energy"`` (the log scale also linear, per
             level, in the log of the node's predicted energy: small and large kernels may
             speed up differently) or ``"tokens"`` (linear in log batch × sequence length).
@@ -309,7 +311,7 @@ class TypeScale(Correction):
             shot has follows its size) or ``"group"`` (only from sizes within each type).
     """
 
-    def __init__(self, prior_nodes: float = 2.0, inner: str = "class", size: str | None = "energy",
+    def __init__(self, prior_nodes: float = 2.0, inner: str = "both", size: str | None = "energy",
                  slope_ridge: float = 2.0, slope_within: str = "level"):
         self.prior_nodes = prior_nodes
         self.inner = inner
@@ -445,8 +447,8 @@ class CalibratedPool(Correction):
 # every method by the name a configuration gives it (a stage's ``transfer.methods`` list)
 METHODS: dict[str, Callable[[], Correction]] = {
     "type_scale": TypeScale,
+    "type_scale_class": lambda: TypeScale(inner="class"),
     "type_scale_leaves": lambda: TypeScale(inner="leaves"),
-    "type_scale_both": lambda: TypeScale(inner="both"),
     "level_scale": LevelScale,
     "target_only": TargetOnly,
     "calibrated_pool": CalibratedPool,

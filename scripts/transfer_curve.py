@@ -43,9 +43,9 @@ DATA = Path("/work/shared/data/irene")
 H200 = Path(__file__).resolve().parents[1] / "datasets" / "h200" / "trees.jsonl"
 
 METHODS = {
-    "type_scale (default)": TypeScale,
+    "type_scale (default, inner=both)": TypeScale,
+    "type_scale inner=class": lambda: TypeScale(inner="class"),
     "type_scale inner=leaves": lambda: TypeScale(inner="leaves"),
-    "type_scale inner=both": lambda: TypeScale(inner="both"),
     "level_scale (prototype)": LevelScale,
     "target_only": TargetOnly,
 }
@@ -126,9 +126,9 @@ def main() -> None:
     run("device 1 -> H200 (physical convention), guarded source", d1, h200_physical, [0],
         methods={"as is": LevelScale}, ceiling=False, make_predictor=guarded_predictor)
     run("device 1 + all of device 2 (target_lomo: device 2 alone)", d1, d2, [ALL_SHOTS],
-        methods={"type_scale (default)": TypeScale,
+        methods={"type_scale (default, inner=both)": TypeScale,
+                 "type_scale inner=class": lambda: TypeScale(inner="class"),
                  "type_scale inner=leaves": lambda: TypeScale(inner="leaves"),
-                 "type_scale inner=both": lambda: TypeScale(inner="both"),
                  "calibrated_pool": CalibratedPool})
     if args.out is not None:
         atomic_write_text(args.out, "\n".join(sections))

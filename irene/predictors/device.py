@@ -24,7 +24,7 @@ from irene.errors import InputError, SettingsError
 from irene.predictors.base import OneOf, Predictor
 
 #: Fitted attributes of the corrections that hold learned group scales.
-_SCALE_FIELDS = ("leaf_scales_", "inner_scales_", "scales_")
+_SCALE_FIELDS = ("leaf_scales_", "inner_scales_", "leaves_path_scales_", "scales_")
 
 
 class DevicePredictor(Predictor):
