@@ -140,3 +140,27 @@ def test_batched_adam_is_one_adam_per_row():
             singles[r].step(grads[r])
     for r, single in enumerate(singles):
         np.testing.assert_allclose(batched.params[r], single.params, rtol=1e-13)
+
+
+def test_tree_moments_give_each_set_of_trees_its_standardizer():
+    from irene.predictors.irene import _TreeMoments
+    from irene.predictors.leaves import Standardizer
+
+    rng = np.random.default_rng(3)
+    sizes = rng.integers(1, 40, 12)
+    offsets = np.r_[0, np.cumsum(sizes)]
+    x = rng.standard_normal((offsets[-1], 4)) * [1.0, 1e3, 1e-4, 1.0] + [0.0, 5e4, 1.0, 0.0]
+    x[:, 3] = 0.3  # constant: 0.3 is not a binary fraction, its mean by a sum need not be 0.3
+    tree = np.repeat(np.arange(len(sizes)), sizes)
+    x[tree == 2, 0] = 7.0  # a column constant in one tree only
+    moments = _TreeMoments(x, offsets)
+    for mask in [np.ones(12, bool), rng.random(12) < 0.5, np.arange(12) == 2]:
+        mask[0] |= not mask.any()
+        rows = x[mask[tree]]
+        combined, direct = moments.standardizer(mask), Standardizer.fit(rows)
+        np.testing.assert_allclose(combined.mean_, direct.mean_, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(combined.scale_, direct.scale_, rtol=1e-9)
+        assert combined.mean_[3] == 0.3 and combined.scale_[3] == 1.0
+        assert np.all(combined.transform(rows)[:, 3] == 0.0)  # exactly 0, not a rounding residue
+    alone = moments.standardizer(np.arange(12) == 2)
+    assert alone.mean_[0] == 7.0 and alone.scale_[0] == 1.0

@@ -217,6 +217,35 @@ class _LeafRows:
         self.count = int(leaf.sum())
 
 
+class _TreeMoments:
+    """Per tree of a forest: its node count and its features' mean, centred sum of squares,
+    minimum and maximum, so that any set of trees' standardisation is a combination of
+    them (the centred sums combine by Chan's rule: within-tree sums plus each tree's count ×
+    its mean's squared distance from the set's mean), not a pass over the set's rows."""
+
+    def __init__(self, x: np.ndarray, offsets: np.ndarray):
+        starts = offsets[:-1]
+        self.count = np.diff(offsets).astype(np.float64)
+        self.mean = np.add.reduceat(x, starts, axis=0) / self.count[:, None]
+        centred = x - np.repeat(self.mean, np.diff(offsets), axis=0)
+        self.squares = np.add.reduceat(centred * centred, starts, axis=0)
+        self.low = np.minimum.reduceat(x, starts, axis=0)
+        self.high = np.maximum.reduceat(x, starts, axis=0)
+
+    def standardizer(self, trees: np.ndarray) -> Standardizer:
+        """The :class:`Standardizer` of the nodes of the trees ``trees`` (bool mask, at least
+        one tree): equal to ``Standardizer.fit`` of their rows to rounding; a column constant
+        over them gets its value as mean exactly, so it standardizes to exactly 0."""
+        count = self.count[trees]
+        n = count.sum()
+        mean = count @ self.mean[trees] / n
+        squares = self.squares[trees].sum(axis=0) + count @ (self.mean[trees] - mean) ** 2
+        low, high = self.low[trees].min(axis=0), self.high[trees].max(axis=0)
+        constant = low == high
+        return Standardizer.from_moments(np.where(constant, low, mean),
+                                         np.where(constant, 0.0, np.sqrt(squares / n)))
+
+
 class NumpyStepper:
     """One Adam step per tree with the hand-written gradients, θ in float64 (starting from
     the float32 initial parameters)."""
@@ -412,11 +441,13 @@ class IreneModel(Predictor):
         x = forest.matrix(feature_list(list(self.feature_sets)))
         reference = Standardizer.fit(x)
         leaves = _LeafRows(forest)
+        moments = _TreeMoments(x, forest.offsets)
         leaf_pred = (np.zeros((leaves.count, len(copies)))
                      if self.training_strategy == "end2end" else None)
         forward, backward = [], []
         for i, (copy, mask) in enumerate(zip(copies, masks, strict=True)):
-            fold_leaf_pred = copy._fit_fold_leaves(forest, x, mask, leaves, leaf_pred is not None)
+            fold_leaf_pred = copy._fit_fold_leaves(forest, x, mask, leaves, leaf_pred is not None,
+                                                   moments)
             if leaf_pred is not None:
                 leaf_pred[:, i] = fold_leaf_pred
             scaler = copy.node_scaler_
@@ -449,11 +480,13 @@ class IreneModel(Predictor):
         return copies
 
     def _fit_fold_leaves(self, forest: Forest, x: np.ndarray, mask: np.ndarray,
-                         leaves: _LeafRows, predict: bool) -> np.ndarray | None:
+                         leaves: _LeafRows, predict: bool, moments: _TreeMoments
+                         ) -> np.ndarray | None:
         """:meth:`_fit_leaves_and_scaler` of the fold of ``forest``'s trees ``mask`` from its
-        rows of ``x`` (in order: the same floats as the fold's own forest gives), without
-        cutting the fold's forest; returns the fold's leaf predictions on every leaf of
-        ``forest`` (0 off the fold) when ``predict``."""
+        rows of ``x`` (in order: the same floats as the fold's own forest gives; the
+        standardizer from the trees' ``moments``, equal to rounding), without cutting the
+        fold's forest; returns the fold's leaf predictions on every leaf of ``forest`` (0 off
+        the fold) when ``predict``."""
         nodes = mask[forest.tree_index]
         gold = forest.gold_j
         models = {}
@@ -476,7 +509,7 @@ class IreneModel(Predictor):
         self.weighting_name_ = effective_weighting(self.weighting, self.training_strategy)
         self.features_ = feature_list(list(self.feature_sets))
         self.leaf_models_ = models
-        self.node_scaler_ = Standardizer.fit(x[nodes])
+        self.node_scaler_ = moments.standardizer(mask)
         if not predict:
             return None
         out = np.zeros(leaves.count)

@@ -23,11 +23,14 @@ class Standardizer:
 
     @classmethod
     def fit(cls, x: np.ndarray) -> Standardizer:
-        mean = x.mean(axis=0)
-        scale = x.std(axis=0)
+        return cls.from_moments(x.mean(axis=0), x.std(axis=0))
+
+    @classmethod
+    def from_moments(cls, mean: np.ndarray, std: np.ndarray) -> Standardizer:
+        """The standardizer of columns with these means and standard deviations."""
         # sklearn's rule: a (near-)zero variance column keeps scale 1
         eps = 10 * np.finfo(np.float64).eps
-        scale = np.where(scale < eps * np.maximum(np.abs(mean), 1.0), 1.0, scale)
+        scale = np.where(std < eps * np.maximum(np.abs(mean), 1.0), 1.0, std)
         return cls(mean_=mean, scale_=scale)
 
     def transform(self, x: np.ndarray) -> np.ndarray:
