@@ -164,3 +164,17 @@ def test_tree_moments_give_each_set_of_trees_its_standardizer():
         assert np.all(combined.transform(rows)[:, 3] == 0.0)  # exactly 0, not a rounding residue
     alone = moments.standardizer(np.arange(12) == 2)
     assert alone.mean_[0] == 7.0 and alone.scale_[0] == 1.0
+
+
+def test_folds_trained_in_two_threads_are_the_folds_trained_in_one(small_forest):
+    from threadpoolctl import threadpool_limits
+
+    names, masks = _masks(small_forest)
+    model = IreneModel(epochs=2, show_progress=False)
+    with threadpool_limits(limits=1, user_api="blas"):
+        one = model._fit_folds(small_forest, masks, workers=1)
+        two = model._fit_folds(small_forest, masks, workers=2)
+    for a, b in zip(one, two, strict=True):
+        np.testing.assert_array_equal(a.weighting_.weight, b.weighting_.weight)
+        assert a.history_ == b.history_
+        np.testing.assert_array_equal(a.predict(small_forest), b.predict(small_forest))

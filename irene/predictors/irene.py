@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -162,7 +164,7 @@ class TreeFeatures:
         self.z, self.degree = z, degree
         width = len(polynomial_powers(z.shape[1], degree)) if degree > 1 else z.shape[1]
         self.shape = (len(z), width)
-        self._buffers: tuple | None = None
+        self._local = threading.local()  # the block buffers: one set per thread
         budget = max(self.WHOLE_BYTES if whole_bytes is None else whole_bytes, 0)
         held = min(len(z), budget // (width * 8)) if degree > 1 else 0
         self._whole = polynomial_expand(z[:held], degree) if held else np.empty((0, width))
@@ -176,7 +178,7 @@ class TreeFeatures:
             return z
         if len(z) > self.BLOCK_ROWS:
             return polynomial_expand(z, self.degree)
-        if self._buffers is None:
+        if getattr(self._local, "buffers", None) is None:
             plan = expansion_plan(z.shape[1], self.degree)[1]
             # degree 1 is z itself (1.0 × z) and the left factors of degree 2 are z's columns
             # (plan[0][0].start offsets them), so both degrees read z alone
@@ -184,8 +186,8 @@ class TreeFeatures:
                       np.empty((self.BLOCK_ROWS, len(lower))),
                       np.empty((self.BLOCK_ROWS, len(lower))))
                      for d, (columns, lower, factor) in enumerate(plan[1:], start=2)]
-            self._buffers = (plan[0][0], np.empty((self.BLOCK_ROWS, self.shape[1])), steps)
-        first, out, steps = self._buffers
+            self._local.buffers = (plan[0][0], np.empty((self.BLOCK_ROWS, self.shape[1])), steps)
+        first, out, steps = self._local.buffers
         n = len(z)
         block = out[:n]
         block[:, 0] = 1.0
@@ -420,14 +422,19 @@ class IreneModel(Predictor):
         that a float32 rounding of θ moves the table's cells by 0.2; the torch engine,
         unstandardized features and degree ≤ 1 (not implemented together).
         """
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import threadpool_info, threadpool_limits
 
-        # one BLAS thread: the products are of one tree's rows (about 150), too small for a
-        # second thread to pay; on a loaded machine two threads made the folds 4x slower
+        # the job's thread count (its BLAS pools' size): the folds' leaves are fitted, and
+        # groups of folds trained, in that many threads side by side (numpy and BLAS release
+        # the GIL); every product runs on one BLAS thread: they are of one tree's rows, too
+        # small for a second thread to pay (on a loaded machine two made them 4x slower)
+        workers = max([pool["num_threads"] for pool in threadpool_info()
+                       if pool["user_api"] == "blas"] or [1])
         with threadpool_limits(limits=1, user_api="blas"):
-            return self._fit_folds(forest, train_masks)
+            return self._fit_folds(forest, train_masks, workers)
 
-    def _fit_folds(self, forest: Forest, train_masks: Sequence[np.ndarray]) -> list[IreneModel]:
+    def _fit_folds(self, forest: Forest, train_masks: Sequence[np.ndarray], workers: int = 1
+                   ) -> list[IreneModel]:
         masks = [np.asarray(m, dtype=bool) for m in train_masks]
         copies = [clone(self) for _ in masks]
         for copy in copies:
@@ -445,11 +452,17 @@ class IreneModel(Predictor):
         leaf_pred = (np.zeros((leaves.count, len(copies)))
                      if self.training_strategy == "end2end" else None)
         forward, backward = [], []
-        for i, (copy, mask) in enumerate(zip(copies, masks, strict=True)):
-            fold_leaf_pred = copy._fit_fold_leaves(forest, x, mask, leaves, leaf_pred is not None,
-                                                   moments)
+        workers = max(min(workers, len(copies)), 1)
+
+        def fit_leaves(i: int) -> np.ndarray | None:
+            return copies[i]._fit_fold_leaves(forest, x, masks[i], leaves, leaf_pred is not None,
+                                              moments)
+
+        with ThreadPoolExecutor(workers) as pool:
+            fold_leaf_preds = list(pool.map(fit_leaves, range(len(copies))))
+        for i, copy in enumerate(copies):
             if leaf_pred is not None:
-                leaf_pred[:, i] = fold_leaf_pred
+                leaf_pred[:, i] = fold_leaf_preds[i]
             scaler = copy.node_scaler_
             transform = polynomial_transform((scaler.mean_ - reference.mean_) / reference.scale_,
                                              scaler.scale_ / reference.scale_,
@@ -460,8 +473,6 @@ class IreneModel(Predictor):
                                           sparse.csr_matrix((width, 1))], format="csr"))
             backward.append(sparse.vstack([sparse.csr_matrix(transform),
                                            sparse.csr_matrix((1, width))], format="csr"))
-        forward = sparse.block_diag(forward, format="csr")
-        backward = sparse.block_diag(backward, format="csr")
         kept, distinct = [], []
         for a, b in zip(forest.offsets[:-1], forest.offsets[1:], strict=True):
             rows, tree_distinct = DistinctRows.of(x[a:b])
@@ -473,8 +484,23 @@ class IreneModel(Predictor):
                                 self.polynomial_degree, whole_bytes=held)
         initial = LinearWeighting.initial(features.shape[1], copies[0].weighting_name_,
                                           self.tanh_scalar, self.seed)
-        thetas, histories = self._train_folds(forest, masks, features, leaf_pred, forward,
-                                              backward, initial, distinct, distinct_offsets)
+
+        def train(group: np.ndarray) -> tuple[np.ndarray, list[list[float]]]:
+            """The folds ``group`` (consecutive) trained together."""
+            columns = slice(group[0], group[-1] + 1)
+            return self._train_folds(
+                forest, masks[columns], features,
+                None if leaf_pred is None else leaf_pred[:, columns],
+                sparse.block_diag(forward[columns], format="csr"),
+                sparse.block_diag(backward[columns], format="csr"), initial, distinct,
+                distinct_offsets, progress=self.show_progress and group[0] == 0)
+
+        # each fold's arithmetic is its own: the grouping changes no float
+        groups = np.array_split(np.arange(len(copies)), workers)
+        with ThreadPoolExecutor(workers) as pool:
+            trained = list(pool.map(train, groups))
+        thetas = np.vstack([theta for theta, _ in trained])
+        histories = [history for _, group in trained for history in group]
         for copy, theta, history in zip(copies, thetas, histories, strict=True):
             copy.weighting_, copy.history_ = initial.with_theta(theta), history
         return copies
@@ -531,8 +557,8 @@ class IreneModel(Predictor):
 
     def _train_folds(self, forest: Forest, masks: list[np.ndarray], x: TreeFeatures,
                      leaf_pred: np.ndarray | None, forward, backward, initial: LinearWeighting,
-                     distinct: list[DistinctRows], distinct_offsets: np.ndarray
-                     ) -> tuple[np.ndarray, list[list[float]]]:
+                     distinct: list[DistinctRows], distinct_offsets: np.ndarray,
+                     progress: bool = True) -> tuple[np.ndarray, list[list[float]]]:
         """:meth:`_train_weighting` of every fold at once; returns each fold's θ (rows) and
         epoch losses. ``x`` holds each tree's distinct rows (``distinct``), tree t's at
         ``distinct_offsets[t]:distinct_offsets[t + 1]``."""
@@ -547,7 +573,7 @@ class IreneModel(Predictor):
         counts = np.maximum(member.sum(axis=1), 1)
         histories: list[list[float]] = [[] for _ in masks]
         epochs = tqdm(range(self.epochs), desc="train weighting (folds)", unit="epoch",
-                      disable=not self.show_progress, leave=False)
+                      disable=not progress, leave=False)
         for _ in epochs:
             totals = np.zeros(num_folds)
             for t, bt in enumerate(batched):
