@@ -166,12 +166,15 @@ def test_tree_moments_give_each_set_of_trees_its_standardizer():
     assert alone.mean_[0] == 7.0 and alone.scale_[0] == 1.0
 
 
-def test_folds_trained_in_two_threads_are_the_folds_trained_in_one(small_forest):
+def test_folds_trained_in_two_threads_are_the_folds_trained_in_one(small_forest, monkeypatch):
     from threadpoolctl import threadpool_limits
+
+    import irene.predictors.irene as irene_module
 
     names, masks = _masks(small_forest)
     model = IreneModel(epochs=2, show_progress=False)
     with threadpool_limits(limits=1, user_api="blas"):
+        monkeypatch.setattr(irene_module, "MIN_FOLDS_PER_THREAD", 1)
         one = model._fit_folds(small_forest, masks, workers=1)
         two = model._fit_folds(small_forest, masks, workers=2)
     for a, b in zip(one, two, strict=True):
