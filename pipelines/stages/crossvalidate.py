@@ -46,7 +46,7 @@ class CrossValidateSettings:
     skip_not_applicable: bool = False  # a predictor that cannot use these features: skip, not fail
     cv_group: str = "model"  # what a fold leaves out: model (on each device) | device
     # crossvalidate: train IrEne's folds together (one shared expansion, one product per tree
-    # for all folds: 6x faster at 96 models; equal to fold by fold to rounding only, which
+    # for all folds: about 10x faster at 96 models; equal to fold by fold to rounding only, which
     # end-to-end training amplifies into the 2nd decimal on device 2; docs/performance.md)
     cv_together: bool = False
 
