@@ -80,16 +80,23 @@ def test_leave_one_model_out_together_gives_the_same_table(small_forest):
                                rtol=1e-6)
 
 
+def _tree_case(forest, rng, width, folds, x=None):
+    """The largest tree of ``forest`` with random features (or ``x``), weights, biases and
+    leaf predictions of ``folds`` columns, and its measured energies."""
+    tree = max(tree_indices(forest), key=lambda t: t.stop - t.start)
+    n = tree.stop - tree.start
+    x = rng.standard_normal((n, width)) if x is None else x(n)
+    weights, bias = rng.standard_normal((width, folds)) * 0.1, rng.standard_normal(folds) * 0.1
+    leaf_pred = np.where(tree.is_leaf[:, None], rng.random((n, folds)), 0.0)
+    gold = np.nan_to_num(forest.gold_j[tree.start:tree.stop], nan=0.0)
+    return tree, x, weights, bias, leaf_pred, gold
+
+
 @pytest.mark.parametrize("strategy", ["end2end", "stepwise", "unstructured"])
 def test_batched_loss_and_gradient_are_the_per_column_ones(small_forest, strategy):
     rng = np.random.default_rng(0)
-    tree = max(tree_indices(small_forest), key=lambda t: t.stop - t.start)
-    rows = slice(tree.start, tree.stop)
-    n, width, folds = tree.stop - tree.start, 12, 3
-    x = rng.standard_normal((n, width))
-    weights, bias = rng.standard_normal((width, folds)) * 0.1, rng.standard_normal(folds) * 0.1
-    leaf_pred = np.where(tree.is_leaf[:, None], rng.random((n, folds)), 0.0)
-    gold = np.nan_to_num(small_forest.gold_j[rows], nan=0.0)
+    folds = 3
+    tree, x, weights, bias, leaf_pred, gold = _tree_case(small_forest, rng, 12, folds)
     loss, grad_w, grad_b = batched_tree_loss_and_grad(
         x, weights, bias, leaf_pred, gold, batched_tree(tree), strategy=strategy,
         weighting="close_to_one", tanh_scalar=10.0, normalize=True)
@@ -106,14 +113,10 @@ def test_batched_loss_and_gradient_are_the_per_column_ones(small_forest, strateg
 def test_distinct_rows_give_the_loss_and_gradient_of_every_row(small_forest, strategy):
     """A tree whose rows repeat (identical layers) computed on its distinct rows only."""
     rng = np.random.default_rng(2)
-    tree = max(tree_indices(small_forest), key=lambda t: t.stop - t.start)
-    rows = slice(tree.start, tree.stop)
-    n, width, folds = tree.stop - tree.start, 9, 4
-    patterns = rng.standard_normal((7, width))
-    x = patterns[rng.integers(0, 7, n)]  # 7 distinct rows, repeated in a random order
-    weights, bias = rng.standard_normal((width, folds)) * 0.1, rng.standard_normal(folds) * 0.1
-    leaf_pred = np.where(tree.is_leaf[:, None], rng.random((n, folds)), 0.0)
-    gold = np.nan_to_num(small_forest.gold_j[rows], nan=0.0)
+    patterns = rng.standard_normal((7, 9))
+    # 7 distinct rows, repeated in a random order
+    tree, x, weights, bias, leaf_pred, gold = _tree_case(
+        small_forest, rng, 9, 4, x=lambda n: patterns[rng.integers(0, 7, n)])
     kept, distinct = DistinctRows.of(x)
     assert len(kept) == len(np.unique(x, axis=0)) <= 7
     assert list(kept) == sorted(kept) and kept[0] == 0  # first copies, in row order

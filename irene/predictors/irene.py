@@ -445,7 +445,7 @@ class IreneModel(Predictor):
             copy.validate_params()
         if not copies:
             return []
-        if not self._batchable():
+        if not self.trains_folds_together():
             return [copy.fit(forest.subset(mask)) for copy, mask in zip(copies, masks, strict=True)]
         from scipy import sparse  # imported when used: about a second per process
 
@@ -554,9 +554,6 @@ class IreneModel(Predictor):
     def trains_folds_together(self) -> bool:
         """Whether :meth:`fit_folds` trains the folds together with these settings (else it
         fits them one by one)."""
-        return self._batchable()
-
-    def _batchable(self) -> bool:
         weighting = effective_weighting(self.weighting, self.training_strategy)
         return (self.engine == "numpy" and self.standardize_features
                 and self.polynomial_degree > 1 and self._trainable()
